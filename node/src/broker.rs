@@ -1,0 +1,180 @@
+//! The broker: this node's [`Hub`] joined to a [`Relay`].
+//!
+//! This is the library's entry point, the counterpart of PocketBase's
+//! `app.SubscriptionsBroker()` plus publishing. The HTTP layer is a thin
+//! translation onto these methods, and so is anything embedding Fanout.
+//!
+//! ```no_run
+//! # async fn example(broker: fanout::Broker) {
+//! // PocketBase's "notify every client subscribed to `example`, in chunks of
+//! // 300 across tasks", in Rust:
+//! let message = fanout::Message::json("example", &serde_json::json!({"hi": 1})).unwrap();
+//! let mut tasks = tokio::task::JoinSet::new();
+//! for chunk in broker.hub().chunked_clients(300) {
+//!     let message = message.clone();
+//!     tasks.spawn(async move {
+//!         for client in chunk {
+//!             if client.has_subscription("example") {
+//!                 let _ = client.send(&message);
+//!             }
+//!         }
+//!     });
+//! }
+//! tasks.join_all().await;
+//! # }
+//! ```
+
+use std::{net::IpAddr, sync::Arc};
+
+use axum::http::StatusCode;
+
+use crate::{
+    auth::Authenticator,
+    client::Client,
+    error::ApiError,
+    hub::{Audience, Hub},
+    metrics as m,
+    relay::{Publication, Relay, RelayError, RelayHealth},
+};
+
+/// A realtime subscription request, as the node owning the client applies it.
+#[derive(Debug, Clone)]
+pub struct SubscribeRequest {
+    pub client_id: String,
+    pub subscriptions: Vec<String>,
+    /// The real IP of the request.
+    pub ip: IpAddr,
+    /// The raw `Authorization` header, if any.
+    pub authorization: Option<String>,
+}
+
+/// The hub, the relay and the token verifier of one node. Cheap to clone.
+#[derive(Clone)]
+pub struct Broker {
+    hub: Hub,
+    relay: Arc<dyn Relay>,
+    auth: Authenticator,
+}
+
+impl Broker {
+    pub fn new(hub: Hub, relay: Arc<dyn Relay>, auth: Authenticator) -> Self {
+        Self { hub, relay, auth }
+    }
+
+    /// The local clients and topics (PocketBase's `SubscriptionsBroker()`).
+    pub fn hub(&self) -> &Hub {
+        &self.hub
+    }
+
+    pub fn relay_health(&self) -> RelayHealth {
+        self.relay.health()
+    }
+
+    /// Register a new client for a stream from `ip`.
+    pub fn connect(&self, ip: IpAddr) -> Arc<Client> {
+        metrics::counter!(m::CONNECTIONS_OPENED).increment(1);
+        self.hub.register(ip)
+    }
+
+    /// Unregister a client and release the relay topics it alone held.
+    pub fn disconnect(&self, client_id: &str) {
+        let changes = self.hub.unregister(client_id);
+        if !changes.is_empty() {
+            let sync = self.relay.sync_topics(changes.all());
+            // Streams are dropped on the runtime; outside one (process exit)
+            // there is nothing left to release.
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(async move {
+                    if let Err(e) = sync.await {
+                        tracing::warn!(error = %e, "could not release relay topics");
+                    }
+                });
+            }
+        }
+    }
+
+    /// Publish messages to every subscriber on every node.
+    pub async fn publish(&self, batch: Vec<Publication>) -> Result<(), RelayError> {
+        let n = batch.len() as u64;
+        self.relay.publish(batch).await?;
+        metrics::counter!(m::PUBLISHED).increment(n);
+        Ok(())
+    }
+
+    /// Publish one message for `topic` to every subscriber.
+    pub async fn publish_json(
+        &self,
+        topic: &str,
+        data: &serde_json::Value,
+        audience: Audience,
+    ) -> Result<(), RelayError> {
+        let data = serde_json::to_vec(data).expect("a JSON value serialises");
+        self.publish(vec![Publication {
+            topic: topic.to_owned(),
+            data: data.into(),
+            audience,
+        }])
+        .await
+    }
+
+    /// Apply a validated subscription request to a local client, with
+    /// PocketBase's checks in PocketBase's order: client (404), IP (400),
+    /// auth change (403). Answers only after the relay acknowledged every
+    /// topic the node newly needs; if it cannot, the previous set is put
+    /// back and the answer is 503, so no client keeps a subscription it was
+    /// told failed.
+    pub async fn subscribe(&self, req: SubscribeRequest) -> Result<(), ApiError> {
+        let client = self
+            .hub
+            .client_by_id(&req.client_id)
+            .ok_or_else(missing_client)?;
+        if client.ip() != req.ip {
+            return Err(ApiError::bad_request("Invalid realtime client."));
+        }
+        let auth = self.auth.verify_header(req.authorization.as_deref());
+        let previous_auth = client.auth();
+        if let Some(prev) = &previous_auth
+            && !auth.as_ref().is_some_and(|a| a.same_as(prev))
+        {
+            return Err(ApiError::forbidden(
+                "The current and the previous request authorization don't match.",
+            ));
+        }
+        let previous: Vec<String> = client.subscriptions(&[]).into_keys().collect();
+        let changes = self
+            .hub
+            .set_subscriptions(&client, &req.subscriptions, auth)
+            .ok_or_else(missing_client)?;
+        if changes.added.is_empty() && changes.removed.is_empty() {
+            return Ok(());
+        }
+        let topics = changes.all();
+        match self.relay.sync_topics(topics.clone()).await {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                tracing::warn!(client = client.id(), error = %e, "subscription failed; reverting");
+                let back = self.hub.set_subscriptions(
+                    &client,
+                    &previous,
+                    previous_auth.map(|a| (*a).clone()),
+                );
+                if back.is_some() {
+                    // Best effort: interest follows the hub again once the
+                    // relay is back.
+                    let sync = self.relay.sync_topics(topics);
+                    tokio::spawn(async move {
+                        let _ = sync.await;
+                    });
+                }
+                Err(ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("Subscriptions could not be applied: {e}"),
+                ))
+            }
+        }
+    }
+}
+
+fn missing_client() -> ApiError {
+    ApiError::not_found("Missing or invalid client id.")
+}

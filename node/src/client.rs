@@ -1,0 +1,448 @@
+//! One realtime client: its identity, subscriptions, key/value store, bound
+//! auth, and the bounded outbound queue its SSE stream drains.
+//!
+//! This is the Rust counterpart of PocketBase's `subscriptions.Client`. The
+//! difference that matters is the queue: PocketBase blocks a goroutine per
+//! message on an unbuffered channel, so order between messages is not
+//! guaranteed and a stuck reader piles up goroutines. Here every send is a
+//! non-blocking push into a bounded FIFO: order is kept, the sender never
+//! waits, and a client that falls `queue capacity` events behind is
+//! disconnected (it reconnects and resubscribes, as the SDKs do anyway).
+
+use std::{
+    collections::{HashMap, VecDeque},
+    net::IpAddr,
+    sync::{Arc, LazyLock},
+    time::SystemTime,
+};
+
+use bytes::{Bytes, BytesMut};
+use parking_lot::Mutex;
+use serde::Serialize;
+use tokio::sync::Notify;
+
+use crate::{
+    auth::AuthRecord,
+    protocol::{self, SubscriptionOptions},
+};
+
+/// A message for one or more clients: an SSE event name and JSON data.
+///
+/// The SSE frame is built once, when the message is made, and shared by
+/// every client it is sent to.
+#[derive(Debug, Clone)]
+pub struct Message {
+    name: Arc<str>,
+    frame: Bytes,
+}
+
+/// Why a [`Message`] could not be made.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum MessageError {
+    #[error("the event name must not contain CR or LF")]
+    NameNotLineSafe,
+    #[error("data must be valid JSON")]
+    InvalidJson,
+}
+
+impl Message {
+    /// A message with raw data. The data must be one line of JSON.
+    pub fn new(name: &str, data: &[u8]) -> Result<Self, MessageError> {
+        if !protocol::is_line_safe(name.as_bytes()) {
+            return Err(MessageError::NameNotLineSafe);
+        }
+        let raw: &serde_json::value::RawValue =
+            serde_json::from_slice(data).map_err(|_| MessageError::InvalidJson)?;
+        Ok(Self::from_parts(name, &protocol::one_line_json(raw.get())))
+    }
+
+    /// A message whose data is `value` serialized as JSON.
+    pub fn json<T: Serialize + ?Sized>(name: &str, value: &T) -> Result<Self, MessageError> {
+        if !protocol::is_line_safe(name.as_bytes()) {
+            return Err(MessageError::NameNotLineSafe);
+        }
+        let data = serde_json::to_vec(value).map_err(|_| MessageError::InvalidJson)?;
+        Ok(Self::from_parts(name, &data))
+    }
+
+    /// Trusted constructor: `name` and `data` are already line-safe.
+    pub(crate) fn from_parts(name: &str, data: &[u8]) -> Self {
+        Self {
+            name: name.into(),
+            frame: protocol::event_frame(name, data),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The shared `event:…\ndata:…\n\n` bytes.
+    pub fn frame(&self) -> &Bytes {
+        &self.frame
+    }
+}
+
+/// Why a send did not reach a client's queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum SendError {
+    /// The queue was full: the client has just been disconnected as slow.
+    #[error("client queue full; client disconnected")]
+    Full,
+    /// The client is already discarded.
+    #[error("client discarded")]
+    Closed,
+}
+
+/// Why a client's stream ended, as counted in metrics and logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// Its queue overflowed.
+    Slow,
+    /// Discarded through the library API or unregistered.
+    Discarded,
+}
+
+/// What the stream finds when it looks at the queue.
+pub(crate) enum Take {
+    /// Frames to write, already prefixed with the `id:` line.
+    Data {
+        bytes: Bytes,
+        events: usize,
+    },
+    Empty,
+    Closed(CloseReason),
+}
+
+struct Queue {
+    frames: VecDeque<Bytes>,
+    closed: Option<CloseReason>,
+}
+
+/// Per-client mutable state, behind one lock.
+#[derive(Default)]
+pub(crate) struct ClientState {
+    pub(crate) subscriptions: HashMap<Arc<str>, Arc<SubscriptionOptions>>,
+    pub(crate) auth: Option<Arc<AuthRecord>>,
+    pub(crate) store: HashMap<String, serde_json::Value>,
+    /// Cleared by the hub when the client is unregistered; after that no
+    /// subscription may be added, so the topic index cannot leak it.
+    pub(crate) registered: bool,
+}
+
+static NO_OPTIONS: LazyLock<Arc<SubscriptionOptions>> = LazyLock::new(Default::default);
+
+/// Options of a subscription key, sharing one empty value for plain topics.
+pub(crate) fn options_of(key: &str) -> Arc<SubscriptionOptions> {
+    if key.contains('?') {
+        let o = SubscriptionOptions::parse(key);
+        if o != SubscriptionOptions::default() {
+            return Arc::new(o);
+        }
+    }
+    NO_OPTIONS.clone()
+}
+
+/// A connected realtime client.
+pub struct Client {
+    /// Process-unique number, cheaper to hash than the id.
+    pub(crate) seq: u64,
+    id: Arc<str>,
+    id_line: Bytes,
+    ip: IpAddr,
+    connected_at: SystemTime,
+    capacity: usize,
+    queue: Mutex<Queue>,
+    notify: Notify,
+    pub(crate) state: Mutex<ClientState>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("id", &self.id)
+            .field("ip", &self.ip)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Client {
+    pub(crate) fn new(seq: u64, id: String, ip: IpAddr, capacity: usize) -> Self {
+        Self {
+            seq,
+            id_line: protocol::id_line(&id),
+            id: id.into(),
+            ip,
+            connected_at: SystemTime::now(),
+            capacity: capacity.max(1),
+            queue: Mutex::new(Queue {
+                frames: VecDeque::new(),
+                closed: None,
+            }),
+            notify: Notify::new(),
+            state: Mutex::new(ClientState {
+                registered: true,
+                ..Default::default()
+            }),
+        }
+    }
+
+    /// The 40-character client id (the SSE `id:` of every event).
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    pub(crate) fn id_arc(&self) -> &Arc<str> {
+        &self.id
+    }
+
+    /// The real IP of the request that opened the stream.
+    pub fn ip(&self) -> IpAddr {
+        self.ip
+    }
+
+    pub fn connected_at(&self) -> SystemTime {
+        self.connected_at
+    }
+
+    /// The auth record bound by the subscription POST, if any.
+    pub fn auth(&self) -> Option<Arc<AuthRecord>> {
+        self.state.lock().auth.clone()
+    }
+
+    /// The subscriptions whose `key + "?"` starts with any of `prefixes`
+    /// (all of them when `prefixes` is empty), as PocketBase's
+    /// `Subscriptions(prefixes...)`.
+    pub fn subscriptions(&self, prefixes: &[&str]) -> HashMap<String, SubscriptionOptions> {
+        let st = self.state.lock();
+        st.subscriptions
+            .iter()
+            .filter(|(k, _)| {
+                prefixes.is_empty()
+                    || prefixes.iter().any(|p| {
+                        let k = k.as_bytes();
+                        let p = p.as_bytes();
+                        // `k + "?"` starts with `p`
+                        if p.len() <= k.len() {
+                            k.starts_with(p)
+                        } else {
+                            p.len() == k.len() + 1 && p.starts_with(k) && p[k.len()] == b'?'
+                        }
+                    })
+            })
+            .map(|(k, o)| (k.to_string(), (**o).clone()))
+            .collect()
+    }
+
+    /// Whether the client holds exactly this subscription key.
+    pub fn has_subscription(&self, key: &str) -> bool {
+        self.state.lock().subscriptions.contains_key(key)
+    }
+
+    /// A value from the client's free-form store.
+    pub fn get(&self, key: &str) -> Option<serde_json::Value> {
+        self.state.lock().store.get(key).cloned()
+    }
+
+    pub fn set(&self, key: impl Into<String>, value: serde_json::Value) {
+        self.state.lock().store.insert(key.into(), value);
+    }
+
+    pub fn unset(&self, key: &str) {
+        self.state.lock().store.remove(key);
+    }
+
+    /// Queue a message for this client. Never blocks.
+    ///
+    /// A full queue disconnects the client ([`SendError::Full`]); the hub
+    /// drops it from its registry once its stream ends.
+    pub fn send(&self, message: &Message) -> Result<(), SendError> {
+        self.push(message.frame.clone())
+    }
+
+    pub(crate) fn push(&self, frame: Bytes) -> Result<(), SendError> {
+        let mut q = self.queue.lock();
+        if q.closed.is_some() {
+            return Err(SendError::Closed);
+        }
+        if q.frames.len() >= self.capacity {
+            q.closed = Some(CloseReason::Slow);
+            q.frames = VecDeque::new();
+            drop(q);
+            self.notify.notify_one();
+            return Err(SendError::Full);
+        }
+        q.frames.push_back(frame);
+        let first = q.frames.len() == 1;
+        drop(q);
+        // The stream drains everything it finds, so only the push that makes
+        // the queue non-empty needs to wake it; a stored permit covers the
+        // window between its empty check and its wait.
+        if first {
+            self.notify.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Close the client: its stream ends and further sends fail.
+    pub fn discard(&self) {
+        self.close(CloseReason::Discarded);
+    }
+
+    pub(crate) fn close(&self, reason: CloseReason) {
+        let mut q = self.queue.lock();
+        if q.closed.is_none() {
+            q.closed = Some(reason);
+            q.frames = VecDeque::new();
+        }
+        drop(q);
+        self.notify.notify_one();
+    }
+
+    pub fn is_discarded(&self) -> bool {
+        self.queue.lock().closed.is_some()
+    }
+
+    /// Frames waiting to be written.
+    pub fn queued(&self) -> usize {
+        self.queue.lock().frames.len()
+    }
+
+    /// Take queued frames, up to about `max_bytes`, as one buffer with the
+    /// `id:` line in front of each event, so a burst costs one write.
+    pub(crate) fn take(&self, scratch: &mut Vec<Bytes>, max_bytes: usize) -> Take {
+        {
+            let mut q = self.queue.lock();
+            if let Some(reason) = q.closed {
+                return Take::Closed(reason);
+            }
+            let mut size = 0;
+            while size < max_bytes {
+                let Some(f) = q.frames.pop_front() else { break };
+                size += f.len() + self.id_line.len();
+                scratch.push(f);
+            }
+            if q.frames.is_empty() && q.frames.capacity() > 64 {
+                // Give back a burst's worth of queue memory.
+                q.frames.shrink_to(8);
+            }
+        }
+        if scratch.is_empty() {
+            return Take::Empty;
+        }
+        let size = scratch
+            .iter()
+            .map(|f| f.len() + self.id_line.len())
+            .sum::<usize>();
+        let mut out = BytesMut::with_capacity(size);
+        let events = scratch.len();
+        for f in scratch.drain(..) {
+            out.extend_from_slice(&self.id_line);
+            out.extend_from_slice(&f);
+        }
+        Take::Data {
+            bytes: out.freeze(),
+            events,
+        }
+    }
+
+    /// Resolves after a push or close that may have made [`Client::take`]
+    /// return something new.
+    pub(crate) async fn changed(&self) {
+        self.notify.notified().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn client(cap: usize) -> Client {
+        Client::new(1, "c".repeat(40), "127.0.0.1".parse().unwrap(), cap)
+    }
+
+    fn take_all(c: &Client) -> Vec<u8> {
+        match c.take(&mut Vec::new(), usize::MAX) {
+            Take::Data { bytes, .. } => bytes.to_vec(),
+            _ => Vec::new(),
+        }
+    }
+
+    #[test]
+    fn sends_arrive_in_order_with_id_lines() {
+        let c = client(8);
+        c.send(&Message::new("a", b"1").unwrap()).unwrap();
+        c.send(&Message::new("b", b"2").unwrap()).unwrap();
+        let id = "c".repeat(40);
+        assert_eq!(
+            String::from_utf8(take_all(&c)).unwrap(),
+            format!("id:{id}\nevent:a\ndata:1\n\nid:{id}\nevent:b\ndata:2\n\n")
+        );
+        assert!(matches!(c.take(&mut Vec::new(), 1), Take::Empty));
+    }
+
+    #[test]
+    fn overflow_disconnects_and_later_sends_are_dropped() {
+        let c = client(2);
+        let m = Message::new("m", b"{}").unwrap();
+        c.send(&m).unwrap();
+        c.send(&m).unwrap();
+        assert_eq!(c.send(&m), Err(SendError::Full));
+        assert!(c.is_discarded());
+        assert_eq!(c.send(&m), Err(SendError::Closed));
+        assert!(matches!(
+            c.take(&mut Vec::new(), 1),
+            Take::Closed(CloseReason::Slow)
+        ));
+    }
+
+    #[test]
+    fn discard_drops_pending_sends_without_panicking() {
+        // PocketBase client_test "Send": m1, m2 received; after Discard, m3
+        // and m4 are silently dropped.
+        let c = client(8);
+        c.send(&Message::new("m1", b"1").unwrap()).unwrap();
+        c.send(&Message::new("m2", b"2").unwrap()).unwrap();
+        assert!(
+            String::from_utf8(take_all(&c))
+                .unwrap()
+                .contains("event:m2")
+        );
+        c.discard();
+        assert!(c.is_discarded());
+        assert_eq!(
+            c.send(&Message::new("m3", b"3").unwrap()),
+            Err(SendError::Closed)
+        );
+        assert_eq!(
+            c.send(&Message::new("m4", b"4").unwrap()),
+            Err(SendError::Closed)
+        );
+    }
+
+    #[test]
+    fn messages_validate_their_parts() {
+        assert_eq!(
+            Message::new("a\nb", b"{}").unwrap_err(),
+            MessageError::NameNotLineSafe
+        );
+        assert_eq!(
+            Message::new("a", b"{nope").unwrap_err(),
+            MessageError::InvalidJson
+        );
+        let m = Message::new("a", b"{\n\"x\": 1\n}").unwrap();
+        assert_eq!(&m.frame()[..], b"event:a\ndata:{\"x\": 1}\n\n");
+        let m = Message::json("a", &serde_json::json!({"k": "v\nw"})).unwrap();
+        assert_eq!(&m.frame()[..], b"event:a\ndata:{\"k\":\"v\\nw\"}\n\n");
+    }
+
+    #[test]
+    fn store_get_set_unset() {
+        let c = client(1);
+        assert_eq!(c.get("k"), None);
+        c.set("k", serde_json::json!(1));
+        assert_eq!(c.get("k"), Some(serde_json::json!(1)));
+        c.unset("k");
+        assert_eq!(c.get("k"), None);
+    }
+}

@@ -1,0 +1,130 @@
+//! All configuration, in one struct: every field is a flag and a `FANOUT_*`
+//! environment variable. The README's table is generated from the same names.
+
+use std::{net::SocketAddr, time::Duration};
+
+use clap::{Parser, ValueEnum};
+use ipnet::IpNet;
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Fanout: a PocketBase-compatible realtime broker.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "fanout", version, about)]
+pub struct Config {
+    /// Address to listen on.
+    #[arg(long, env = "FANOUT_LISTEN", default_value = "127.0.0.1:8090")]
+    pub listen: SocketAddr,
+
+    /// Key required as `Authorization: Bearer <key>` on POST /api/publish.
+    /// Without one, publishing is accepted from loopback addresses only.
+    #[arg(long, env = "FANOUT_PUBLISH_KEY", hide_env_values = true)]
+    pub publish_key: Option<String>,
+
+    /// HS256 secret that verifies realtime auth tokens. Without one, every
+    /// subscriber is a guest.
+    #[arg(long, env = "FANOUT_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+
+    /// Comma-separated IPs or CIDRs of proxies whose X-Forwarded-For is
+    /// trusted for the client's real IP.
+    #[arg(long, env = "FANOUT_TRUSTED_PROXIES", value_delimiter = ',', value_parser = parse_net)]
+    pub trusted_proxies: Vec<IpNet>,
+
+    /// Recipients per fan-out task; larger sets are split and pushed in
+    /// parallel.
+    #[arg(long, env = "FANOUT_CHUNK_SIZE", default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..))]
+    pub chunk_size: u32,
+
+    /// Events a client may have waiting before it is disconnected as slow.
+    #[arg(long, env = "FANOUT_CLIENT_QUEUE", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    pub client_queue: u32,
+
+    /// Close a stream after this long without a delivered message
+    /// (PocketBase: 5m).
+    #[arg(long, env = "FANOUT_IDLE_TIMEOUT", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub idle_timeout: Duration,
+
+    /// Close a stream after this long in any case (PocketBase: 30m).
+    #[arg(long, env = "FANOUT_MAX_LIFETIME", default_value = "30m", value_parser = humantime::parse_duration)]
+    pub max_lifetime: Duration,
+
+    /// Most SSE streams this node holds; beyond it new ones get 503.
+    #[arg(long, env = "FANOUT_MAX_CONNECTIONS", default_value_t = 100_000)]
+    pub max_connections: usize,
+
+    /// Largest request body accepted, in bytes. The default fits the largest
+    /// valid subscription set (1000 topics of 2500 bytes).
+    #[arg(long, env = "FANOUT_MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+
+    /// Largest `data` of one published message, in bytes of JSON.
+    #[arg(long, env = "FANOUT_MAX_PAYLOAD_BYTES", default_value_t = 256 * 1024)]
+    pub max_payload_bytes: usize,
+
+    /// Most messages in one batch publish.
+    #[arg(long, env = "FANOUT_MAX_BATCH", default_value_t = 1000)]
+    pub max_batch: usize,
+
+    /// Close a connection whose peer has not accepted written bytes for this
+    /// long (a stalled reader).
+    #[arg(long, env = "FANOUT_WRITE_TIMEOUT", default_value = "15s", value_parser = humantime::parse_duration)]
+    pub write_timeout: Duration,
+
+    /// On SIGINT/SIGTERM, how long to wait for connections to close.
+    #[arg(long, env = "FANOUT_DRAIN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub drain_timeout: Duration,
+
+    /// Log format.
+    #[arg(long, env = "FANOUT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+fn parse_net(s: &str) -> Result<IpNet, String> {
+    let s = s.trim();
+    s.parse::<IpNet>()
+        .or_else(|_| s.parse::<std::net::IpAddr>().map(IpNet::from))
+        .map_err(|_| format!("{s:?} is not an IP address or CIDR"))
+}
+
+impl Config {
+    /// The defaults, as if started with no flags and no environment.
+    pub fn defaults() -> Self {
+        Self::parse_from(["fanout"])
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self::defaults()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_parse() {
+        let c = Config::try_parse_from([
+            "fanout",
+            "--listen",
+            "0.0.0.0:9000",
+            "--trusted-proxies",
+            "10.0.0.0/8, 127.0.0.1",
+            "--idle-timeout",
+            "90s",
+        ])
+        .unwrap();
+        assert_eq!(c.listen.port(), 9000);
+        assert_eq!(c.trusted_proxies.len(), 2);
+        assert_eq!(c.idle_timeout, Duration::from_secs(90));
+        assert!(Config::try_parse_from(["fanout", "--trusted-proxies", "nope"]).is_err());
+        assert!(Config::try_parse_from(["fanout", "--chunk-size", "0"]).is_err());
+    }
+}

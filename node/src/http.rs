@@ -1,0 +1,627 @@
+//! HTTP routes: the PocketBase realtime endpoints, publishing, health and
+//! metrics. Handlers translate between HTTP and [`Broker`] calls; the rules
+//! of the protocol live in [`crate::protocol`], [`crate::broker`] and the
+//! validation below, which mirrors PocketBase's form validation.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::Instant,
+};
+
+use axum::{
+    Json, Router,
+    body::{Body, Bytes},
+    extract::{ConnectInfo, DefaultBodyLimit, FromRequest, Request, State},
+    http::{HeaderMap, HeaderValue, StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+};
+use serde::Deserialize;
+use serde_json::{Map, Value, json, value::RawValue};
+use tokio_util::sync::CancellationToken;
+use tower_http::{catch_panic::CatchPanicLayer, cors::CorsLayer};
+
+use crate::{
+    broker::{Broker, SubscribeRequest},
+    config::Config,
+    error::{ApiError, field_error},
+    hub::Audience,
+    metrics as m,
+    protocol::{self, MAX_CLIENT_ID_LEN, MAX_SUBSCRIPTIONS, MAX_TOPIC_LEN},
+    realip::RealIp,
+    relay::Publication,
+    sse,
+};
+
+/// The direct peer of a connection (the TCP remote address).
+#[derive(Debug, Clone, Copy)]
+pub struct PeerAddr(pub SocketAddr);
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct AppState {
+    inner: Arc<Shared>,
+}
+
+struct Shared {
+    broker: Broker,
+    config: Config,
+    real_ip: RealIp,
+    shutdown: CancellationToken,
+    started: Instant,
+}
+
+impl AppState {
+    pub fn new(broker: Broker, config: Config, shutdown: CancellationToken) -> Self {
+        Self {
+            inner: Arc::new(Shared {
+                real_ip: RealIp::new(config.trusted_proxies.clone()),
+                broker,
+                config,
+                shutdown,
+                started: Instant::now(),
+            }),
+        }
+    }
+}
+
+/// The application's routes.
+pub fn router(state: AppState) -> Router {
+    let body_limit = state.inner.config.max_body_bytes;
+    Router::new()
+        .route(
+            "/api/realtime",
+            get(realtime_connect).post(realtime_subscribe),
+        )
+        .route("/api/publish", post(publish))
+        .route("/api/health", get(health))
+        .route("/metrics", get(metrics_text))
+        .fallback(|| async { ApiError::not_found("The requested resource wasn't found.") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "Method not allowed.")
+        })
+        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(CorsLayer::permissive())
+        .layer(CatchPanicLayer::custom(|_| {
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "Internal server error.")
+                .into_response()
+        }))
+        .with_state(state)
+}
+
+/// A request body read within the configured limit; too large a body is
+/// refused with 413 and the error JSON.
+struct LimitedBody(Bytes);
+
+impl<S: Send + Sync> FromRequest<S> for LimitedBody {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        Bytes::from_request(req, state)
+            .await
+            .map(LimitedBody)
+            .map_err(|r| match r.status() {
+                StatusCode::PAYLOAD_TOO_LARGE => {
+                    ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "Request body too large.")
+                }
+                s => ApiError::new(s, r.body_text()),
+            })
+    }
+}
+
+// ---------------------------------------------------------------------------
+// GET /api/realtime
+
+async fn realtime_connect(
+    State(state): State<AppState>,
+    ConnectInfo(PeerAddr(peer)): ConnectInfo<PeerAddr>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let s = &state.inner;
+    if s.shutdown.is_cancelled() {
+        return Err(ApiError::unavailable("The server is shutting down."));
+    }
+    if s.broker.hub().total_clients() >= s.config.max_connections {
+        return Err(ApiError::unavailable(
+            "Too many realtime connections on this node.",
+        ));
+    }
+    let ip = s.real_ip.resolve(peer.ip(), &headers);
+    let client = s.broker.connect(ip);
+    tracing::debug!(client = client.id(), %ip, "stream opened");
+    let body = sse::stream(
+        s.broker.clone(),
+        client,
+        sse::Timeouts {
+            idle: s.config.idle_timeout,
+            max_lifetime: s.config.max_lifetime,
+        },
+        s.shutdown.child_token(),
+    );
+    let mut res = Body::from_stream(body).into_response();
+    let h = res.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    h.insert(
+        "x-content-type-options",
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert("x-frame-options", HeaderValue::from_static("SAMEORIGIN"));
+    h.insert(
+        "x-xss-protection",
+        HeaderValue::from_static("1; mode=block"),
+    );
+    Ok(res)
+}
+
+// ---------------------------------------------------------------------------
+// POST /api/realtime
+
+/// The subscription form. `null` binds like a missing field, as in Go.
+#[derive(Debug, Default, Deserialize)]
+struct SubscribeForm {
+    #[serde(rename = "clientId", default)]
+    client_id: Option<String>,
+    #[serde(default)]
+    subscriptions: Option<Vec<String>>,
+}
+
+async fn realtime_subscribe(
+    State(state): State<AppState>,
+    ConnectInfo(PeerAddr(peer)): ConnectInfo<PeerAddr>,
+    headers: HeaderMap,
+    LimitedBody(body): LimitedBody,
+) -> Result<StatusCode, ApiError> {
+    let s = &state.inner;
+    let form = bind_subscribe_form(&headers, &body)?;
+    let client_id = form.client_id.unwrap_or_default();
+    let subscriptions = form.subscriptions.unwrap_or_default();
+    validate_subscribe_form(&client_id, &subscriptions)?;
+    s.broker
+        .subscribe(SubscribeRequest {
+            client_id,
+            subscriptions,
+            ip: s.real_ip.resolve(peer.ip(), &headers),
+            authorization: headers
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned),
+        })
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+fn bind_error() -> ApiError {
+    ApiError::bad_request(crate::error::DEFAULT_BAD_REQUEST)
+}
+
+/// PocketBase binds JSON and url-encoded forms; an empty body binds as an
+/// empty form whatever its content type.
+fn bind_subscribe_form(headers: &HeaderMap, body: &[u8]) -> Result<SubscribeForm, ApiError> {
+    if body.is_empty() {
+        return Ok(SubscribeForm::default());
+    }
+    let ct = content_type(headers);
+    if ct.starts_with("application/json") {
+        serde_json::from_slice(body).map_err(|_| bind_error())
+    } else if ct.starts_with("application/x-www-form-urlencoded") {
+        let mut form = SubscribeForm::default();
+        for (k, v) in form_urlencoded::parse(body) {
+            match &*k {
+                "clientId" => form.client_id = Some(v.into_owned()),
+                "subscriptions" => form
+                    .subscriptions
+                    .get_or_insert_with(Vec::new)
+                    .push(v.into_owned()),
+                _ => {}
+            }
+        }
+        Ok(form)
+    } else {
+        Err(bind_error())
+    }
+}
+
+fn content_type(headers: &HeaderMap) -> String {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase()
+}
+
+/// PocketBase's rules, with ozzo's codes and messages: clientId required and
+/// 1..255 bytes; at most 1000 subscriptions; each at most 2500 bytes. Added
+/// here: a topic with CR or LF is refused, since it would become an SSE
+/// `event:` line.
+fn validate_subscribe_form(client_id: &str, subscriptions: &[String]) -> Result<(), ApiError> {
+    let mut fields = Map::new();
+    if client_id.is_empty() {
+        fields.insert(
+            "clientId".into(),
+            field_error("validation_required", "cannot be blank", None),
+        );
+    } else if client_id.len() > MAX_CLIENT_ID_LEN {
+        fields.insert(
+            "clientId".into(),
+            field_error(
+                "validation_length_out_of_range",
+                &format!("the length must be between 1 and {MAX_CLIENT_ID_LEN}"),
+                Some(json!({"min": 1, "max": MAX_CLIENT_ID_LEN})),
+            ),
+        );
+    }
+    if subscriptions.len() > MAX_SUBSCRIPTIONS {
+        fields.insert("subscriptions".into(), too_long(MAX_SUBSCRIPTIONS));
+    } else {
+        let per_topic: Map<String, Value> = subscriptions
+            .iter()
+            .enumerate()
+            .filter_map(|(i, t)| topic_error(t).map(|e| (i.to_string(), e)))
+            .collect();
+        if !per_topic.is_empty() {
+            fields.insert("subscriptions".into(), Value::Object(per_topic));
+        }
+    }
+    if fields.is_empty() {
+        Ok(())
+    } else {
+        Err(ApiError::validation(fields))
+    }
+}
+
+fn too_long(max: usize) -> Value {
+    field_error(
+        "validation_length_too_long",
+        &format!("the length must be no more than {max}"),
+        Some(json!({"min": 0, "max": max})),
+    )
+}
+
+/// The field error of a topic string, if it is not acceptable.
+fn topic_error(topic: &str) -> Option<Value> {
+    if topic.len() > MAX_TOPIC_LEN {
+        Some(too_long(MAX_TOPIC_LEN))
+    } else if !protocol::is_line_safe(topic.as_bytes()) {
+        Some(field_error(
+            "validation_match_invalid",
+            "must not contain CR or LF characters",
+            None,
+        ))
+    } else {
+        None
+    }
+}
+
+// ---------------------------------------------------------------------------
+// POST /api/publish
+
+/// One message: `{"topic", "data", "clientId"?, "userId"?}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PublishItem {
+    topic: Option<String>,
+    #[serde(default, deserialize_with = "present")]
+    data: Option<Box<RawValue>>,
+    #[serde(rename = "clientId")]
+    client_id: Option<String>,
+    #[serde(rename = "userId")]
+    user_id: Option<String>,
+}
+
+/// A publish body: one message, or `{"messages": [...]}`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum PublishBody {
+    Batch { messages: Vec<PublishItem> },
+    One(PublishItem),
+}
+
+/// Distinguishes `"data": null` (a value) from a missing `data`.
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Box<RawValue>>, D::Error> {
+    Box::<RawValue>::deserialize(d).map(Some)
+}
+
+async fn publish(
+    State(state): State<AppState>,
+    ConnectInfo(PeerAddr(peer)): ConnectInfo<PeerAddr>,
+    headers: HeaderMap,
+    LimitedBody(body): LimitedBody,
+) -> Result<Response, ApiError> {
+    let s = &state.inner;
+    authorize_publisher(&s.config, peer.ip(), &headers)?;
+    if !content_type(&headers).starts_with("application/json") {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "Publish bodies must be application/json.",
+        ));
+    }
+    let parsed: PublishBody = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request(format!("Invalid publish body: {e}")))?;
+    let (items, batch) = match parsed {
+        PublishBody::Batch { messages } => (messages, true),
+        PublishBody::One(item) => (vec![item], false),
+    };
+    if items.is_empty() {
+        return Err(ApiError::bad_request("No messages to publish."));
+    }
+    if items.len() > s.config.max_batch {
+        return Err(ApiError::bad_request(format!(
+            "A batch holds at most {} messages.",
+            s.config.max_batch
+        )));
+    }
+    let mut publications = Vec::with_capacity(items.len());
+    let mut errors = Map::new();
+    let mut too_large = false;
+    for (i, item) in items.into_iter().enumerate() {
+        match check_item(item, s.config.max_payload_bytes) {
+            Ok(p) => publications.push(p),
+            Err((fields, large)) => {
+                too_large |= large;
+                errors.insert(i.to_string(), Value::Object(fields));
+            }
+        }
+    }
+    if !errors.is_empty() {
+        let data = if batch {
+            Map::from_iter([("messages".to_owned(), Value::Object(errors))])
+        } else {
+            match errors.into_iter().next() {
+                Some((_, Value::Object(fields))) => fields,
+                _ => Map::new(),
+            }
+        };
+        let mut e = ApiError::validation(data);
+        if too_large {
+            e.status = StatusCode::PAYLOAD_TOO_LARGE;
+            e.message = "Message data too large.".into();
+        }
+        return Err(e);
+    }
+    let n = publications.len();
+    s.broker.publish(publications).await.map_err(|e| {
+        tracing::warn!(error = %e, "publish refused");
+        ApiError::unavailable(format!("Publishing is unavailable: {e}"))
+    })?;
+    Ok(Json(json!({ "published": n })).into_response())
+}
+
+/// A validated publication, or its field errors and whether one of them is
+/// an oversized payload.
+fn check_item(
+    item: PublishItem,
+    max_payload: usize,
+) -> Result<Publication, (Map<String, Value>, bool)> {
+    let mut fields = Map::new();
+    let mut large = false;
+    match item.topic.as_deref() {
+        None | Some("") => {
+            fields.insert(
+                "topic".into(),
+                field_error("validation_required", "cannot be blank", None),
+            );
+        }
+        Some(t) => {
+            if let Some(e) = topic_error(t) {
+                fields.insert("topic".into(), e);
+            }
+        }
+    }
+    match &item.data {
+        None => {
+            fields.insert(
+                "data".into(),
+                field_error("validation_required", "cannot be blank", None),
+            );
+        }
+        Some(d) if d.get().len() > max_payload => {
+            large = true;
+            fields.insert(
+                "data".into(),
+                field_error(
+                    "validation_length_too_long",
+                    &format!("the data must be no more than {max_payload} bytes"),
+                    Some(json!({"max": max_payload})),
+                ),
+            );
+        }
+        Some(_) => {}
+    }
+    let audience = match (item.client_id, item.user_id) {
+        (Some(_), Some(_)) => {
+            fields.insert(
+                "userId".into(),
+                field_error(
+                    "validation_conflict",
+                    "give clientId or userId, not both",
+                    None,
+                ),
+            );
+            Audience::All
+        }
+        (Some(c), None) => Audience::Client(c),
+        (None, Some(u)) => Audience::User(u),
+        (None, None) => Audience::All,
+    };
+    if !fields.is_empty() {
+        return Err((fields, large));
+    }
+    Ok(Publication {
+        topic: item.topic.unwrap_or_default(),
+        data: protocol::one_line_json(item.data.as_deref().map_or("null", RawValue::get)),
+        audience,
+    })
+}
+
+/// With a publish key: `Authorization: Bearer <key>` (401 when missing, 403
+/// when wrong). Without one: loopback peers only (the direct peer, never a
+/// forwarded address).
+fn authorize_publisher(config: &Config, peer: IpAddr, headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(key) = config.publish_key.as_deref() else {
+        let loopback = match peer {
+            IpAddr::V4(v4) => v4.is_loopback(),
+            IpAddr::V6(v6) => {
+                v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v| v.is_loopback())
+            }
+        };
+        return if loopback {
+            Ok(())
+        } else {
+            Err(ApiError::forbidden(
+                "Publishing without a publish key is allowed from loopback only.",
+            ))
+        };
+    };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| {
+            let v = v.trim();
+            match v.get(..7) {
+                Some(p) if p.eq_ignore_ascii_case("bearer ") => v[7..].trim_start(),
+                _ => v,
+            }
+        });
+    match given {
+        None | Some("") => Err(ApiError::unauthorized(
+            "The request requires a valid publish key.",
+        )),
+        Some(g) if constant_time_eq(g.as_bytes(), key.as_bytes()) => Ok(()),
+        Some(_) => Err(ApiError::forbidden("Invalid publish key.")),
+    }
+}
+
+/// Comparison whose time does not depend on where the inputs differ.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+// ---------------------------------------------------------------------------
+// Operations
+
+async fn health(State(state): State<AppState>) -> Response {
+    let s = &state.inner;
+    let relay = s.broker.relay_health();
+    let hub = s.broker.hub();
+    let data = json!({
+        "node": hub.node_tag(),
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptimeSeconds": s.started.elapsed().as_secs(),
+        "connections": hub.total_clients(),
+        "topics": hub.total_topics(),
+        "subscriptions": hub.total_subscriptions(),
+        "relay": relay,
+        "shuttingDown": s.shutdown.is_cancelled(),
+    });
+    let (status, message) = if !relay.healthy {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "API is unhealthy: {}.",
+                relay.reason.as_deref().unwrap_or("relay unavailable")
+            ),
+        )
+    } else if s.shutdown.is_cancelled() {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "API is shutting down.".to_owned(),
+        )
+    } else {
+        (StatusCode::OK, "API is healthy.".to_owned())
+    };
+    let code = status.as_u16();
+    (
+        status,
+        Json(json!({ "code": code, "status": code, "message": message, "data": data })),
+    )
+        .into_response()
+}
+
+async fn metrics_text(State(state): State<AppState>) -> Response {
+    let hub = state.inner.broker.hub();
+    metrics::gauge!(m::CONNECTIONS).set(hub.total_clients() as f64);
+    metrics::gauge!(m::TOPICS).set(hub.total_topics() as f64);
+    metrics::gauge!(m::SUBSCRIPTIONS).set(hub.total_subscriptions() as f64);
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4"),
+        )],
+        m::handle().render(),
+    )
+        .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validation_matches_pocketbase_cases() {
+        let e = validate_subscribe_form("", &[]).unwrap_err();
+        assert_eq!(e.status, StatusCode::BAD_REQUEST);
+        assert_eq!(e.data["clientId"]["code"], "validation_required");
+        assert!(!e.data.contains_key("subscriptions"));
+
+        let many: Vec<String> = (0..1001).map(|i| format!("t{i}")).collect();
+        let e = validate_subscribe_form("x", &many).unwrap_err();
+        assert_eq!(
+            e.data["subscriptions"]["code"],
+            "validation_length_too_long"
+        );
+        assert_eq!(
+            e.data["subscriptions"]["params"],
+            json!({"max":1000,"min":0})
+        );
+        assert!(validate_subscribe_form("x", &many[..1000]).is_ok());
+
+        let e = validate_subscribe_form("x", &["abc".into(), "a".repeat(2501)]).unwrap_err();
+        assert_eq!(
+            e.data["subscriptions"]["1"]["code"],
+            "validation_length_too_long"
+        );
+        assert!(validate_subscribe_form("x", &["abc".into(), "a".repeat(2500)]).is_ok());
+
+        let e = validate_subscribe_form(&"x".repeat(256), &[]).unwrap_err();
+        assert_eq!(e.data["clientId"]["code"], "validation_length_out_of_range");
+        assert_eq!(
+            e.data["clientId"]["message"],
+            "The length must be between 1 and 255."
+        );
+
+        let e = validate_subscribe_form("x", &["ok".into(), "a\r\nevent:x".into()]).unwrap_err();
+        assert_eq!(
+            e.data["subscriptions"]["1"]["code"],
+            "validation_match_invalid"
+        );
+    }
+
+    #[test]
+    fn forms_bind_like_pocketbase() {
+        let mut h = HeaderMap::new();
+        assert!(bind_subscribe_form(&h, b"").unwrap().client_id.is_none());
+        assert!(bind_subscribe_form(&h, b"{}").is_err());
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        assert!(bind_subscribe_form(&h, b"{bad").is_err());
+        assert!(bind_subscribe_form(&h, br#"{"subscriptions":"a"}"#).is_err());
+        let f =
+            bind_subscribe_form(&h, br#"{"clientId":"c","subscriptions":["a"],"x":1}"#).unwrap();
+        assert_eq!(f.client_id.as_deref(), Some("c"));
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/x-www-form-urlencoded"),
+        );
+        let f = bind_subscribe_form(&h, b"clientId=c&subscriptions=a&subscriptions=b%3F").unwrap();
+        assert_eq!(f.subscriptions.unwrap(), ["a", "b?"]);
+    }
+}

@@ -1,0 +1,33 @@
+//! Fanout: a realtime message broker that speaks PocketBase's realtime
+//! protocol (Server-Sent Events) and clusters over Redis.
+//!
+//! Where to look:
+//! * [`protocol`]: the wire format (ids, SSE frames, topic keys and options);
+//! * [`hub`]: this node's client registry, topic index and fan-out;
+//! * [`client`]: one client's queue, subscriptions, store and auth;
+//! * [`relay`]: how publications reach every node's hub;
+//! * [`broker`]: hub + relay, the library's entry point;
+//! * [`http`] and [`sse`]: the HTTP routes and the stream body;
+//! * [`server`]: listener, startup and graceful shutdown.
+
+pub mod auth;
+pub mod broker;
+pub mod client;
+pub mod config;
+pub mod error;
+pub mod http;
+pub mod hub;
+pub mod metrics;
+pub mod protocol;
+pub mod realip;
+pub mod relay;
+pub mod server;
+pub mod sse;
+
+pub use broker::{Broker, SubscribeRequest};
+pub use client::{Client, Message, SendError};
+pub use config::Config;
+pub use error::ApiError;
+pub use hub::{Audience, Hub, HubConfig};
+pub use relay::{Publication, Relay, RelayError};
+pub use server::Server;

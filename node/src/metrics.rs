@@ -1,0 +1,56 @@
+//! Prometheus metrics: the names in one place, and the process-wide recorder.
+//!
+//! Counters are recorded where things happen. Gauges that describe current
+//! state (connections, topics, subscriptions) are read from the hub when
+//! `/metrics` is scraped, so they can never drift from the truth.
+
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+/// SSE streams opened.
+pub const CONNECTIONS_OPENED: &str = "fanout_connections_opened_total";
+/// SSE streams closed, by `reason` (client, idle, max_lifetime, shutdown, slow).
+pub const CONNECTIONS_CLOSED: &str = "fanout_connections_closed_total";
+/// Clients disconnected because their outbound queue was full.
+pub const SLOW_CLIENT_DISCONNECTS: &str = "fanout_slow_client_disconnects_total";
+/// Messages accepted for publishing (HTTP or library).
+pub const PUBLISHED: &str = "fanout_messages_published_total";
+/// Messages this node received from its relay and fanned out.
+pub const DISPATCHED: &str = "fanout_messages_dispatched_total";
+/// Events written to client streams.
+pub const DELIVERED: &str = "fanout_events_delivered_total";
+/// Requests answered with an error, by `status`.
+pub const REJECTED: &str = "fanout_requests_rejected_total";
+/// Time to fan one message out to this node's subscribers (seconds).
+pub const FANOUT_SECONDS: &str = "fanout_fanout_duration_seconds";
+
+/// Gauge: open SSE streams.
+pub const CONNECTIONS: &str = "fanout_connections";
+/// Gauge: distinct topics with at least one local subscriber.
+pub const TOPICS: &str = "fanout_topics";
+/// Gauge: subscription keys held by local clients.
+pub const SUBSCRIPTIONS: &str = "fanout_subscriptions";
+
+/// The process-wide Prometheus recorder, installed on first use.
+///
+/// `metrics` has one global recorder per process; several in-process servers
+/// (as in tests) share it.
+pub fn handle() -> &'static PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE.get_or_init(|| {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets(&[
+                0.000_1, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+            ])
+            .expect("static buckets are valid")
+            .build_recorder();
+        let handle = recorder.handle();
+        // Fails only if another recorder was installed first; then ours is
+        // simply not the global one and renders nothing, which tests notice.
+        if metrics::set_global_recorder(recorder).is_err() {
+            tracing::warn!("a metrics recorder was already installed");
+        }
+        handle
+    })
+}
