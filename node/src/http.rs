@@ -316,11 +316,21 @@ struct PublishItem {
 }
 
 /// A publish body: one message, or `{"messages": [...]}`.
+///
+/// One struct rather than an untagged enum: serde buffers untagged input,
+/// and `RawValue` (which keeps `data` as the publisher sent it, unparsed)
+/// cannot be read from a buffer.
 #[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum PublishBody {
-    Batch { messages: Vec<PublishItem> },
-    One(PublishItem),
+#[serde(deny_unknown_fields)]
+struct PublishBody {
+    messages: Option<Vec<PublishItem>>,
+    topic: Option<String>,
+    #[serde(default, deserialize_with = "present")]
+    data: Option<Box<RawValue>>,
+    #[serde(rename = "clientId")]
+    client_id: Option<String>,
+    #[serde(rename = "userId")]
+    user_id: Option<String>,
 }
 
 /// Distinguishes `"data": null` (a value) from a missing `data`.
@@ -345,8 +355,35 @@ async fn publish(
     let parsed: PublishBody = serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad_request(format!("Invalid publish body: {e}")))?;
     let (items, batch) = match parsed {
-        PublishBody::Batch { messages } => (messages, true),
-        PublishBody::One(item) => (vec![item], false),
+        PublishBody {
+            messages: Some(messages),
+            topic: None,
+            data: None,
+            client_id: None,
+            user_id: None,
+        } => (messages, true),
+        PublishBody {
+            messages: Some(_), ..
+        } => {
+            return Err(ApiError::bad_request(
+                "Give either one message or \"messages\", not both.",
+            ));
+        }
+        PublishBody {
+            messages: None,
+            topic,
+            data,
+            client_id,
+            user_id,
+        } => (
+            vec![PublishItem {
+                topic,
+                data,
+                client_id,
+                user_id,
+            }],
+            false,
+        ),
     };
     if items.is_empty() {
         return Err(ApiError::bad_request("No messages to publish."));
