@@ -1,0 +1,278 @@
+//! Stream lifetimes and load behaviour: slow clients, idle and maximum
+//! lifetime, the connection limit, graceful shutdown, and the real binary.
+
+mod common;
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use common::*;
+use futures_util::StreamExt;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// A client that stops reading is disconnected, while 1,000 others receive
+/// every message, in order, and the publisher is never held up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_client_is_dropped_while_a_thousand_others_keep_up() {
+    const CLIENTS: usize = 1000;
+    const MESSAGES: u64 = 200;
+    let node = start_with(|c| {
+        c.client_queue = 32;
+        c.write_timeout = Duration::from_secs(1);
+    })
+    .await;
+
+    // The slow client: a raw socket with a tiny receive buffer that reads
+    // PB_CONNECT and then never reads again.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut slow = socket.connect(node.server.local_addr()).await.unwrap();
+    slow.write_all(b"GET /api/realtime HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0; 4096];
+    let mut head = String::new();
+    while !head.contains("PB_CONNECT") {
+        let n = slow.read(&mut buf).await.unwrap();
+        head.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    let slow_id = head
+        .split("id:")
+        .nth(1)
+        .and_then(|s| s.split('\n').next())
+        .unwrap()
+        .to_owned();
+
+    // The others, each checking order as it goes.
+    let received = Arc::new(AtomicUsize::new(0));
+    let mut readers = tokio::task::JoinSet::new();
+    for _ in 0..CLIENTS {
+        let mut sse = node.connect().await;
+        node.subscribe(&sse.client_id, &["load"]).await;
+        let received = received.clone();
+        readers.spawn(async move {
+            for expected in 0..MESSAGES {
+                let (_, data) = sse.next_json().await;
+                assert_eq!(data["seq"], expected, "in order, nothing missing");
+                received.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+    }
+
+    // Only the slow client subscribes to "flood": 64 KiB messages there
+    // fill its socket and hyper's buffers, then its queue, however large
+    // the kernel's buffers are, while everyone gets the small "load" ones.
+    node.subscribe(&slow_id, &["load", "flood"]).await;
+    let pad = "x".repeat(64 * 1024);
+    let hub = node.server.broker().hub().clone();
+    let mut floods = 0;
+    for seq in 0..MESSAGES {
+        node.publish("load", json!({"seq": seq})).await;
+        if hub.client_by_id(&slow_id).is_some() && floods < 4000 {
+            for _ in 0..20 {
+                node.publish("flood", json!({"pad": pad})).await;
+                floods += 1;
+            }
+        }
+    }
+    while let Some(r) = readers.join_next().await {
+        r.expect("reader saw every message in order");
+    }
+    assert_eq!(received.load(Ordering::Relaxed), CLIENTS * MESSAGES as usize);
+    wait_until("slow client unregistered", || hub.client_by_id(&slow_id).is_none()).await;
+
+    // The server also closes the socket (write timeout): reading drains
+    // what was buffered and then hits the end.
+    let closed = tokio::time::timeout(WAIT, async {
+        loop {
+            match slow.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "slow client's socket closed");
+    let metrics = node
+        .http
+        .get(format!("{}/metrics", node.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("fanout_slow_client_disconnects_total"));
+}
+
+#[tokio::test]
+async fn idle_streams_close_and_deliveries_keep_them_open() {
+    let node = start_with(|c| c.idle_timeout = Duration::from_millis(600)).await;
+    let mut busy = node.connect().await;
+    let mut idle = node.connect().await;
+    node.subscribe(&busy.client_id, &["tick"]).await;
+    let started = tokio::time::Instant::now();
+    // Deliveries every 150 ms keep `busy` alive past the idle timeout.
+    for i in 0..8 {
+        node.publish("tick", json!(i)).await;
+        assert_eq!(busy.next_json().await.1, json!(i));
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    assert!(started.elapsed() > Duration::from_millis(1000));
+    assert!(idle.closed_within(WAIT).await, "idle stream closed");
+    let hub = node.server.broker().hub().clone();
+    let id = idle.client_id.clone();
+    wait_until("idle client unregistered", || hub.client_by_id(&id).is_none()).await;
+    assert!(hub.client_by_id(&busy.client_id).is_some());
+    // After that the busy one goes idle too.
+    assert!(busy.closed_within(WAIT).await);
+}
+
+#[tokio::test]
+async fn streams_end_at_their_maximum_lifetime_even_when_busy() {
+    let node = start_with(|c| c.max_lifetime = Duration::from_millis(500)).await;
+    let mut sse = node.connect().await;
+    node.subscribe(&sse.client_id, &["t"]).await;
+    let node = Arc::new(node);
+    let publisher = {
+        let node = node.clone();
+        tokio::spawn(async move {
+            for i in 0.. {
+                node.publish("t", json!(i)).await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    };
+    let started = tokio::time::Instant::now();
+    assert!(sse.closed_within(WAIT).await);
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    publisher.abort();
+}
+
+#[tokio::test]
+async fn connections_beyond_the_limit_get_503() {
+    let node = start_with(|c| c.max_connections = 2).await;
+    let _a = node.connect().await;
+    let _b = node.connect().await;
+    let res = node
+        .http
+        .get(format!("{}/api/realtime", node.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["status"], 503);
+    drop(_a);
+    let hub = node.server.broker().hub().clone();
+    wait_until("slot freed", || hub.total_clients() < 2).await;
+    let _c = node.connect().await;
+}
+
+#[tokio::test]
+async fn shutdown_ends_open_streams_promptly() {
+    let node = start_with(|c| c.drain_timeout = Duration::from_secs(30)).await;
+    let mut a = node.connect().await;
+    let mut b = node.connect().await;
+    let started = tokio::time::Instant::now();
+    node.server.shutdown().await.unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "shutdown did not wait for the drain timeout"
+    );
+    assert!(a.closed_within(WAIT).await && b.closed_within(WAIT).await);
+}
+
+/// `fanout` as users run it: configured by environment, serving the
+/// protocol, and exiting cleanly on SIGTERM.
+#[tokio::test]
+async fn binary_serves_and_stops_on_sigterm() {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_fanout"))
+        .env("FANOUT_LISTEN", format!("127.0.0.1:{port}"))
+        .env("FANOUT_PUBLISH_KEY", "k")
+        .env("FANOUT_LOG_FORMAT", "json")
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::new();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if let Ok(r) = http.get(format!("{base}/api/health")).send().await {
+            assert_eq!(r.status(), StatusCode::OK);
+            let v: Value = r.json().await.unwrap();
+            assert_eq!(v["message"], "API is healthy.");
+            assert_eq!(v["data"]["relay"]["kind"], "local");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "binary came up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let res = http.get(format!("{base}/api/realtime")).send().await.unwrap();
+    let mut events = Box::pin(eventsource_stream::Eventsource::eventsource(
+        res.bytes_stream(),
+    ));
+    let first = events.next().await.unwrap().unwrap();
+    let (s, _) = {
+        let r = http
+            .post(format!("{base}/api/realtime"))
+            .json(&json!({"clientId": first.id, "subscriptions": ["t"]}))
+            .send()
+            .await
+            .unwrap();
+        (r.status(), ())
+    };
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let r = http
+        .post(format!("{base}/api/publish"))
+        .bearer_auth("k")
+        .json(&json!({"topic": "t", "data": {"ok": true}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let e = events.next().await.unwrap().unwrap();
+    assert_eq!((e.event.as_str(), e.data.as_str()), ("t", r#"{"ok":true}"#));
+
+    let pid = child.id().unwrap() as i32;
+    // SAFETY: sending a signal to our own child process.
+    unsafe { libc_kill(pid, 15) };
+    let status = tokio::time::timeout(WAIT, child.wait())
+        .await
+        .expect("exits promptly on SIGTERM")
+        .unwrap();
+    assert!(status.success());
+    // The stream ended instead of hanging.
+    assert!(
+        tokio::time::timeout(WAIT, async { while events.next().await.is_some() {} })
+            .await
+            .is_ok()
+    );
+    let mut out = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .await
+        .unwrap();
+    assert!(out.lines().all(|l| serde_json::from_str::<Value>(l).is_ok()), "JSON logs");
+    assert!(out.contains("fanout listening"));
+}
+
+unsafe extern "C" {
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, sig: i32) -> i32;
+}
