@@ -85,8 +85,14 @@ async fn slow_client_is_dropped_while_a_thousand_others_keep_up() {
     while let Some(r) = readers.join_next().await {
         r.expect("reader saw every message in order");
     }
-    assert_eq!(received.load(Ordering::Relaxed), CLIENTS * MESSAGES as usize);
-    wait_until("slow client unregistered", || hub.client_by_id(&slow_id).is_none()).await;
+    assert_eq!(
+        received.load(Ordering::Relaxed),
+        CLIENTS * MESSAGES as usize
+    );
+    wait_until("slow client unregistered", || {
+        hub.client_by_id(&slow_id).is_none()
+    })
+    .await;
 
     // The server also closes the socket (write timeout): reading drains
     // what was buffered and then hits the end.
@@ -129,7 +135,10 @@ async fn idle_streams_close_and_deliveries_keep_them_open() {
     assert!(idle.closed_within(WAIT).await, "idle stream closed");
     let hub = node.server.broker().hub().clone();
     let id = idle.client_id.clone();
-    wait_until("idle client unregistered", || hub.client_by_id(&id).is_none()).await;
+    wait_until("idle client unregistered", || {
+        hub.client_by_id(&id).is_none()
+    })
+    .await;
     assert!(hub.client_by_id(&busy.client_id).is_some());
     // After that the busy one goes idle too.
     assert!(busy.closed_within(WAIT).await);
@@ -220,7 +229,11 @@ async fn binary_serves_and_stops_on_sigterm() {
         assert!(tokio::time::Instant::now() < deadline, "binary came up");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let res = http.get(format!("{base}/api/realtime")).send().await.unwrap();
+    let res = http
+        .get(format!("{base}/api/realtime"))
+        .send()
+        .await
+        .unwrap();
     let mut events = Box::pin(eventsource_stream::Eventsource::eventsource(
         res.bytes_stream(),
     ));
@@ -268,7 +281,11 @@ async fn binary_serves_and_stops_on_sigterm() {
         .read_to_string(&mut out)
         .await
         .unwrap();
-    assert!(out.lines().all(|l| serde_json::from_str::<Value>(l).is_ok()), "JSON logs");
+    assert!(
+        out.lines()
+            .all(|l| serde_json::from_str::<Value>(l).is_ok()),
+        "JSON logs"
+    );
     assert!(out.contains("fanout listening"));
 }
 
