@@ -33,12 +33,13 @@ use crate::{
     client::Client,
     error::ApiError,
     hub::{Audience, Hub},
-    metrics as m,
-    relay::{Publication, Relay, RelayError, RelayHealth},
+    metrics as m, protocol,
+    relay::{NodeInfo, Publication, Relay, RelayError, RelayHealth},
 };
 
 /// A realtime subscription request, as the node owning the client applies it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
 pub struct SubscribeRequest {
     pub client_id: String,
     pub subscriptions: Vec<String>,
@@ -117,13 +118,42 @@ impl Broker {
         .await
     }
 
+    /// The live nodes of the cluster (this one alone without Redis).
+    pub async fn nodes(&self) -> Result<Vec<NodeInfo>, RelayError> {
+        self.relay.nodes().await
+    }
+
+    /// Leave the cluster: stop heartbeats and announce nothing more.
+    pub async fn close(&self) {
+        self.relay.close().await;
+    }
+
+    /// Apply a validated subscription request on the node that holds the
+    /// client: here, or, when the client id carries another node's tag,
+    /// forwarded there through the relay. Either way the answer is the
+    /// owner's, status and body.
+    pub async fn subscribe(&self, req: SubscribeRequest) -> Result<(), ApiError> {
+        match protocol::node_tag_of(&req.client_id) {
+            Some(tag) if tag != self.hub.node_tag() => {
+                metrics::counter!(m::FORWARDED).increment(1);
+                let tag = tag.to_owned();
+                self.relay.forward(&tag, req).await.unwrap_or_else(|e| {
+                    Err(ApiError::unavailable(format!(
+                        "Cannot reach the node of this client: {e}"
+                    )))
+                })
+            }
+            _ => self.subscribe_local(req).await,
+        }
+    }
+
     /// Apply a validated subscription request to a local client, with
     /// PocketBase's checks in PocketBase's order: client (404), IP (400),
     /// auth change (403). Answers only after the relay acknowledged every
     /// topic the node newly needs; if it cannot, the previous set is put
     /// back and the answer is 503, so no client keeps a subscription it was
     /// told failed.
-    pub async fn subscribe(&self, req: SubscribeRequest) -> Result<(), ApiError> {
+    pub async fn subscribe_local(&self, req: SubscribeRequest) -> Result<(), ApiError> {
         let client = self
             .hub
             .client_by_id(&req.client_id)
@@ -175,6 +205,7 @@ impl Broker {
     }
 }
 
-fn missing_client() -> ApiError {
+/// PocketBase's answer for an unknown client id.
+pub fn missing_client() -> ApiError {
     ApiError::not_found("Missing or invalid client id.")
 }

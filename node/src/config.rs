@@ -80,6 +80,27 @@ pub struct Config {
     #[arg(long, env = "FANOUT_DRAIN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
 
+    /// Redis URL (`redis://host:port`). With it, nodes form a cluster that
+    /// relays every publish through Redis; without it, this node is a
+    /// complete broker on its own.
+    #[arg(long, env = "FANOUT_REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<String>,
+
+    /// Prefix of every Redis channel and key Fanout uses.
+    #[arg(long, env = "FANOUT_REDIS_PREFIX", default_value = "fanout:")]
+    pub redis_prefix: String,
+
+    /// How long a subscription request forwarded to the node holding the
+    /// client waits for its answer (then 404).
+    #[arg(long, env = "FANOUT_FORWARD_TIMEOUT", default_value = "3s", value_parser = humantime::parse_duration)]
+    pub forward_timeout: Duration,
+
+    /// How often a cluster node refreshes its heartbeat in Redis and pings
+    /// its subscriber connection; a node is listed until three intervals
+    /// pass without one.
+    #[arg(long, env = "FANOUT_HEARTBEAT_INTERVAL", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub heartbeat_interval: Duration,
+
     /// Log format.
     #[arg(long, env = "FANOUT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,

@@ -76,6 +76,7 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/api/publish", post(publish))
         .route("/api/health", get(health))
+        .route("/api/cluster", get(cluster))
         .route("/metrics", get(metrics_text))
         .fallback(|| async { ApiError::not_found("The requested resource wasn't found.") })
         .method_not_allowed_fallback(|| async {
@@ -579,6 +580,17 @@ async fn health(State(state): State<AppState>) -> Response {
         Json(json!({ "code": code, "status": code, "message": message, "data": data })),
     )
         .into_response()
+}
+
+async fn cluster(State(state): State<AppState>) -> Result<Response, ApiError> {
+    let nodes =
+        state.inner.broker.nodes().await.map_err(|e| {
+            ApiError::unavailable(format!("Cluster membership is unavailable: {e}"))
+        })?;
+    Ok(
+        Json(json!({ "node": state.inner.broker.hub().node_tag(), "nodes": nodes }))
+            .into_response(),
+    )
 }
 
 async fn metrics_text(State(state): State<AppState>) -> Response {

@@ -22,6 +22,17 @@ pub const DISPATCHED: &str = "fanout_messages_dispatched_total";
 pub const DELIVERED: &str = "fanout_events_delivered_total";
 /// Requests answered with an error, by `status`.
 pub const REJECTED: &str = "fanout_requests_rejected_total";
+/// Subscription requests forwarded to the node holding the client.
+pub const FORWARDED: &str = "fanout_requests_forwarded_total";
+/// Times the Redis subscriber connection was lost and re-established.
+pub const RELAY_RECONNECTS: &str = "fanout_relay_reconnects_total";
+/// How long the last Redis outage lasted, until every topic was
+/// re-subscribed (seconds).
+pub const RELAY_RECOVERY_SECONDS: &str = "fanout_relay_recovery_seconds";
+/// Messages from Redis that could not be decoded.
+pub const RELAY_BAD_MESSAGES: &str = "fanout_relay_bad_messages_total";
+/// Gauge: 1 while the relay is healthy.
+pub const RELAY_UP: &str = "fanout_relay_up";
 /// Time to fan one message out to this node's subscribers (seconds).
 pub const FANOUT_SECONDS: &str = "fanout_fanout_duration_seconds";
 

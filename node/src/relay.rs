@@ -7,17 +7,27 @@
 //!
 //! * [`LocalRelay`]: the embedded default. An in-process queue; the node is
 //!   the whole broker.
-//! * The Redis relay (cluster mode) implements the same trait.
+//! * [`crate::redis_relay::RedisRelay`]: cluster mode. One Redis channel per
+//!   topic, subscribed on demand, plus a channel per node for requests
+//!   addressed to a client id held elsewhere.
 //!
-//! Nothing outside this module and [`crate::broker`] knows which one runs.
+//! Nothing outside the relays and [`crate::server`] knows which one runs.
 
-use std::sync::Arc;
+use std::{
+    net::SocketAddr,
+    sync::Arc,
+    time::{SystemTime, UNIX_EPOCH},
+};
 
 use futures_util::future::BoxFuture;
-use serde::Serialize;
-use tokio::sync::mpsc;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
 
-use crate::hub::{Audience, Hub};
+use crate::{
+    broker::SubscribeRequest,
+    error::ApiError,
+    hub::{Audience, Hub},
+};
 
 /// One message on its way to the hubs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,6 +59,46 @@ pub struct RelayHealth {
     pub reason: Option<String>,
 }
 
+/// One node as `/api/cluster` lists it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeInfo {
+    /// The node tag (the first characters of its client ids).
+    pub node: String,
+    pub address: String,
+    pub version: String,
+    pub connections: usize,
+    pub topics: usize,
+    pub subscriptions: usize,
+    /// Unix seconds.
+    pub started_at: u64,
+}
+
+impl NodeInfo {
+    /// This node's current figures.
+    pub fn of(hub: &Hub, address: SocketAddr, started_at: SystemTime) -> Self {
+        Self {
+            node: hub.node_tag().to_owned(),
+            address: address.to_string(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            connections: hub.total_clients(),
+            topics: hub.total_topics(),
+            subscriptions: hub.total_subscriptions(),
+            started_at: started_at
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+        }
+    }
+}
+
+/// A subscription request that another node forwarded to this one, the
+/// owner of its client. The broker applies it and answers on `reply`.
+#[derive(Debug)]
+pub struct Incoming {
+    pub request: SubscribeRequest,
+    pub reply: oneshot::Sender<Result<(), ApiError>>,
+}
+
 /// Carries publications to every node's hub.
 pub trait Relay: Send + Sync + 'static {
     /// Hand messages to the relay. Resolves when the relay has accepted them
@@ -62,7 +112,25 @@ pub trait Relay: Send + Sync + 'static {
     /// that starts afterwards reaches this node.
     fn sync_topics(&self, topics: Vec<Arc<str>>) -> BoxFuture<'static, Result<(), RelayError>>;
 
+    /// Apply a subscription request on the node with tag `node`, which holds
+    /// the client. The inner result is the owner's answer; a node that is
+    /// unknown, gone, or silent past the forward timeout answers 404.
+    fn forward(
+        &self,
+        node: &str,
+        request: SubscribeRequest,
+    ) -> BoxFuture<'_, Result<Result<(), ApiError>, RelayError>>;
+
+    /// Requests other nodes forwarded to this one (taken once, at startup).
+    fn take_incoming(&self) -> Option<mpsc::Receiver<Incoming>>;
+
+    /// The live nodes of the cluster.
+    fn nodes(&self) -> BoxFuture<'_, Result<Vec<NodeInfo>, RelayError>>;
+
     fn health(&self) -> RelayHealth;
+
+    /// Leave the cluster (shutdown).
+    fn close(&self) -> BoxFuture<'_, ()>;
 }
 
 /// The in-process relay of a single node.
@@ -72,20 +140,29 @@ pub trait Relay: Send + Sync + 'static {
 /// of growing memory without bound.
 pub struct LocalRelay {
     tx: mpsc::Sender<Vec<Publication>>,
+    hub: Hub,
+    address: SocketAddr,
+    started_at: SystemTime,
 }
 
 impl LocalRelay {
     /// Start the dispatch task. It ends when the relay is dropped.
-    pub fn start(hub: Hub) -> Arc<Self> {
+    pub fn start(hub: Hub, address: SocketAddr) -> Arc<Self> {
         let (tx, mut rx) = mpsc::channel::<Vec<Publication>>(1024);
+        let dispatcher = hub.clone();
         tokio::spawn(async move {
             while let Some(batch) = rx.recv().await {
                 for p in batch {
-                    hub.dispatch(&p.topic, &p.data, &p.audience).await;
+                    dispatcher.dispatch(&p.topic, &p.data, &p.audience).await;
                 }
             }
         });
-        Arc::new(Self { tx })
+        Arc::new(Self {
+            tx,
+            hub,
+            address,
+            started_at: SystemTime::now(),
+        })
     }
 }
 
@@ -104,6 +181,24 @@ impl Relay for LocalRelay {
         Box::pin(async { Ok(()) })
     }
 
+    fn forward(
+        &self,
+        _node: &str,
+        _request: SubscribeRequest,
+    ) -> BoxFuture<'_, Result<Result<(), ApiError>, RelayError>> {
+        // A single node holds every client; an id of another node is unknown.
+        Box::pin(async { Ok(Err(crate::broker::missing_client())) })
+    }
+
+    fn take_incoming(&self) -> Option<mpsc::Receiver<Incoming>> {
+        None
+    }
+
+    fn nodes(&self) -> BoxFuture<'_, Result<Vec<NodeInfo>, RelayError>> {
+        let me = NodeInfo::of(&self.hub, self.address, self.started_at);
+        Box::pin(async move { Ok(vec![me]) })
+    }
+
     fn health(&self) -> RelayHealth {
         RelayHealth {
             kind: "local",
@@ -113,5 +208,9 @@ impl Relay for LocalRelay {
                 .is_closed()
                 .then(|| "local relay stopped".to_owned()),
         }
+    }
+
+    fn close(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
     }
 }

@@ -18,6 +18,7 @@ use crate::{
     http::{AppState, PeerAddr, router},
     hub::{Hub, HubConfig},
     protocol,
+    redis_relay::{RedisConfig, RedisRelay},
     relay::{LocalRelay, Relay},
 };
 
@@ -91,6 +92,27 @@ impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, Time
     }
 }
 
+/// Answers subscription requests that other nodes forwarded to this one.
+async fn serve_forwarded(
+    broker: Broker,
+    mut incoming: tokio::sync::mpsc::Receiver<crate::relay::Incoming>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let next = tokio::select! {
+            next = incoming.recv() => next,
+            _ = shutdown.cancelled() => return,
+        };
+        let Some(crate::relay::Incoming { request, reply }) = next else {
+            return;
+        };
+        let broker = broker.clone();
+        tokio::spawn(async move {
+            let _ = reply.send(broker.subscribe_local(request).await);
+        });
+    }
+}
+
 /// A running node.
 pub struct Server {
     addr: SocketAddr,
@@ -111,15 +133,32 @@ impl Server {
             chunk_size: config.chunk_size as usize,
             queue_capacity: config.client_queue as usize,
         });
-        let relay: Arc<dyn Relay> = LocalRelay::start(hub.clone());
+        let relay: Arc<dyn Relay> = match &config.redis_url {
+            Some(url) if !url.is_empty() => RedisRelay::start(
+                hub.clone(),
+                RedisConfig {
+                    url: url.clone(),
+                    prefix: config.redis_prefix.clone(),
+                    forward_timeout: config.forward_timeout,
+                    heartbeat_interval: config.heartbeat_interval,
+                    address: addr,
+                },
+            )
+            .context("invalid Redis configuration")?,
+            _ => LocalRelay::start(hub.clone(), addr),
+        };
+        let incoming = relay.take_incoming();
         let auth = Authenticator::new(match &config.jwt_secret {
             Some(s) if !s.is_empty() => KeySource::Hs256(s.as_bytes().to_vec()),
             _ => KeySource::None,
         });
         let broker = Broker::new(hub, relay, auth);
+        let shutdown = CancellationToken::new();
+        if let Some(incoming) = incoming {
+            tokio::spawn(serve_forwarded(broker.clone(), incoming, shutdown.clone()));
+        }
         // Install the recorder before the first request counts anything.
         crate::metrics::handle();
-        let shutdown = CancellationToken::new();
         let app = router(AppState::new(
             broker.clone(),
             config.clone(),
@@ -161,6 +200,7 @@ impl Server {
     /// wait up to the drain timeout for connections to close.
     pub async fn shutdown(self) -> anyhow::Result<()> {
         self.shutdown.cancel();
+        self.broker.close().await;
         match tokio::time::timeout(self.drain, self.task).await {
             Ok(joined) => {
                 joined.context("server task failed")??;

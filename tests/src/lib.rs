@@ -1,0 +1,413 @@
+//! Test harness for Fanout.
+//!
+//! * [`Api`]: HTTP and SSE clients for one node's base URL.
+//! * [`RedisServer`]: a private `redis-server` on a free port.
+//! * [`NodeProcess`]: the real `fanout` binary on a free port.
+//!
+//! Everything runs over real sockets on loopback; each test owns its own
+//! processes and ports, so tests run in parallel.
+
+use std::{
+    path::PathBuf,
+    pin::Pin,
+    process::Stdio,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use eventsource_stream::{Event, Eventsource};
+use futures_util::{Stream, StreamExt};
+pub use reqwest::StatusCode;
+use serde_json::{Value, json};
+use tokio::process::{Child, Command};
+
+/// Generous bound for anything that should happen "now".
+pub const WAIT: Duration = Duration::from_secs(15);
+
+/// Poll `cond` until it holds, or fail after [`WAIT`].
+pub async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !cond() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Like [`wait_until`], with an async condition.
+pub async fn wait_for<F, Fut>(what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !cond().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A free TCP port on 127.0.0.1 (free when asked; the OS may reuse it).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// An HS256 token.
+pub fn token(secret: &str, claims: Value) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .unwrap()
+}
+
+/// A PocketBase-style auth token for user `id`, valid for an hour.
+pub fn user_token(secret: &str, id: &str) -> String {
+    let exp = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 3600;
+    token(
+        secret,
+        json!({"id": id, "collectionId": "users", "type": "auth", "exp": exp}),
+    )
+}
+
+pub type EventStream = Pin<Box<dyn Stream<Item = Result<Event, String>> + Send>>;
+
+/// One SSE client.
+pub struct Sse {
+    pub client_id: String,
+    /// The `id:` of PB_CONNECT.
+    pub connect_id: String,
+    pub events: EventStream,
+}
+
+impl Sse {
+    /// The next event, failing the test if none comes in time.
+    pub async fn next(&mut self) -> Event {
+        tokio::time::timeout(WAIT, self.events.next())
+            .await
+            .expect("an event in time")
+            .expect("stream still open")
+            .expect("valid SSE")
+    }
+
+    /// The next event, if one comes within `within`.
+    pub async fn next_within(&mut self, within: Duration) -> Option<Event> {
+        match tokio::time::timeout(within, self.events.next()).await {
+            Ok(Some(Ok(e))) => Some(e),
+            _ => None,
+        }
+    }
+
+    /// The next event's name and parsed data.
+    pub async fn next_json(&mut self) -> (String, Value) {
+        let e = self.next().await;
+        assert_eq!(e.id, self.client_id, "every event carries the client id");
+        (e.event, serde_json::from_str(&e.data).expect("JSON data"))
+    }
+
+    /// Whether the server ends the stream within `within`.
+    pub async fn closed_within(&mut self, within: Duration) -> bool {
+        tokio::time::timeout(within, async {
+            loop {
+                match self.events.next().await {
+                    None | Some(Err(_)) => return,
+                    Some(Ok(_)) => {}
+                }
+            }
+        })
+        .await
+        .is_ok()
+    }
+}
+
+/// HTTP and SSE access to one node.
+#[derive(Clone)]
+pub struct Api {
+    pub base: String,
+    pub http: reqwest::Client,
+}
+
+impl Api {
+    pub fn new(base: impl Into<String>) -> Self {
+        Self {
+            base: base.into(),
+            http: reqwest::Client::new(),
+        }
+    }
+
+    /// Open a stream and read PB_CONNECT.
+    pub async fn connect(&self) -> Sse {
+        self.connect_with(&[]).await
+    }
+
+    pub async fn connect_with(&self, headers: &[(&str, &str)]) -> Sse {
+        let mut req = self.http.get(format!("{}/api/realtime", self.base));
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let res = req.send().await.expect("GET /api/realtime");
+        assert_eq!(res.status(), StatusCode::OK);
+        let mut events: EventStream = Box::pin(
+            res.bytes_stream()
+                .eventsource()
+                .map(|r| r.map_err(|e| e.to_string())),
+        );
+        let first = tokio::time::timeout(WAIT, events.next())
+            .await
+            .expect("PB_CONNECT in time")
+            .expect("stream open")
+            .expect("valid SSE");
+        assert_eq!(first.event, "PB_CONNECT");
+        let data: Value = serde_json::from_str(&first.data).unwrap();
+        Sse {
+            client_id: data["clientId"].as_str().unwrap().to_owned(),
+            connect_id: first.id,
+            events,
+        }
+    }
+
+    async fn post(&self, path: &str, body: Value, headers: &[(&str, &str)]) -> (StatusCode, Value) {
+        let mut req = self.http.post(format!("{}{path}", self.base)).json(&body);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let res = req.send().await.unwrap();
+        let status = res.status();
+        let text = res.text().await.unwrap();
+        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+
+    /// POST /api/realtime; the status and the JSON body.
+    pub async fn post_subscriptions(
+        &self,
+        body: Value,
+        headers: &[(&str, &str)],
+    ) -> (StatusCode, Value) {
+        self.post("/api/realtime", body, headers).await
+    }
+
+    /// Set a client's subscriptions and insist on 204.
+    pub async fn subscribe(&self, client_id: &str, topics: &[&str]) {
+        let (status, body) = self
+            .post_subscriptions(json!({"clientId": client_id, "subscriptions": topics}), &[])
+            .await;
+        assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
+    }
+
+    /// POST /api/publish; the status and the JSON body.
+    pub async fn publish_raw(&self, body: Value, headers: &[(&str, &str)]) -> (StatusCode, Value) {
+        self.post("/api/publish", body, headers).await
+    }
+
+    /// Publish and insist on 200.
+    pub async fn publish(&self, topic: &str, data: Value) {
+        let (status, body) = self
+            .publish_raw(json!({"topic": topic, "data": data}), &[])
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+
+    /// GET a path; the status and the JSON body (null if not JSON or no
+    /// answer).
+    pub async fn get_json(&self, path: &str) -> (StatusCode, Value) {
+        match self.http.get(format!("{}{path}", self.base)).send().await {
+            Ok(res) => {
+                let status = res.status();
+                let text = res.text().await.unwrap_or_default();
+                (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+            }
+            Err(_) => (StatusCode::BAD_GATEWAY, Value::Null),
+        }
+    }
+}
+
+/// A private `redis-server` process.
+pub struct RedisServer {
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    /// Start one on a free port and wait until it answers.
+    pub async fn start() -> Self {
+        Self::start_on(free_port()).await
+    }
+
+    /// Start one on `port` (e.g. again, after [`RedisServer::stop`]).
+    pub async fn start_on(port: u16) -> Self {
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--protected-mode",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("redis-server is installed (scripts/test installs it)");
+        let server = Self {
+            port,
+            child: Some(child),
+        };
+        wait_for("redis-server to answer", || async {
+            server.connection().await.is_ok()
+        })
+        .await;
+        server
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub async fn connection(&self) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
+        let client = redis::Client::open(self.url())?;
+        let mut conn = client.get_multiplexed_async_connection().await?;
+        redis::cmd("PING").query_async::<String>(&mut conn).await?;
+        Ok(conn)
+    }
+
+    /// Run one command.
+    pub async fn cmd<T: redis::FromRedisValue>(&self, args: &[&str]) -> T {
+        let mut conn = self.connection().await.expect("redis reachable");
+        let mut c = redis::cmd(args[0]);
+        for a in &args[1..] {
+            c.arg(*a);
+        }
+        c.query_async(&mut conn).await.expect("redis command")
+    }
+
+    /// Stop the server and wait until it is gone.
+    pub async fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill().await;
+        }
+    }
+}
+
+/// Where cargo put the `fanout` binary.
+pub fn fanout_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("FANOUT_BIN") {
+        return p.into();
+    }
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    let bin = target.join("debug/fanout");
+    assert!(
+        bin.exists(),
+        "{} missing: run `cargo build -p fanout` first (scripts/test does)",
+        bin.display()
+    );
+    bin
+}
+
+/// A `fanout` process.
+pub struct NodeProcess {
+    pub api: Api,
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl std::ops::Deref for NodeProcess {
+    type Target = Api;
+    fn deref(&self) -> &Api {
+        &self.api
+    }
+}
+
+impl NodeProcess {
+    /// Start a node with `env` (FANOUT_* variables) and wait until its
+    /// health endpoint answers 200.
+    pub async fn start(env: &[(&str, &str)]) -> Self {
+        Self::start_on(free_port(), env).await
+    }
+
+    pub async fn start_on(port: u16, env: &[(&str, &str)]) -> Self {
+        let mut cmd = Command::new(fanout_bin());
+        cmd.env("FANOUT_LISTEN", format!("127.0.0.1:{port}"))
+            .env("FANOUT_LOG_FORMAT", "json")
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdout(Stdio::null())
+            .kill_on_drop(true);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let node = Self {
+            api: Api::new(format!("http://127.0.0.1:{port}")),
+            port,
+            child: Some(cmd.spawn().expect("fanout binary starts")),
+        };
+        wait_for("node healthy", || async {
+            node.api.get_json("/api/health").await.0 == StatusCode::OK
+        })
+        .await;
+        node
+    }
+
+    /// The node tag from /api/health.
+    pub async fn tag(&self) -> String {
+        self.api.get_json("/api/health").await.1["data"]["node"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.as_ref().and_then(Child::id).expect("running") as i32
+    }
+
+    /// Send a signal (e.g. SIGSTOP 19, SIGCONT 18).
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { kill(self.pid(), sig) };
+    }
+
+    /// SIGKILL, and wait for the process to be gone.
+    pub async fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill().await;
+        }
+    }
+
+    /// SIGTERM, and wait for a clean exit.
+    pub async fn stop(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { kill(child.id().unwrap() as i32, 15) };
+        tokio::time::timeout(WAIT, child.wait())
+            .await
+            .expect("exits after SIGTERM")
+            .unwrap()
+    }
+}
+
+unsafe extern "C" {
+    fn kill(pid: i32, sig: i32) -> i32;
+}
+
+pub const SIGSTOP: i32 = 19;
+pub const SIGCONT: i32 = 18;
