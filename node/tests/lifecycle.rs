@@ -12,7 +12,6 @@ use std::{
 };
 
 use common::*;
-use futures_util::StreamExt;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -200,96 +199,39 @@ async fn shutdown_ends_open_streams_promptly() {
 }
 
 /// `fanout` as users run it: configured by environment, serving the
-/// protocol, and exiting cleanly on SIGTERM.
+/// protocol, logging JSON, and exiting cleanly on SIGTERM with its streams
+/// ended rather than hanging.
 #[tokio::test]
 async fn binary_serves_and_stops_on_sigterm() {
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_fanout"))
-        .env("FANOUT_LISTEN", format!("127.0.0.1:{port}"))
-        .env("FANOUT_PUBLISH_KEY", "k")
-        .env("FANOUT_LOG_FORMAT", "json")
-        .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let base = format!("http://127.0.0.1:{port}");
-    let http = reqwest::Client::new();
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        if let Ok(r) = http.get(format!("{base}/api/health")).send().await {
-            assert_eq!(r.status(), StatusCode::OK);
-            let v: Value = r.json().await.unwrap();
-            assert_eq!(v["message"], "API is healthy.");
-            assert_eq!(v["data"]["relay"]["kind"], "local");
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "binary came up");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let res = http
-        .get(format!("{base}/api/realtime"))
-        .send()
-        .await
-        .unwrap();
-    let mut events = Box::pin(eventsource_stream::Eventsource::eventsource(
-        res.bytes_stream(),
-    ));
-    let first = events.next().await.unwrap().unwrap();
-    let (s, _) = {
-        let r = http
-            .post(format!("{base}/api/realtime"))
-            .json(&json!({"clientId": first.id, "subscriptions": ["t"]}))
-            .send()
-            .await
-            .unwrap();
-        (r.status(), ())
-    };
-    assert_eq!(s, StatusCode::NO_CONTENT);
-    let r = http
-        .post(format!("{base}/api/publish"))
-        .bearer_auth("k")
-        .json(&json!({"topic": "t", "data": {"ok": true}}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::OK);
-    let e = events.next().await.unwrap().unwrap();
+    let bin = std::path::Path::new(env!("CARGO_BIN_EXE_fanout"));
+    let mut node = fanout_testkit::NodeProcess::start_bin(
+        bin,
+        fanout_testkit::free_port(),
+        &[("FANOUT_PUBLISH_KEY", "k")],
+    )
+    .await;
+    let (_, health) = node.get_json("/api/health").await;
+    assert_eq!(health["message"], "API is healthy.");
+    assert_eq!(health["data"]["relay"]["kind"], "local");
+    let mut sse = node.connect().await;
+    node.subscribe(&sse.client_id, &["t"]).await;
+    let (s, _) = node
+        .publish_raw(
+            json!({"topic": "t", "data": {"ok": true}}),
+            &[("authorization", "Bearer k")],
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let e = sse.next().await;
     assert_eq!((e.event.as_str(), e.data.as_str()), ("t", r#"{"ok":true}"#));
 
-    let pid = child.id().unwrap() as i32;
-    // SAFETY: sending a signal to our own child process.
-    unsafe { libc_kill(pid, 15) };
-    let status = tokio::time::timeout(WAIT, child.wait())
-        .await
-        .expect("exits promptly on SIGTERM")
-        .unwrap();
-    assert!(status.success());
-    // The stream ended instead of hanging.
+    assert!(node.stop().await.success());
+    assert!(sse.closed_within(WAIT).await, "stream ended on shutdown");
+    let logs = node.logs();
     assert!(
-        tokio::time::timeout(WAIT, async { while events.next().await.is_some() {} })
-            .await
-            .is_ok()
-    );
-    let mut out = String::new();
-    child
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut out)
-        .await
-        .unwrap();
-    assert!(
-        out.lines()
+        logs.lines()
             .all(|l| serde_json::from_str::<Value>(l).is_ok()),
         "JSON logs"
     );
-    assert!(out.contains("fanout listening"));
-}
-
-unsafe extern "C" {
-    #[link_name = "kill"]
-    fn libc_kill(pid: i32, sig: i32) -> i32;
+    assert!(logs.contains("fanout listening") && logs.contains("stopped"));
 }

@@ -322,10 +322,11 @@ pub fn fanout_bin() -> PathBuf {
     bin
 }
 
-/// A `fanout` process.
+/// A `fanout` process. Its stdout (JSON logs) goes to [`NodeProcess::log_path`].
 pub struct NodeProcess {
     pub api: Api,
     pub port: u16,
+    pub log_path: PathBuf,
     child: Option<Child>,
 }
 
@@ -344,14 +345,21 @@ impl NodeProcess {
     }
 
     pub async fn start_on(port: u16, env: &[(&str, &str)]) -> Self {
-        let mut cmd = Command::new(fanout_bin());
+        Self::start_bin(&fanout_bin(), port, env).await
+    }
+
+    /// Start `bin` (a fanout binary) on `port`.
+    pub async fn start_bin(bin: &std::path::Path, port: u16, env: &[(&str, &str)]) -> Self {
+        let log_path = std::env::temp_dir().join(format!("fanout-node-{port}.log"));
+        let log = std::fs::File::create(&log_path).expect("log file");
+        let mut cmd = Command::new(bin);
         cmd.env("FANOUT_LISTEN", format!("127.0.0.1:{port}"))
             .env("FANOUT_LOG_FORMAT", "json")
             .env(
                 "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
             )
-            .stdout(Stdio::null())
+            .stdout(log)
             .kill_on_drop(true);
         for (k, v) in env {
             cmd.env(k, v);
@@ -359,6 +367,7 @@ impl NodeProcess {
         let node = Self {
             api: Api::new(format!("http://127.0.0.1:{port}")),
             port,
+            log_path,
             child: Some(cmd.spawn().expect("fanout binary starts")),
         };
         wait_for("node healthy", || async {
@@ -374,6 +383,11 @@ impl NodeProcess {
             .as_str()
             .unwrap()
             .to_owned()
+    }
+
+    /// What the node has logged so far.
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
 
     fn pid(&self) -> i32 {

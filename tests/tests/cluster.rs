@@ -418,6 +418,10 @@ async fn redis_outage_fails_loudly_and_recovers_without_restarts() {
     for n in &c.nodes {
         assert!(metric(n, "fanout_relay_reconnects_total").await >= 1.0);
         assert!(metric(n, "fanout_relay_recovery_seconds").await > 0.0);
+        assert!(
+            n.logs().contains("Redis relay recovered"),
+            "recovery logged"
+        );
     }
 }
 
