@@ -1,0 +1,57 @@
+//! `fanout-bench`: a load generator for PocketBase-protocol realtime
+//! servers (Fanout and PocketBase itself), and the report that compares
+//! them.
+//!
+//! ```sh
+//! fanout-bench run --nodes 127.0.0.1:8090 --clients 5000 --messages 200
+//! fanout-bench report --results r.jsonl --out docs/benchmarks.md --chart docs/benchmarks.png --command "…"
+//! ```
+
+mod report;
+mod run;
+mod sse;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "fanout-bench", about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run one scenario and print its result (a human summary on stderr,
+    /// one JSON line on stdout).
+    Run(run::RunArgs),
+    /// Write the side-by-side markdown table and PNG chart.
+    Report(report::ReportArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Run(args) => {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            let json_out = args.json_out.clone();
+            let report = rt.block_on(run::run(args))?;
+            eprint!("{}", run::summary(&report));
+            let line = serde_json::to_string(&report)?;
+            println!("{line}");
+            if let Some(path) = json_out {
+                use std::io::Write;
+                let mut f = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)?;
+                writeln!(f, "{line}")?;
+            }
+            // Open streams and tasks are dropped with the runtime.
+            rt.shutdown_background();
+            Ok(())
+        }
+        Command::Report(args) => report::report(args),
+    }
+}

@@ -1,0 +1,543 @@
+//! One benchmark run: connect N SSE clients, subscribe each through a
+//! different node than the one holding its stream, publish M messages from
+//! P publishers spread over the nodes, and account for every delivery.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use hdrhistogram::Histogram;
+use indicatif::{ProgressBar, ProgressStyle};
+use parking_lot::Mutex;
+use serde::Serialize;
+use tokio::sync::Semaphore;
+
+use crate::sse;
+
+/// Options of `fanout-bench run`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RunArgs {
+    /// Node addresses (host:port), comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "127.0.0.1:8090")]
+    pub nodes: Vec<SocketAddr>,
+    /// SSE clients to open.
+    #[arg(long, default_value_t = 1000)]
+    pub clients: usize,
+    /// Topics; client i subscribes to topic i % topics.
+    #[arg(long, default_value_t = 1)]
+    pub topics: usize,
+    /// Messages to publish in all; message j goes to topic j % topics.
+    #[arg(long, default_value_t = 100)]
+    pub messages: usize,
+    /// Concurrent publishers; publisher p publishes through node p % nodes.
+    #[arg(long, default_value_t = 4)]
+    pub publishers: usize,
+    /// Messages per second over all publishers; 0 = as fast as accepted.
+    #[arg(long, default_value_t = 0.0)]
+    pub rate: f64,
+    /// Padding added to every message's data, in bytes.
+    #[arg(long, default_value_t = 64)]
+    pub payload_bytes: usize,
+    /// Percentage of clients that stop reading after PB_CONNECT.
+    #[arg(long, default_value_t = 0.0)]
+    pub slow_percent: f64,
+    /// Connect and measure memory only; publish nothing.
+    #[arg(long)]
+    pub idle: bool,
+    /// How long idle connections are held before memory is read.
+    #[arg(long, default_value = "3s", value_parser = humantime_secs)]
+    pub hold: Duration,
+    /// Server pids whose resident memory is reported (summed).
+    #[arg(long, value_delimiter = ',')]
+    pub pids: Vec<u32>,
+    /// Source addresses for client sockets; past ~28k connections per
+    /// (source, node) pair the ephemeral ports run out, so large runs
+    /// spread over 127.0.0.2, 127.0.0.3, …. Default: as many 127.0.0.x as
+    /// needed.
+    #[arg(long, value_delimiter = ',')]
+    pub source_ips: Vec<IpAddr>,
+    /// Connections opened at once.
+    #[arg(long, default_value_t = 256)]
+    pub connect_concurrency: usize,
+    /// `Authorization: Bearer` key for publishing.
+    #[arg(long)]
+    pub publish_key: Option<String>,
+    /// Name of the system under test (e.g. fanout, pocketbase).
+    #[arg(long, default_value = "fanout")]
+    pub label: String,
+    /// Name of the scenario.
+    #[arg(long, default_value = "custom")]
+    pub scenario: String,
+    /// Stop waiting for deliveries after this long without progress.
+    #[arg(long, default_value = "10s", value_parser = humantime_secs)]
+    pub settle: Duration,
+    /// Give up on the publish phase after this long.
+    #[arg(long, default_value = "300s", value_parser = humantime_secs)]
+    pub max_duration: Duration,
+    /// Append the JSON result line to this file.
+    #[arg(long)]
+    pub json_out: Option<std::path::PathBuf>,
+    /// No progress bars.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+fn humantime_secs(s: &str) -> Result<Duration, String> {
+    let (num, unit) = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .map_or((s, "s"), |i| s.split_at(i));
+    let n: f64 = num.parse().map_err(|_| format!("bad duration {s:?}"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" | "" => n,
+        "m" => n * 60.0,
+        _ => return Err(format!("bad duration unit in {s:?}")),
+    };
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// One run's result, printed as a JSON line.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, Default)]
+pub struct Report {
+    pub scenario: String,
+    pub label: String,
+    pub nodes: usize,
+    pub clients: usize,
+    pub connected: usize,
+    pub connect_errors: usize,
+    pub slow_clients: usize,
+    pub topics: usize,
+    pub messages: usize,
+    pub publishers: usize,
+    pub payload_bytes: usize,
+    pub publish_errors: u64,
+    pub expected: u64,
+    pub received: u64,
+    pub missing: u64,
+    pub duplicated: u64,
+    pub out_of_order: u64,
+    pub misrouted: u64,
+    pub deliveries_per_sec: f64,
+    pub publish_secs: f64,
+    pub deliver_secs: f64,
+    pub connect_per_sec: f64,
+    pub latency_ms: Latency,
+    pub rss_kib: Rss,
+}
+
+#[derive(Debug, Clone, Serialize, serde::Deserialize, Default)]
+pub struct Latency {
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub p999: f64,
+    pub max: f64,
+}
+
+#[derive(Debug, Clone, Serialize, serde::Deserialize, Default)]
+pub struct Rss {
+    /// Before any client connected.
+    pub baseline: u64,
+    /// With every client connected and idle.
+    pub connected: u64,
+    /// Highest seen while publishing.
+    pub peak: u64,
+    /// (connected - baseline) / clients, in bytes.
+    pub per_connection_bytes: u64,
+}
+
+/// Resident memory of the given pids, in KiB.
+fn rss_kib(pids: &[u32]) -> u64 {
+    pids.iter()
+        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/status")).ok())
+        .filter_map(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .sum()
+}
+
+/// Delivery accounting shared by every reader.
+struct Stats {
+    received: AtomicU64,
+    duplicated: AtomicU64,
+    out_of_order: AtomicU64,
+    misrouted: AtomicU64,
+    /// Micros since start of the last delivery.
+    last_us: AtomicU64,
+    shards: Vec<Mutex<Histogram<u64>>>,
+}
+
+impl Stats {
+    fn new() -> Self {
+        Self {
+            received: AtomicU64::new(0),
+            duplicated: AtomicU64::new(0),
+            out_of_order: AtomicU64::new(0),
+            misrouted: AtomicU64::new(0),
+            last_us: AtomicU64::new(0),
+            shards: (0..64)
+                .map(|_| Mutex::new(Histogram::new_with_bounds(1, 600_000_000, 3).unwrap()))
+                .collect(),
+        }
+    }
+}
+
+fn bar(quiet: bool, len: u64, what: &str) -> ProgressBar {
+    if quiet {
+        return ProgressBar::hidden();
+    }
+    let b = ProgressBar::new(len);
+    b.set_style(
+        ProgressStyle::with_template("{prefix:>10} [{bar:40}] {pos}/{len} {per_sec} {msg}")
+            .unwrap()
+            .progress_chars("=> "),
+    );
+    b.set_prefix(what.to_owned());
+    b
+}
+
+fn source_ips(args: &RunArgs) -> Vec<IpAddr> {
+    if !args.source_ips.is_empty() {
+        return args.source_ips.clone();
+    }
+    // About 28k ephemeral ports per (source, destination) pair; stay well
+    // below with 20k per source address and node.
+    let per_source = 20_000 * args.nodes.len().max(1);
+    let n = args.clients.div_ceil(per_source).max(1);
+    (0..n)
+        .map(|i| IpAddr::from([127, 0, 0, 1 + i as u8]))
+        .collect()
+}
+
+fn topic_name(k: usize) -> String {
+    format!("bench{k}")
+}
+
+pub async fn run(args: RunArgs) -> anyhow::Result<Report> {
+    if args.nodes.is_empty() || args.topics == 0 || args.publishers == 0 {
+        bail!("need at least one node, topic and publisher");
+    }
+    let start = Instant::now();
+    let sources = source_ips(&args);
+    let http_for: Vec<reqwest::Client> = sources
+        .iter()
+        .map(|ip| {
+            reqwest::Client::builder()
+                .local_address(*ip)
+                .pool_max_idle_per_host(256)
+                .build()
+        })
+        .collect::<Result<_, _>>()?;
+    let baseline = rss_kib(&args.pids);
+    let stats = Arc::new(Stats::new());
+    let slow_every = if args.slow_percent > 0.0 {
+        (100.0 / args.slow_percent).round().max(1.0) as usize
+    } else {
+        0
+    };
+
+    // Connect and subscribe.
+    let connect_bar = bar(args.quiet, args.clients as u64, "connect");
+    let sem = Arc::new(Semaphore::new(args.connect_concurrency.max(1)));
+    let mut connecting = tokio::task::JoinSet::new();
+    let connect_started = Instant::now();
+    for i in 0..args.clients {
+        let permit = sem.clone().acquire_owned().await?;
+        let node = args.nodes[i % args.nodes.len()];
+        let sub_node = args.nodes[(i + 1) % args.nodes.len()];
+        let src_idx = i % sources.len();
+        let source = sources[src_idx];
+        let http = http_for[src_idx].clone();
+        let topic = i % args.topics;
+        let slow = slow_every > 0 && i % slow_every == 0;
+        let bar = connect_bar.clone();
+        connecting.spawn(async move {
+            let _permit = permit;
+            let stream = sse::open(node, Some(source), slow.then_some(4096)).await?;
+            let res = http
+                .post(format!("http://{sub_node}/api/realtime"))
+                .json(&serde_json::json!({
+                    "clientId": stream.client_id,
+                    "subscriptions": [topic_name(topic)],
+                }))
+                .send()
+                .await
+                .context("subscribe")?;
+            if !res.status().is_success() {
+                bail!("subscribe: {}", res.status());
+            }
+            bar.inc(1);
+            anyhow::Ok((stream, topic, slow))
+        });
+    }
+    let mut streams = Vec::with_capacity(args.clients);
+    let mut connect_errors = 0;
+    let mut first_error = None;
+    while let Some(r) = connecting.join_next().await {
+        match r? {
+            Ok(s) => streams.push(s),
+            Err(e) => {
+                connect_errors += 1;
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    let connect_secs = connect_started.elapsed().as_secs_f64();
+    connect_bar.finish_and_clear();
+    if let Some(e) = first_error {
+        eprintln!("{connect_errors} clients failed to connect; first error: {e:#}");
+    }
+    let connected = streams.len();
+
+    // Readers: every non-slow stream counts what it receives.
+    let mut subscribers = vec![0u64; args.topics];
+    let mut parked = Vec::new();
+    let mut slow_clients = 0;
+    for (stream, topic, slow) in streams {
+        if slow {
+            // Never read again: the server sees a stalled peer.
+            slow_clients += 1;
+            parked.push(stream);
+            continue;
+        }
+        subscribers[topic] += 1;
+        let stats = stats.clone();
+        let publishers = args.publishers;
+        tokio::spawn(async move {
+            let mut next = vec![0u64; publishers];
+            let shard = topic % stats.shards.len();
+            stream
+                .run(|data| {
+                    let now = start.elapsed().as_micros() as u64;
+                    let (Some(s), Some(t), Some(p), Some(k)) = (
+                        sse::json_u64(data, b"\"s\":"),
+                        sse::json_u64(data, b"\"t\":"),
+                        sse::json_u64(data, b"\"p\":"),
+                        sse::json_u64(data, b"\"k\":"),
+                    ) else {
+                        return;
+                    };
+                    if k as usize != topic {
+                        stats.misrouted.fetch_add(1, Ordering::Relaxed);
+                        return;
+                    }
+                    let Some(n) = next.get_mut(p as usize) else {
+                        stats.misrouted.fetch_add(1, Ordering::Relaxed);
+                        return;
+                    };
+                    if s < *n {
+                        stats.duplicated.fetch_add(1, Ordering::Relaxed);
+                        return;
+                    }
+                    if s > *n {
+                        stats.out_of_order.fetch_add(1, Ordering::Relaxed);
+                    }
+                    *n = s + 1;
+                    stats.received.fetch_add(1, Ordering::Relaxed);
+                    stats.last_us.fetch_max(now, Ordering::Relaxed);
+                    let _ = stats.shards[shard].lock().record(now.saturating_sub(t).max(1));
+                })
+                .await;
+        });
+    }
+
+    tokio::time::sleep(if args.idle { args.hold } else { Duration::from_secs(1) }).await;
+    let connected_rss = rss_kib(&args.pids);
+    let mut report = Report {
+        scenario: args.scenario.clone(),
+        label: args.label.clone(),
+        nodes: args.nodes.len(),
+        clients: args.clients,
+        connected,
+        connect_errors,
+        slow_clients,
+        topics: args.topics,
+        messages: if args.idle { 0 } else { args.messages },
+        publishers: args.publishers,
+        payload_bytes: args.payload_bytes,
+        connect_per_sec: connected as f64 / connect_secs.max(1e-9),
+        rss_kib: Rss {
+            baseline,
+            connected: connected_rss,
+            peak: connected_rss,
+            per_connection_bytes: (connected_rss.saturating_sub(baseline) * 1024)
+                / connected.max(1) as u64,
+        },
+        ..Default::default()
+    };
+    if args.idle {
+        drop(parked);
+        return Ok(report);
+    }
+
+    // Publish.
+    let expected: u64 = (0..args.messages).map(|j| subscribers[j % args.topics]).sum();
+    let deliver_bar = bar(args.quiet, expected, "deliver");
+    let peak = Arc::new(AtomicU64::new(connected_rss));
+    let sampler = {
+        let (pids, peak) = (args.pids.clone(), peak.clone());
+        tokio::spawn(async move {
+            loop {
+                peak.fetch_max(rss_kib(&pids), Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    let publish_errors = Arc::new(AtomicU64::new(0));
+    let pad = "x".repeat(args.payload_bytes);
+    let publish_started = Instant::now();
+    let publish_started_us = start.elapsed().as_micros() as u64;
+    let mut publishers = tokio::task::JoinSet::new();
+    for p in 0..args.publishers {
+        let node = args.nodes[p % args.nodes.len()];
+        let http = http_for[0].clone();
+        let key = args.publish_key.clone();
+        let errors = publish_errors.clone();
+        let pad = pad.clone();
+        let (messages, topics, publishers_n, rate) =
+            (args.messages, args.topics, args.publishers, args.rate);
+        publishers.spawn(async move {
+            let mut seq = vec![0u64; topics];
+            let mut tick = (rate > 0.0).then(|| {
+                let mut t = tokio::time::interval(Duration::from_secs_f64(
+                    publishers_n as f64 / rate,
+                ));
+                t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+                t
+            });
+            for j in (p..messages).step_by(publishers_n) {
+                if let Some(t) = tick.as_mut() {
+                    t.tick().await;
+                }
+                let k = j % topics;
+                let s = seq[k];
+                seq[k] += 1;
+                let t_us = start.elapsed().as_micros();
+                let body = format!(
+                    r#"{{"topic":"{}","data":{{"s":{s},"t":{t_us},"p":{p},"k":{k},"x":"{pad}"}}}}"#,
+                    topic_name(k)
+                );
+                let mut req = http
+                    .post(format!("http://{node}/api/publish"))
+                    .header("content-type", "application/json")
+                    .body(body);
+                if let Some(key) = &key {
+                    req = req.bearer_auth(key);
+                }
+                match req.send().await {
+                    Ok(r) if r.status().is_success() => {}
+                    _ => {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        });
+    }
+    let deadline = publish_started + args.max_duration;
+    let mut publish_secs = None;
+    let mut last_progress = (0, Instant::now());
+    loop {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        while let Some(r) = publishers.try_join_next() {
+            r?;
+        }
+        if publish_secs.is_none() && publishers.is_empty() {
+            publish_secs = Some(publish_started.elapsed().as_secs_f64());
+        }
+        let got = stats.received.load(Ordering::Relaxed);
+        deliver_bar.set_position(got);
+        if got != last_progress.0 {
+            last_progress = (got, Instant::now());
+        }
+        if publishers.is_empty()
+            && (got >= expected || last_progress.1.elapsed() > args.settle)
+        {
+            break;
+        }
+        if Instant::now() > deadline {
+            eprintln!("max duration reached; reporting what arrived");
+            publishers.abort_all();
+            break;
+        }
+    }
+    deliver_bar.finish_and_clear();
+    sampler.abort();
+    drop(parked);
+
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
+    for s in &stats.shards {
+        hist.add(&*s.lock())?;
+    }
+    let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
+    let received = stats.received.load(Ordering::Relaxed);
+    let deliver_secs = (stats.last_us.load(Ordering::Relaxed).saturating_sub(publish_started_us))
+        as f64
+        / 1e6;
+    report.publish_errors = publish_errors.load(Ordering::Relaxed);
+    report.expected = expected;
+    report.received = received;
+    report.missing = expected.saturating_sub(received);
+    report.duplicated = stats.duplicated.load(Ordering::Relaxed);
+    report.out_of_order = stats.out_of_order.load(Ordering::Relaxed);
+    report.misrouted = stats.misrouted.load(Ordering::Relaxed);
+    report.deliveries_per_sec = received as f64 / deliver_secs.max(1e-9);
+    report.publish_secs = publish_secs.unwrap_or(args.max_duration.as_secs_f64());
+    report.deliver_secs = deliver_secs;
+    report.latency_ms = Latency {
+        p50: ms(0.5),
+        p90: ms(0.9),
+        p99: ms(0.99),
+        p999: ms(0.999),
+        max: hist.max() as f64 / 1000.0,
+    };
+    report.rss_kib.peak = peak.load(Ordering::Relaxed);
+    Ok(report)
+}
+
+/// A human summary of a report.
+pub fn summary(r: &Report) -> String {
+    let mut s = format!(
+        "{} / {}: {} clients ({} connected, {} slow) on {} node(s), {} topics\n  connect: {:.0}/s\n  memory: baseline {} KiB, connected {} KiB ({} B/conn), peak {} KiB\n",
+        r.label,
+        r.scenario,
+        r.clients,
+        r.connected,
+        r.slow_clients,
+        r.nodes,
+        r.topics,
+        r.connect_per_sec,
+        r.rss_kib.baseline,
+        r.rss_kib.connected,
+        r.rss_kib.per_connection_bytes,
+        r.rss_kib.peak
+    );
+    if r.messages > 0 {
+        s += &format!(
+            "  published {} messages in {:.2}s ({} errors)\n  deliveries: {}/{} (missing {}, duplicated {}, out of order {}, misrouted {})\n  throughput: {:.0} deliveries/s\n  latency ms: p50 {:.2}  p90 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}\n",
+            r.messages,
+            r.publish_secs,
+            r.publish_errors,
+            r.received,
+            r.expected,
+            r.missing,
+            r.duplicated,
+            r.out_of_order,
+            r.misrouted,
+            r.deliveries_per_sec,
+            r.latency_ms.p50,
+            r.latency_ms.p90,
+            r.latency_ms.p99,
+            r.latency_ms.p999,
+            r.latency_ms.max
+        );
+    }
+    s
+}
