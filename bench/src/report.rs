@@ -51,7 +51,9 @@ fn machine() -> String {
                 .find_map(|l| l.strip_prefix("MemTotal:"))
                 .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         })
-        .map_or_else(String::new, |kb| format!(", {:.0} GiB RAM", kb as f64 / 1048576.0));
+        .map_or_else(String::new, |kb| {
+            format!(", {:.0} GiB RAM", kb as f64 / 1048576.0)
+        });
     format!("{cores} cores ({cpu}){mem}, Linux")
 }
 
@@ -90,10 +92,13 @@ pub fn report(args: ReportArgs) -> anyhow::Result<()> {
         machine()
     )?;
     writeln!(md, "Produced by:\n\n```sh\n{}\n```\n", args.command)?;
-    writeln!(md, "![throughput, latency and memory]({})\n", args
-        .chart
-        .file_name()
-        .map_or_else(String::new, |n| n.to_string_lossy().into_owned()))?;
+    writeln!(
+        md,
+        "![throughput, latency and memory]({})\n",
+        args.chart
+            .file_name()
+            .map_or_else(String::new, |n| n.to_string_lossy().into_owned())
+    )?;
     writeln!(md, "| scenario | metric | {b} | {c} | {c} vs {b} |")?;
     writeln!(md, "|---|---|---:|---:|---:|")?;
     for scenario in &order {
@@ -120,7 +125,12 @@ pub fn report(args: ReportArgs) -> anyhow::Result<()> {
                 ("latency p99 (ms)", rb.latency_ms.p99, rc.latency_ms.p99),
                 ("latency max (ms)", rb.latency_ms.max, rc.latency_ms.max),
             ] {
-                row(name, format!("{vb:.1}"), format!("{vc:.1}"), ratio(vb, vc) + " lower");
+                row(
+                    name,
+                    format!("{vb:.1}"),
+                    format!("{vc:.1}"),
+                    ratio(vb, vc) + " lower",
+                );
             }
             row(
                 "delivered / expected",

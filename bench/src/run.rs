@@ -129,6 +129,34 @@ pub struct Report {
     pub connect_per_sec: f64,
     pub latency_ms: Latency,
     pub rss_kib: Rss,
+    /// CPU seconds used while publishing and delivering: by the servers
+    /// (the given pids) and by this load generator. A generator well below
+    /// one core while the server is at one is not the bottleneck.
+    pub cpu_secs: Cpu,
+}
+
+#[derive(Debug, Clone, Serialize, serde::Deserialize, Default)]
+pub struct Cpu {
+    pub server: f64,
+    pub bench: f64,
+}
+
+/// user + system CPU seconds of a process (`self` for this one).
+fn cpu_secs(pid: &str) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            // Fields after the command name, which may contain spaces.
+            let rest = s.rsplit_once(')')?.1;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+            Some(ticks / 100.0)
+        })
+        .unwrap_or(0.0)
+}
+
+fn servers_cpu(pids: &[u32]) -> f64 {
+    pids.iter().map(|p| cpu_secs(&p.to_string())).sum()
 }
 
 #[derive(Debug, Clone, Serialize, serde::Deserialize, Default)]
@@ -244,28 +272,43 @@ pub async fn run(args: RunArgs) -> anyhow::Result<Report> {
         0
     };
 
-    // Connect and subscribe.
+    // Connect and subscribe. Each client's reader is set up before it
+    // connects; it counts what it receives from the start.
     let connect_bar = bar(args.quiet, args.clients as u64, "connect");
     let sem = Arc::new(Semaphore::new(args.connect_concurrency.max(1)));
     let mut connecting = tokio::task::JoinSet::new();
     let connect_started = Instant::now();
+    let mut subscribers = vec![0u64; args.topics];
+    let mut slow_clients = 0;
     for i in 0..args.clients {
         let permit = sem.clone().acquire_owned().await?;
         let node = args.nodes[i % args.nodes.len()];
         let sub_node = args.nodes[(i + 1) % args.nodes.len()];
         let src_idx = i % sources.len();
-        let source = sources[src_idx];
         let http = http_for[src_idx].clone();
         let topic = i % args.topics;
         let slow = slow_every > 0 && i % slow_every == 0;
+        let (ready, id) = tokio::sync::oneshot::channel();
+        sse::spawn(
+            node,
+            Some(sources[src_idx]),
+            slow.then_some(4096),
+            if slow {
+                sse::Mode::Stall
+            } else {
+                sse::Mode::Read
+            },
+            ready,
+            reader(stats.clone(), topic, args.publishers, start),
+        );
         let bar = connect_bar.clone();
         connecting.spawn(async move {
             let _permit = permit;
-            let stream = sse::open(node, Some(source), slow.then_some(4096)).await?;
+            let client_id = id.await.context("client task ended")??;
             let res = http
                 .post(format!("http://{sub_node}/api/realtime"))
                 .json(&serde_json::json!({
-                    "clientId": stream.client_id,
+                    "clientId": client_id,
                     "subscriptions": [topic_name(topic)],
                 }))
                 .send()
@@ -275,15 +318,22 @@ pub async fn run(args: RunArgs) -> anyhow::Result<Report> {
                 bail!("subscribe: {}", res.status());
             }
             bar.inc(1);
-            anyhow::Ok((stream, topic, slow))
+            anyhow::Ok((topic, slow))
         });
     }
-    let mut streams = Vec::with_capacity(args.clients);
+    let mut connected = 0;
     let mut connect_errors = 0;
     let mut first_error = None;
     while let Some(r) = connecting.join_next().await {
         match r? {
-            Ok(s) => streams.push(s),
+            Ok((topic, slow)) => {
+                connected += 1;
+                if slow {
+                    slow_clients += 1;
+                } else {
+                    subscribers[topic] += 1;
+                }
+            }
             Err(e) => {
                 connect_errors += 1;
                 first_error.get_or_insert(e);
@@ -295,61 +345,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<Report> {
     if let Some(e) = first_error {
         eprintln!("{connect_errors} clients failed to connect; first error: {e:#}");
     }
-    let connected = streams.len();
 
-    // Readers: every non-slow stream counts what it receives.
-    let mut subscribers = vec![0u64; args.topics];
-    let mut parked = Vec::new();
-    let mut slow_clients = 0;
-    for (stream, topic, slow) in streams {
-        if slow {
-            // Never read again: the server sees a stalled peer.
-            slow_clients += 1;
-            parked.push(stream);
-            continue;
-        }
-        subscribers[topic] += 1;
-        let stats = stats.clone();
-        let publishers = args.publishers;
-        tokio::spawn(async move {
-            let mut next = vec![0u64; publishers];
-            let shard = topic % stats.shards.len();
-            stream
-                .run(|data| {
-                    let now = start.elapsed().as_micros() as u64;
-                    let (Some(s), Some(t), Some(p), Some(k)) = (
-                        sse::json_u64(data, b"\"s\":"),
-                        sse::json_u64(data, b"\"t\":"),
-                        sse::json_u64(data, b"\"p\":"),
-                        sse::json_u64(data, b"\"k\":"),
-                    ) else {
-                        return;
-                    };
-                    if k as usize != topic {
-                        stats.misrouted.fetch_add(1, Ordering::Relaxed);
-                        return;
-                    }
-                    let Some(n) = next.get_mut(p as usize) else {
-                        stats.misrouted.fetch_add(1, Ordering::Relaxed);
-                        return;
-                    };
-                    if s < *n {
-                        stats.duplicated.fetch_add(1, Ordering::Relaxed);
-                        return;
-                    }
-                    if s > *n {
-                        stats.out_of_order.fetch_add(1, Ordering::Relaxed);
-                    }
-                    *n = s + 1;
-                    stats.received.fetch_add(1, Ordering::Relaxed);
-                    stats.last_us.fetch_max(now, Ordering::Relaxed);
-                    let _ = stats.shards[shard].lock().record(now.saturating_sub(t).max(1));
-                })
-                .await;
-        });
-    }
-
-    tokio::time::sleep(if args.idle { args.hold } else { Duration::from_secs(1) }).await;
+    tokio::time::sleep(if args.idle {
+        args.hold
+    } else {
+        Duration::from_secs(1)
+    })
+    .await;
     let connected_rss = rss_kib(&args.pids);
     let mut report = Report {
         scenario: args.scenario.clone(),
@@ -374,12 +376,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<Report> {
         ..Default::default()
     };
     if args.idle {
-        drop(parked);
         return Ok(report);
     }
 
     // Publish.
-    let expected: u64 = (0..args.messages).map(|j| subscribers[j % args.topics]).sum();
+    let expected: u64 = (0..args.messages)
+        .map(|j| subscribers[j % args.topics])
+        .sum();
     let deliver_bar = bar(args.quiet, expected, "deliver");
     let peak = Arc::new(AtomicU64::new(connected_rss));
     let sampler = {
@@ -393,6 +396,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<Report> {
     };
     let publish_errors = Arc::new(AtomicU64::new(0));
     let pad = "x".repeat(args.payload_bytes);
+    let cpu_before = (servers_cpu(&args.pids), cpu_secs("self"));
     let publish_started = Instant::now();
     let publish_started_us = start.elapsed().as_micros() as u64;
     let mut publishers = tokio::task::JoinSet::new();
@@ -407,9 +411,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<Report> {
         publishers.spawn(async move {
             let mut seq = vec![0u64; topics];
             let mut tick = (rate > 0.0).then(|| {
-                let mut t = tokio::time::interval(Duration::from_secs_f64(
-                    publishers_n as f64 / rate,
-                ));
+                let mut t =
+                    tokio::time::interval(Duration::from_secs_f64(publishers_n as f64 / rate));
                 t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
                 t
             });
@@ -457,9 +460,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<Report> {
         if got != last_progress.0 {
             last_progress = (got, Instant::now());
         }
-        if publishers.is_empty()
-            && (got >= expected || last_progress.1.elapsed() > args.settle)
-        {
+        if publishers.is_empty() && (got >= expected || last_progress.1.elapsed() > args.settle) {
             break;
         }
         if Instant::now() > deadline {
@@ -470,7 +471,6 @@ pub async fn run(args: RunArgs) -> anyhow::Result<Report> {
     }
     deliver_bar.finish_and_clear();
     sampler.abort();
-    drop(parked);
 
     let mut hist = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
     for s in &stats.shards {
@@ -478,8 +478,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<Report> {
     }
     let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
     let received = stats.received.load(Ordering::Relaxed);
-    let deliver_secs = (stats.last_us.load(Ordering::Relaxed).saturating_sub(publish_started_us))
-        as f64
+    let deliver_secs = (stats
+        .last_us
+        .load(Ordering::Relaxed)
+        .saturating_sub(publish_started_us)) as f64
         / 1e6;
     report.publish_errors = publish_errors.load(Ordering::Relaxed);
     report.expected = expected;
@@ -499,7 +501,54 @@ pub async fn run(args: RunArgs) -> anyhow::Result<Report> {
         max: hist.max() as f64 / 1000.0,
     };
     report.rss_kib.peak = peak.load(Ordering::Relaxed);
+    report.cpu_secs = Cpu {
+        server: servers_cpu(&args.pids) - cpu_before.0,
+        bench: cpu_secs("self") - cpu_before.1,
+    };
     Ok(report)
+}
+
+/// The per-client delivery check: order per publisher, topic, latency.
+fn reader(
+    stats: Arc<Stats>,
+    topic: usize,
+    publishers: usize,
+    start: Instant,
+) -> impl FnMut(&[u8]) + Send + 'static {
+    let mut next = vec![0u64; publishers];
+    let shard = topic % stats.shards.len();
+    move |data| {
+        let now = start.elapsed().as_micros() as u64;
+        let (Some(s), Some(t), Some(p), Some(k)) = (
+            sse::json_u64(data, b"\"s\":"),
+            sse::json_u64(data, b"\"t\":"),
+            sse::json_u64(data, b"\"p\":"),
+            sse::json_u64(data, b"\"k\":"),
+        ) else {
+            return;
+        };
+        if k as usize != topic {
+            stats.misrouted.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let Some(n) = next.get_mut(p as usize) else {
+            stats.misrouted.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        if s < *n {
+            stats.duplicated.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        if s > *n {
+            stats.out_of_order.fetch_add(1, Ordering::Relaxed);
+        }
+        *n = s + 1;
+        stats.received.fetch_add(1, Ordering::Relaxed);
+        stats.last_us.fetch_max(now, Ordering::Relaxed);
+        let _ = stats.shards[shard]
+            .lock()
+            .record(now.saturating_sub(t).max(1));
+    }
 }
 
 /// A human summary of a report.
@@ -521,7 +570,7 @@ pub fn summary(r: &Report) -> String {
     );
     if r.messages > 0 {
         s += &format!(
-            "  published {} messages in {:.2}s ({} errors)\n  deliveries: {}/{} (missing {}, duplicated {}, out of order {}, misrouted {})\n  throughput: {:.0} deliveries/s\n  latency ms: p50 {:.2}  p90 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}\n",
+            "  published {} messages in {:.2}s ({} errors)\n  deliveries: {}/{} (missing {}, duplicated {}, out of order {}, misrouted {})\n  throughput: {:.0} deliveries/s\n  latency ms: p50 {:.2}  p90 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}\n  cpu seconds: server {:.2}, load generator {:.2}\n",
             r.messages,
             r.publish_secs,
             r.publish_errors,
@@ -536,7 +585,9 @@ pub fn summary(r: &Report) -> String {
             r.latency_ms.p90,
             r.latency_ms.p99,
             r.latency_ms.p999,
-            r.latency_ms.max
+            r.latency_ms.max,
+            r.cpu_secs.server,
+            r.cpu_secs.bench
         );
     }
     s

@@ -11,20 +11,92 @@ use hyper::{Request, body::Incoming, header};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpSocket;
 
-/// An open stream whose `PB_CONNECT` has been read.
-pub struct Stream {
-    pub client_id: String,
-    body: Incoming,
-    scanner: Scanner,
+/// How a client behaves once connected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Read every event.
+    Read,
+    /// Never read after PB_CONNECT: a stalled consumer.
+    Stall,
 }
 
-/// Open `GET /api/realtime` on `node` from `source` and read `PB_CONNECT`.
-/// `recv_buffer` shrinks the socket's receive buffer (slow consumers).
-pub async fn open(
+/// Open `GET /api/realtime` on `node` from `source` and run the client in
+/// one task: the connection and the body reader are polled together, so an
+/// arriving event costs one task wake-up, not two. `ready` receives the
+/// client id (from PB_CONNECT's `id:` line); after that, `on_data` gets the
+/// payload of every `data:` line until the stream ends. `recv_buffer`
+/// shrinks the socket's receive buffer.
+pub fn spawn(
     node: SocketAddr,
     source: Option<IpAddr>,
     recv_buffer: Option<u32>,
-) -> anyhow::Result<Stream> {
+    mode: Mode,
+    ready: tokio::sync::oneshot::Sender<anyhow::Result<String>>,
+    mut on_data: impl FnMut(&[u8]) + Send + 'static,
+) {
+    tokio::spawn(async move {
+        let io = match connect(node, source, recv_buffer).await {
+            Ok(io) => io,
+            Err(e) => {
+                let _ = ready.send(Err(e));
+                return;
+            }
+        };
+        let (mut sender, conn) = match hyper::client::conn::http1::handshake(io).await {
+            Ok(x) => x,
+            Err(e) => {
+                let _ = ready.send(Err(e.into()));
+                return;
+            }
+        };
+        let client = async move {
+            let mut body = match request(&mut sender, node).await {
+                Ok(b) => b,
+                Err(e) => {
+                    let _ = ready.send(Err(e));
+                    return;
+                }
+            };
+            let mut scanner = Scanner::default();
+            let mut id = None;
+            while id.is_none() {
+                let Some(chunk) = next_chunk(&mut body).await else {
+                    let _ = ready.send(Err(anyhow::anyhow!("stream ended before PB_CONNECT")));
+                    return;
+                };
+                scanner.feed(&chunk, |line| {
+                    if let Some(v) = line.strip_prefix(b"id:") {
+                        id.get_or_insert_with(|| String::from_utf8_lossy(v).trim().to_owned());
+                    }
+                });
+            }
+            let _ = ready.send(Ok(id.unwrap_or_default()));
+            if mode == Mode::Stall {
+                // Hold the body unread: hyper stops reading the socket.
+                std::future::pending::<()>().await;
+            }
+            while let Some(chunk) = next_chunk(&mut body).await {
+                scanner.feed(&chunk, |line| {
+                    if let Some(d) = line.strip_prefix(b"data:") {
+                        on_data(d);
+                    }
+                });
+            }
+        };
+        // The connection ends when the client future is dropped, and vice
+        // versa.
+        tokio::select! {
+            _ = conn => {}
+            _ = client => {}
+        }
+    });
+}
+
+async fn connect(
+    node: SocketAddr,
+    source: Option<IpAddr>,
+    recv_buffer: Option<u32>,
+) -> anyhow::Result<TokioIo<tokio::net::TcpStream>> {
     let socket = if node.is_ipv4() {
         TcpSocket::new_v4()?
     } else {
@@ -40,8 +112,13 @@ pub async fn open(
     }
     let tcp = socket.connect(node).await.context("connect")?;
     tcp.set_nodelay(true)?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
-    tokio::spawn(conn);
+    Ok(TokioIo::new(tcp))
+}
+
+async fn request(
+    sender: &mut hyper::client::conn::http1::SendRequest<Empty<Bytes>>,
+    node: SocketAddr,
+) -> anyhow::Result<Incoming> {
     let req = Request::get("/api/realtime")
         .header(header::HOST, node.to_string())
         .header(header::ACCEPT, "text/event-stream")
@@ -50,49 +127,18 @@ pub async fn open(
     if !res.status().is_success() {
         bail!("GET /api/realtime: {}", res.status());
     }
-    let mut stream = Stream {
-        client_id: String::new(),
-        body: res.into_body(),
-        scanner: Scanner::default(),
-    };
-    let mut id = None;
-    while id.is_none() {
-        let Some(chunk) = stream.next_chunk().await else {
-            bail!("stream ended before PB_CONNECT");
-        };
-        stream.scanner.feed(&chunk, |line| {
-            if let Some(v) = line.strip_prefix(b"id:") {
-                id.get_or_insert_with(|| String::from_utf8_lossy(v).trim().to_owned());
-            }
-        });
-    }
-    stream.client_id = id.unwrap_or_default();
-    Ok(stream)
+    Ok(res.into_body())
 }
 
-impl Stream {
-    async fn next_chunk(&mut self) -> Option<Bytes> {
-        loop {
-            match self.body.frame().await {
-                Some(Ok(frame)) => {
-                    if let Ok(data) = frame.into_data() {
-                        return Some(data);
-                    }
+async fn next_chunk(body: &mut Incoming) -> Option<Bytes> {
+    loop {
+        match body.frame().await {
+            Some(Ok(frame)) => {
+                if let Ok(data) = frame.into_data() {
+                    return Some(data);
                 }
-                _ => return None,
             }
-        }
-    }
-
-    /// Read until the stream ends, calling `on_data` with the payload of
-    /// every `data:` line.
-    pub async fn run(mut self, mut on_data: impl FnMut(&[u8])) {
-        while let Some(chunk) = self.next_chunk().await {
-            self.scanner.feed(&chunk, |line| {
-                if let Some(d) = line.strip_prefix(b"data:") {
-                    on_data(d);
-                }
-            });
+            _ => return None,
         }
     }
 }
@@ -153,7 +199,9 @@ mod tests {
         let mut s = Scanner::default();
         let mut lines = Vec::new();
         for chunk in [&b"id:x\nda"[..], b"ta:{\"s\":1", b"2}\r\n\n"] {
-            s.feed(chunk, |l| lines.push(String::from_utf8(l.to_vec()).unwrap()));
+            s.feed(chunk, |l| {
+                lines.push(String::from_utf8(l.to_vec()).unwrap())
+            });
         }
         assert_eq!(lines, ["id:x", "data:{\"s\":12}", ""]);
     }

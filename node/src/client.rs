@@ -17,9 +17,9 @@ use std::{
 };
 
 use bytes::{Bytes, BytesMut};
+use futures_util::task::AtomicWaker;
 use parking_lot::Mutex;
 use serde::Serialize;
-use tokio::sync::Notify;
 
 use crate::{
     auth::AuthRecord,
@@ -101,6 +101,8 @@ pub enum CloseReason {
     Slow,
     /// Discarded through the library API or unregistered.
     Discarded,
+    /// The server is shutting down.
+    Shutdown,
 }
 
 /// What the stream finds when it looks at the queue.
@@ -153,7 +155,8 @@ pub struct Client {
     connected_at: SystemTime,
     capacity: usize,
     queue: Mutex<Queue>,
-    notify: Notify,
+    /// The stream's waker: woken when the queue becomes non-empty or closes.
+    waker: AtomicWaker,
     pub(crate) state: Mutex<ClientState>,
 }
 
@@ -179,7 +182,7 @@ impl Client {
                 frames: VecDeque::new(),
                 closed: None,
             }),
-            notify: Notify::new(),
+            waker: AtomicWaker::new(),
             state: Mutex::new(ClientState {
                 registered: true,
                 ..Default::default()
@@ -269,17 +272,17 @@ impl Client {
             q.closed = Some(CloseReason::Slow);
             q.frames = VecDeque::new();
             drop(q);
-            self.notify.notify_one();
+            self.waker.wake();
             return Err(SendError::Full);
         }
         q.frames.push_back(frame);
         let first = q.frames.len() == 1;
         drop(q);
         // The stream drains everything it finds, so only the push that makes
-        // the queue non-empty needs to wake it; a stored permit covers the
-        // window between its empty check and its wait.
+        // the queue non-empty needs to wake it. The stream registers its
+        // waker before it looks at the queue, so this wake cannot be lost.
         if first {
-            self.notify.notify_one();
+            self.waker.wake();
         }
         Ok(())
     }
@@ -296,7 +299,7 @@ impl Client {
             q.frames = VecDeque::new();
         }
         drop(q);
-        self.notify.notify_one();
+        self.waker.wake();
     }
 
     pub fn is_discarded(&self) -> bool {
@@ -346,10 +349,9 @@ impl Client {
         }
     }
 
-    /// Resolves after a push or close that may have made [`Client::take`]
-    /// return something new.
-    pub(crate) async fn changed(&self) {
-        self.notify.notified().await;
+    /// Register the stream's waker; call before [`Client::take`].
+    pub(crate) fn register(&self, waker: &std::task::Waker) {
+        self.waker.register(waker);
     }
 }
 

@@ -36,10 +36,15 @@ pub struct Config {
     #[arg(long, env = "FANOUT_TRUSTED_PROXIES", value_delimiter = ',', value_parser = parse_net)]
     pub trusted_proxies: Vec<IpNet>,
 
-    /// Recipients per fan-out task; larger sets are split and pushed in
-    /// parallel.
+    /// Pushes a fan-out worker makes before yielding to the scheduler, so a
+    /// large broadcast is handed to the writers in chunks.
     #[arg(long, env = "FANOUT_CHUNK_SIZE", default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..))]
     pub chunk_size: u32,
+
+    /// Fan-out workers pushing to client queues in parallel (each client
+    /// belongs to one); 0 means one per core.
+    #[arg(long, env = "FANOUT_FANOUT_WORKERS", default_value_t = 0)]
+    pub fanout_workers: usize,
 
     /// Events a client may have waiting before it is disconnected as slow.
     #[arg(long, env = "FANOUT_CLIENT_QUEUE", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]

@@ -130,15 +130,19 @@ async fn realtime_connect(
     }
     let ip = s.real_ip.resolve(peer.ip(), &headers);
     let client = s.broker.connect(ip);
+    if s.shutdown.is_cancelled() {
+        // Shutdown began after the check above and may have closed every
+        // stream already: do not open one it would wait for.
+        client.close(crate::client::CloseReason::Shutdown);
+    }
     tracing::debug!(client = client.id(), %ip, "stream opened");
-    let body = sse::stream(
+    let body = sse::ClientStream::new(
         s.broker.clone(),
         client,
         sse::Timeouts {
             idle: s.config.idle_timeout,
             max_lifetime: s.config.max_lifetime,
         },
-        s.shutdown.child_token(),
     );
     let mut res = Body::from_stream(body).into_response();
     let h = res.headers_mut();

@@ -17,10 +17,21 @@
 //! ## Fan-out
 //! The SSE frame `event:<key>\ndata:<json>\n\n` is encoded once per key and
 //! shared by refcount; each stream adds its own `id:` line when it writes.
-//! Recipient sets larger than the chunk size are split into chunks pushed in
-//! parallel tasks, and the dispatch waits for all of them before the next
-//! message starts, which is what keeps per-client order. Pushing never waits
-//! on a client: a full queue disconnects that client.
+//! Pushing is done by a fixed set of fan-out workers (one per core by
+//! default). Every client belongs to one worker (`seq % workers`), and each
+//! snapshot is partitioned the same way, so a large recipient set is split
+//! across the workers and pushed in parallel. Each worker takes messages
+//! from its own FIFO queue, in dispatch order, so every client receives
+//! messages in the order they were dispatched, with no barrier between
+//! messages. A worker yields to the scheduler after every `chunk_size`
+//! pushes, so a huge broadcast does not keep the writers of already-served
+//! clients waiting. Pushing never waits on a client: a full queue
+//! disconnects that client.
+//!
+//! Dispatch itself never awaits: the relay's receive loop hands a burst of
+//! messages to the workers back to back, and the workers push each client
+//! several events before its writer runs, so a burst costs each client one
+//! write instead of one per event.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -34,7 +45,7 @@ use std::{
 
 use bytes::Bytes;
 use parking_lot::RwLock;
-use tokio::task::JoinSet;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::{
     auth::AuthRecord,
@@ -48,8 +59,10 @@ use crate::{
 pub struct HubConfig {
     /// This node's tag, the first characters of every client id it makes.
     pub node_tag: String,
-    /// Recipients handled by one fan-out task.
+    /// Pushes a fan-out worker makes before it yields to the scheduler.
     pub chunk_size: usize,
+    /// Fan-out workers; 0 means one per core.
+    pub workers: usize,
     /// Events a client may have queued before it is disconnected as slow.
     pub queue_capacity: usize,
 }
@@ -60,6 +73,7 @@ impl Default for HubConfig {
             node_tag: protocol::random_alphanumeric(protocol::NODE_TAG_LEN),
             chunk_size: 512,
             queue_capacity: 1024,
+            workers: 0,
         }
     }
 }
@@ -75,7 +89,17 @@ pub enum Audience {
     User(String),
 }
 
-type Snapshot = Arc<[Arc<Client>]>;
+/// Subscribers of one key, partitioned by fan-out worker
+/// (`partition[w]` holds the clients with `seq % workers == w`).
+type Snapshot = Arc<[Vec<Arc<Client>>]>;
+
+fn partition<'a>(clients: impl Iterator<Item = &'a Arc<Client>>, workers: usize) -> Snapshot {
+    let mut parts = vec![Vec::new(); workers];
+    for c in clients {
+        parts[(c.seq % workers as u64) as usize].push(c.clone());
+    }
+    parts.into()
+}
 
 #[derive(Default)]
 struct Subscribers {
@@ -84,9 +108,9 @@ struct Subscribers {
 }
 
 impl Subscribers {
-    fn snapshot(&self) -> Snapshot {
+    fn snapshot(&self, workers: usize) -> Snapshot {
         self.snapshot
-            .get_or_init(|| self.members.values().cloned().collect())
+            .get_or_init(|| partition(self.members.values(), workers))
             .clone()
     }
 
@@ -164,8 +188,20 @@ impl TopicChanges {
     }
 }
 
+/// Work for one fan-out worker.
+enum Work {
+    /// Frames and the subscribers to push them to (this worker's partition).
+    Push(Arc<Vec<(Bytes, Snapshot)>>),
+    /// Answer once everything queued before it is pushed.
+    Barrier(oneshot::Sender<()>),
+}
+
 struct HubInner {
     config: HubConfig,
+    /// Number of fan-out workers (resolved from the config).
+    worker_count: usize,
+    /// Started on first dispatch, inside the runtime.
+    workers: OnceLock<Vec<mpsc::UnboundedSender<Work>>>,
     ids: ClientIdGen,
     next_seq: AtomicU64,
     clients: RwLock<HashMap<Arc<str>, Arc<Client>>>,
@@ -192,8 +228,14 @@ impl std::fmt::Debug for Hub {
 
 impl Hub {
     pub fn new(config: HubConfig) -> Self {
+        let worker_count = match config.workers {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
         Self {
             inner: Arc::new(HubInner {
+                worker_count,
+                workers: OnceLock::new(),
                 ids: ClientIdGen::new(&config.node_tag),
                 config,
                 next_seq: AtomicU64::new(1),
@@ -257,6 +299,14 @@ impl Hub {
             .subscriptions
             .fetch_sub(keys.len(), Ordering::Relaxed);
         changes
+    }
+
+    /// Close every stream (server shutdown). Clients stay registered until
+    /// their streams end.
+    pub fn close_all(&self, reason: CloseReason) {
+        for client in self.inner.clients.read().values() {
+            client.close(reason);
+        }
     }
 
     /// A copy of the registry (PocketBase's `Clients()`).
@@ -452,49 +502,71 @@ impl Hub {
 
     /// Fan a message for `topic` out to the matching local subscribers in
     /// `audience`, one event per matching key, named after that key.
-    /// Returns the number of events queued.
+    /// Returns the number of events handed to the fan-out workers.
     ///
-    /// `data` must be one line of JSON. Callers dispatch messages one at a
-    /// time (the relay's receive loop): this is what keeps per-client order.
-    pub async fn dispatch(&self, topic: &str, data: &[u8], audience: &Audience) -> usize {
-        let started = Instant::now();
+    /// `data` must be one line of JSON. Never waits: the workers push. Every
+    /// client receives what is dispatched in dispatch order, so callers
+    /// dispatch from one task (the relay's receive loop).
+    pub fn dispatch(&self, topic: &str, data: &[u8], audience: &Audience) -> usize {
         let targets = self.targets(topic, audience);
-        let total: usize = targets.iter().map(|(_, s)| s.len()).sum();
+        let total: usize = targets
+            .iter()
+            .map(|(_, s)| s.iter().map(Vec::len).sum::<usize>())
+            .sum();
+        metrics::counter!(m::DISPATCHED).increment(1);
         if total == 0 {
             return 0;
         }
-        let chunk = self.inner.config.chunk_size.max(1);
-        let mut frames = Vec::with_capacity(targets.len());
-        for (key, subs) in targets {
-            frames.push((protocol::event_frame(&key, data), subs));
-        }
-        let mut slow = Vec::new();
-        if total <= chunk {
-            for (frame, subs) in &frames {
-                push_all(frame, subs, &mut slow);
-            }
-        } else {
-            let mut tasks = JoinSet::new();
-            for (frame, subs) in &frames {
-                for start in (0..subs.len()).step_by(chunk) {
-                    let (frame, subs) = (frame.clone(), subs.clone());
-                    tasks.spawn(async move {
-                        let mut slow = Vec::new();
-                        let end = (start + chunk).min(subs.len());
-                        push_all(&frame, &subs[start..end], &mut slow);
-                        slow
-                    });
-                }
-            }
-            while let Some(res) = tasks.join_next().await {
-                match res {
-                    Ok(s) => slow.extend(s),
-                    // A chunk only pushes to queues; a panic there is a bug.
-                    Err(e) => tracing::error!(error = %e, "fan-out chunk failed"),
-                }
+        let frames: Arc<Vec<(Bytes, Snapshot)>> = Arc::new(
+            targets
+                .into_iter()
+                .map(|(key, subs)| (protocol::event_frame(&key, data), subs))
+                .collect(),
+        );
+        for (w, worker) in self.workers().iter().enumerate() {
+            if frames.iter().any(|(_, s)| !s[w].is_empty()) {
+                let _ = worker.send(Work::Push(frames.clone()));
             }
         }
-        let delivered = total - slow.len();
+        total
+    }
+
+    /// Resolves once every message dispatched before the call has been
+    /// pushed into its clients' queues.
+    pub async fn barrier(&self) {
+        let waits: Vec<_> = self
+            .workers()
+            .iter()
+            .map(|w| {
+                let (tx, rx) = oneshot::channel();
+                let _ = w.send(Work::Barrier(tx));
+                rx
+            })
+            .collect();
+        for rx in waits {
+            let _ = rx.await;
+        }
+    }
+
+    fn workers(&self) -> &[mpsc::UnboundedSender<Work>] {
+        self.inner.workers.get_or_init(|| {
+            (0..self.inner.worker_count)
+                .map(|w| {
+                    let (tx, rx) = mpsc::unbounded_channel();
+                    tokio::spawn(fan_out_worker(
+                        w,
+                        rx,
+                        Arc::downgrade(&self.inner),
+                        self.inner.config.chunk_size.max(1),
+                    ));
+                    tx
+                })
+                .collect()
+        })
+    }
+
+    /// Unregister clients whose queue overflowed.
+    fn drop_slow(&self, slow: Vec<Arc<Client>>) {
         for client in slow {
             tracing::info!(
                 client = client.id(),
@@ -505,9 +577,6 @@ impl Hub {
             // stops further fan-out work for it.
             self.unregister(client.id());
         }
-        metrics::counter!(m::DISPATCHED).increment(1);
-        metrics::histogram!(m::FANOUT_SECONDS).record(started.elapsed().as_secs_f64());
-        delivered
     }
 
     /// The matching keys and their subscribers, under the index read lock.
@@ -520,15 +589,18 @@ impl Hub {
             .keys
             .iter()
             .filter(|(k, _)| protocol::key_matches(k, topic));
+        let workers = self.inner.worker_count;
         match audience {
-            Audience::All => keys.map(|(k, s)| (k.clone(), s.snapshot())).collect(),
+            Audience::All => keys
+                .map(|(k, s)| (k.clone(), s.snapshot(workers)))
+                .collect(),
             Audience::Client(id) => {
                 let Some(seq) = self.inner.clients.read().get(id.as_str()).map(|c| c.seq) else {
                     return Vec::new();
                 };
                 keys.filter_map(|(k, s)| {
                     let c = s.members.get(&seq)?;
-                    Some((k.clone(), Arc::from([c.clone()])))
+                    Some((k.clone(), partition(std::iter::once(c), workers)))
                 })
                 .collect()
             }
@@ -538,11 +610,9 @@ impl Hub {
                     return Vec::new();
                 };
                 keys.filter_map(|(k, s)| {
-                    let v: Snapshot = mine
-                        .keys()
-                        .filter_map(|seq| s.members.get(seq).cloned())
-                        .collect();
-                    (!v.is_empty()).then(|| (k.clone(), v))
+                    let mut v = mine.keys().filter_map(|seq| s.members.get(seq)).peekable();
+                    v.peek()?;
+                    Some((k.clone(), partition(v, workers)))
                 })
                 .collect()
             }
@@ -550,10 +620,42 @@ impl Hub {
     }
 }
 
-fn push_all(frame: &Bytes, subs: &[Arc<Client>], slow: &mut Vec<Arc<Client>>) {
-    for client in subs {
-        if let Err(SendError::Full) = client.push(frame.clone()) {
-            slow.push(client.clone());
+/// One fan-out worker: pushes its partition of every dispatched message,
+/// in dispatch order.
+async fn fan_out_worker(
+    w: usize,
+    mut rx: mpsc::UnboundedReceiver<Work>,
+    hub: std::sync::Weak<HubInner>,
+    chunk: usize,
+) {
+    while let Some(work) = rx.recv().await {
+        let frames = match work {
+            Work::Push(frames) => frames,
+            Work::Barrier(done) => {
+                let _ = done.send(());
+                continue;
+            }
+        };
+        let started = Instant::now();
+        let mut slow = Vec::new();
+        let mut pushed = 0;
+        for (frame, subs) in frames.iter() {
+            for client in &subs[w] {
+                if let Err(SendError::Full) = client.push(frame.clone()) {
+                    slow.push(client.clone());
+                }
+                pushed += 1;
+                if pushed % chunk == 0 {
+                    // Let the writers of the clients served so far run.
+                    tokio::task::yield_now().await;
+                }
+            }
+        }
+        metrics::histogram!(m::FANOUT_SECONDS).record(started.elapsed().as_secs_f64());
+        if !slow.is_empty()
+            && let Some(inner) = hub.upgrade()
+        {
+            Hub { inner }.drop_slow(slow);
         }
     }
 }
@@ -568,6 +670,7 @@ mod tests {
             node_tag: "TestNode".into(),
             chunk_size: chunk,
             queue_capacity: cap,
+            workers: 3,
         })
     }
 
@@ -671,7 +774,8 @@ mod tests {
         h.set_subscriptions(&a, &keys(&["news", "news?options=%7B%7D"]), None);
         h.set_subscriptions(&b, &keys(&["news2"]), None);
         h.set_subscriptions(&c, &keys(&["other"]), None);
-        assert_eq!(h.dispatch("news", b"{\"n\":1}", &Audience::All).await, 2);
+        assert_eq!(h.dispatch("news", b"{\"n\":1}", &Audience::All), 2);
+        h.barrier().await;
         let out = drained(&a);
         assert!(out.contains("event:news\ndata:{\"n\":1}\n\n"));
         assert!(out.contains("event:news?options=%7B%7D\ndata:{\"n\":1}\n\n"));
@@ -688,11 +792,11 @@ mod tests {
         }
         for i in 0..50 {
             assert_eq!(
-                h.dispatch("t", i.to_string().as_bytes(), &Audience::All)
-                    .await,
+                h.dispatch("t", i.to_string().as_bytes(), &Audience::All),
                 100
             );
         }
+        h.barrier().await;
         for c in &clients {
             let seen: Vec<u32> = drained(c)
                 .lines()
@@ -711,8 +815,8 @@ mod tests {
         h.set_subscriptions(&slow, &keys(&["t"]), None);
         h.set_subscriptions(&fast, &keys(&["t"]), None);
         for i in 0..10 {
-            h.dispatch("t", i.to_string().as_bytes(), &Audience::All)
-                .await;
+            h.dispatch("t", i.to_string().as_bytes(), &Audience::All);
+            h.barrier().await;
             drained(&fast);
         }
         assert!(slow.is_discarded());
@@ -734,17 +838,10 @@ mod tests {
         h.set_subscriptions(&a, &keys(&["t"]), Some(user("u1")));
         h.set_subscriptions(&a2, &keys(&["t"]), Some(user("u1")));
         h.set_subscriptions(&b, &keys(&["t"]), Some(user("u2")));
-        assert_eq!(
-            h.dispatch("t", b"1", &Audience::Client(b.id().into()))
-                .await,
-            1
-        );
-        assert_eq!(h.dispatch("t", b"2", &Audience::User("u1".into())).await, 2);
-        assert_eq!(
-            h.dispatch("t", b"3", &Audience::User("nobody".into()))
-                .await,
-            0
-        );
+        assert_eq!(h.dispatch("t", b"1", &Audience::Client(b.id().into())), 1);
+        assert_eq!(h.dispatch("t", b"2", &Audience::User("u1".into())), 2);
+        assert_eq!(h.dispatch("t", b"3", &Audience::User("nobody".into())), 0);
+        h.barrier().await;
         assert!(drained(&b).contains("data:1") && drained(&a).contains("data:2"));
         assert!(drained(&a2).contains("data:2"));
         // Re-binding to another user moves the client between user sets.

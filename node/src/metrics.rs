@@ -43,6 +43,16 @@ pub const TOPICS: &str = "fanout_topics";
 /// Gauge: subscription keys held by local clients.
 pub const SUBSCRIPTIONS: &str = "fanout_subscriptions";
 
+/// The events-delivered counter, resolved once: it is bumped on every
+/// write, and the `counter!` macro would look it up each time.
+pub fn delivered() -> &'static metrics::Counter {
+    static C: OnceLock<metrics::Counter> = OnceLock::new();
+    C.get_or_init(|| {
+        handle();
+        metrics::counter!(DELIVERED)
+    })
+}
+
 /// The process-wide Prometheus recorder, installed on first use.
 ///
 /// `metrics` has one global recorder per process; several in-process servers

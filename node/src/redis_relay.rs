@@ -272,7 +272,7 @@ impl Shared {
     }
 
     /// A message from a topic channel.
-    async fn deliver(&self, base: &str, payload: &[u8]) {
+    fn deliver(&self, base: &str, payload: &[u8]) {
         let Ok(env) = serde_json::from_slice::<Envelope>(payload) else {
             metrics::counter!(m::RELAY_BAD_MESSAGES).increment(1);
             tracing::warn!(topic = base, "undecodable message on topic channel");
@@ -285,7 +285,7 @@ impl Shared {
             (None, None) => Audience::All,
         };
         let data = protocol::one_line_json(env.data.get());
-        self.hub.dispatch(topic, &data, &audience).await;
+        self.hub.dispatch(topic, &data, &audience);
     }
 
     /// A message on this node's own channel.
@@ -693,7 +693,7 @@ async fn dispatch(shared: Arc<Shared>, mut stream: PubSubStream) {
     while let Some(msg) = stream.next().await {
         let channel = msg.get_channel_name();
         if let Some(base) = channel.strip_prefix(shared.topic_prefix.as_str()) {
-            shared.deliver(base, msg.get_payload_bytes()).await;
+            shared.deliver(base, msg.get_payload_bytes());
         } else if channel == shared.node_channel {
             shared.on_node_message(msg.get_payload_bytes());
         }

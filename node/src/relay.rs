@@ -153,7 +153,7 @@ impl LocalRelay {
         tokio::spawn(async move {
             while let Some(batch) = rx.recv().await {
                 for p in batch {
-                    dispatcher.dispatch(&p.topic, &p.data, &p.audience).await;
+                    dispatcher.dispatch(&p.topic, &p.data, &p.audience);
                 }
             }
         });

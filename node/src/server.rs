@@ -132,6 +132,7 @@ impl Server {
             node_tag: protocol::random_alphanumeric(protocol::NODE_TAG_LEN),
             chunk_size: config.chunk_size as usize,
             queue_capacity: config.client_queue as usize,
+            workers: config.fanout_workers,
         });
         let relay: Arc<dyn Relay> = match &config.redis_url {
             Some(url) if !url.is_empty() => RedisRelay::start(
@@ -200,6 +201,9 @@ impl Server {
     /// wait up to the drain timeout for connections to close.
     pub async fn shutdown(self) -> anyhow::Result<()> {
         self.shutdown.cancel();
+        self.broker
+            .hub()
+            .close_all(crate::client::CloseReason::Shutdown);
         self.broker.close().await;
         match tokio::time::timeout(self.drain, self.task).await {
             Ok(joined) => {
