@@ -103,6 +103,9 @@ async fn connect(
         TcpSocket::new_v6()?
     };
     if let Some(ip) = source {
+        // Runs back to back leave thousands of ports in TIME_WAIT; without
+        // this, binding a source address skips them and connects crawl.
+        socket.set_reuseaddr(true)?;
         socket
             .bind(SocketAddr::new(ip, 0))
             .with_context(|| format!("bind {ip}"))?;

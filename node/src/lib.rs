@@ -9,12 +9,14 @@
 //!   in-process relay; [`redis_relay`]: the cluster relay over Redis;
 //! * [`broker`]: hub + relay, the library's entry point;
 //! * [`http`] and [`sse`]: the HTTP routes and the stream body;
-//! * [`server`]: listener, startup and graceful shutdown.
+//! * [`server`]: listener, startup and graceful shutdown; `conn`: each
+//!   accepted connection (the SSE fast path, hyper for the rest).
 
 pub mod auth;
 pub mod broker;
 pub mod client;
 pub mod config;
+mod conn;
 pub mod error;
 pub mod http;
 pub mod hub;

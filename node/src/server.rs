@@ -1,21 +1,21 @@
 //! Starting and stopping a node: the listener, the relay, the HTTP server,
 //! and graceful shutdown.
 
-use std::{io, net::SocketAddr, pin::Pin, sync::Arc, time::Duration};
+use std::{io, net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::Context;
 use tokio::{
-    net::{TcpListener, TcpSocket, TcpStream},
+    net::{TcpListener, TcpSocket},
     task::JoinHandle,
 };
-use tokio_io_timeout::TimeoutStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
     auth::{Authenticator, KeySource},
     broker::Broker,
     config::Config,
-    http::{AppState, PeerAddr, router},
+    conn::{self, Conns},
+    http::{AppState, router},
     hub::{Hub, HubConfig},
     protocol,
     redis_relay::{RedisConfig, RedisRelay},
@@ -26,53 +26,6 @@ use crate::{
 /// reconnect storm of thousands of clients into seconds of SYN retries.
 const BACKLOG: u32 = 4096;
 
-/// Accepted connections get a write timeout: a peer that stops reading
-/// stalls hyper's write, and without a timeout that connection (and its
-/// buffers) would live forever. The timeout only runs while a write is
-/// pending, so quiet streams are unaffected.
-struct TimeoutListener {
-    inner: TcpListener,
-    write_timeout: Duration,
-}
-
-impl axum::serve::Listener for TimeoutListener {
-    type Io = Pin<Box<TimeoutStream<TcpStream>>>;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        loop {
-            match self.inner.accept().await {
-                Ok((stream, addr)) => {
-                    let _ = stream.set_nodelay(true);
-                    let mut stream = TimeoutStream::new(stream);
-                    stream.set_write_timeout(Some(self.write_timeout));
-                    return (Box::pin(stream), addr);
-                }
-                Err(e) if is_per_connection(&e) => continue,
-                Err(e) => {
-                    // EMFILE and friends: the node is at a resource limit.
-                    // Back off briefly instead of spinning.
-                    tracing::error!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            }
-        }
-    }
-
-    fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.inner.local_addr()
-    }
-}
-
-fn is_per_connection(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::ConnectionRefused
-            | io::ErrorKind::ConnectionAborted
-            | io::ErrorKind::ConnectionReset
-    )
-}
-
 fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()?
@@ -82,14 +35,6 @@ fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
     socket.listen(BACKLOG)
-}
-
-impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, TimeoutListener>>
-    for PeerAddr
-{
-    fn connect_info(stream: axum::serve::IncomingStream<'_, TimeoutListener>) -> Self {
-        PeerAddr(*stream.remote_addr())
-    }
 }
 
 /// Answers subscription requests that other nodes forwarded to this one.
@@ -119,7 +64,7 @@ pub struct Server {
     broker: Broker,
     shutdown: CancellationToken,
     drain: Duration,
-    task: JoinHandle<io::Result<()>>,
+    task: JoinHandle<()>,
 }
 
 impl Server {
@@ -165,19 +110,8 @@ impl Server {
             config.clone(),
             shutdown.clone(),
         ));
-        let listener = TimeoutListener {
-            inner: listener,
-            write_timeout: config.write_timeout,
-        };
-        let signal = shutdown.clone().cancelled_owned();
-        let task = tokio::spawn(async move {
-            axum::serve(
-                listener,
-                app.into_make_service_with_connect_info::<PeerAddr>(),
-            )
-            .with_graceful_shutdown(signal)
-            .await
-        });
+        let conns = Conns::new(app, broker.clone(), &config, shutdown.clone());
+        let task = tokio::spawn(conn::serve(listener, conns, config.drain_timeout));
         tracing::info!(%addr, node = broker.hub().node_tag(), "fanout listening");
         Ok(Self {
             addr,
@@ -205,11 +139,9 @@ impl Server {
             .hub()
             .close_all(crate::client::CloseReason::Shutdown);
         self.broker.close().await;
-        match tokio::time::timeout(self.drain, self.task).await {
-            Ok(joined) => {
-                joined.context("server task failed")??;
-                Ok(())
-            }
+        // The accept loop drains for at most the drain timeout itself.
+        match tokio::time::timeout(self.drain + Duration::from_secs(1), self.task).await {
+            Ok(joined) => joined.context("server task failed"),
             Err(_) => {
                 tracing::warn!(drain = ?self.drain, "drain timeout; exiting with open connections");
                 Ok(())
