@@ -235,3 +235,57 @@ async fn binary_serves_and_stops_on_sigterm() {
     );
     assert!(logs.contains("fanout listening") && logs.contains("stopped"));
 }
+
+/// Read from a raw socket until `needle` shows up; everything read so far.
+async fn read_until(sock: &mut tokio::net::TcpStream, needle: &str) -> String {
+    let mut all = String::new();
+    let mut buf = vec![0; 4096];
+    tokio::time::timeout(WAIT, async {
+        while !all.contains(needle) {
+            let n = sock.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed before {needle:?}: {all}");
+            all.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no {needle:?} in: {all}"));
+    all
+}
+
+/// An HTTP/1.0 client (no chunked encoding) is served by the router's
+/// realtime handler, with the same first event.
+#[tokio::test]
+async fn http10_clients_get_a_stream_too() {
+    let node = start().await;
+    let mut sock = tokio::net::TcpStream::connect(node.server.local_addr())
+        .await
+        .unwrap();
+    sock.write_all(b"GET /api/realtime HTTP/1.0\r\n\r\n")
+        .await
+        .unwrap();
+    let got = read_until(&mut sock, "\n\n").await;
+    assert!(got.starts_with("HTTP/1.0 200"), "{got}");
+    assert!(got.contains("content-type: text/event-stream"));
+    assert!(got.contains("event:PB_CONNECT\ndata:{\"clientId\":\""));
+}
+
+/// When a stream ends (here: idle), the connection stays usable for the
+/// next request, as with any HTTP/1.1 keep-alive connection.
+#[tokio::test]
+async fn a_connection_outlives_its_stream() {
+    let node = start_with(|c| c.idle_timeout = Duration::from_millis(300)).await;
+    let mut sock = tokio::net::TcpStream::connect(node.server.local_addr())
+        .await
+        .unwrap();
+    sock.write_all(b"GET /api/realtime HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .unwrap();
+    // PB_CONNECT, then the terminating chunk when the stream goes idle.
+    let got = read_until(&mut sock, "\r\n0\r\n\r\n").await;
+    assert!(got.contains("event:PB_CONNECT"));
+    sock.write_all(b"GET /api/health HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .unwrap();
+    let got = read_until(&mut sock, "API is healthy.").await;
+    assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+}
