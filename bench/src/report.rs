@@ -192,13 +192,13 @@ pub fn report(args: ReportArgs) -> anyhow::Result<()> {
         writeln!(md, "\n## Fanout-only scenarios\n")?;
         writeln!(
             md,
-            "| scenario | system | nodes | clients | slow | delivered/expected | missing, dup, out of order | deliveries/s | p50 / p99 / max (ms) |"
+            "| scenario | system | nodes | clients | slow | delivered/expected | missing, dup, out of order | deliveries/s | p50 / p99 / max (ms) | slow clients dropped |"
         )?;
-        writeln!(md, "|---|---|---:|---:|---:|---:|---:|---:|---:|")?;
+        writeln!(md, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")?;
         for r in single {
             writeln!(
                 md,
-                "| {} | {} | {} | {} | {} | {}/{} | {}, {}, {} | {:.0} | {:.1} / {:.1} / {:.1} |",
+                "| {} | {} | {} | {} | {} | {}/{} | {}, {}, {} | {:.0} | {:.1} / {:.1} / {:.1} | {} |",
                 r.scenario,
                 r.label,
                 r.nodes,
@@ -212,7 +212,8 @@ pub fn report(args: ReportArgs) -> anyhow::Result<()> {
                 r.deliveries_per_sec,
                 r.latency_ms.p50,
                 r.latency_ms.p99,
-                r.latency_ms.max
+                r.latency_ms.max,
+                dropped(r)
             )?;
         }
     }
@@ -223,6 +224,20 @@ pub fn report(args: ReportArgs) -> anyhow::Result<()> {
     std::fs::write(&args.out, md)?;
     chart(&args, &order, &by)?;
     Ok(())
+}
+
+/// Slow clients the server dropped (queue full or write timeout).
+fn dropped(r: &Report) -> String {
+    let c = &r.server_counters;
+    let full = c
+        .get("fanout_slow_client_disconnects_total")
+        .copied()
+        .unwrap_or(0.0);
+    let timeout = c
+        .get("fanout_connections_closed_total{reason=\"write_timeout\"}")
+        .copied()
+        .unwrap_or(0.0);
+    format!("{full:.0} queue full, {timeout:.0} write timeout")
 }
 
 type Results = BTreeMap<String, BTreeMap<String, Report>>;

@@ -133,6 +133,11 @@ pub struct Report {
     /// (the given pids) and by this load generator. A generator well below
     /// one core while the server is at one is not the bottleneck.
     pub cpu_secs: Cpu,
+    /// Fanout's own counters at the end of the run, summed over the nodes
+    /// (empty for other servers): slow-client disconnects and stream
+    /// closes by reason.
+    #[serde(default)]
+    pub server_counters: std::collections::BTreeMap<String, f64>,
 }
 
 #[derive(Debug, Clone, Serialize, serde::Deserialize, Default)]
@@ -507,11 +512,37 @@ pub async fn run(args: RunArgs) -> anyhow::Result<Report> {
         max: hist.max() as f64 / 1000.0,
     };
     report.rss_kib.peak = peak.load(Ordering::Relaxed);
+    report.server_counters = server_counters(&http_for[0], &args.nodes).await;
     report.cpu_secs = Cpu {
         server: servers_cpu(&args.pids) - cpu_before.0,
         bench: cpu_secs("self") - cpu_before.1,
     };
     Ok(report)
+}
+
+/// Fanout's slow-client and close counters from every node's /metrics.
+async fn server_counters(
+    http: &reqwest::Client,
+    nodes: &[SocketAddr],
+) -> std::collections::BTreeMap<String, f64> {
+    let mut out = std::collections::BTreeMap::new();
+    for node in nodes {
+        let Ok(res) = http.get(format!("http://{node}/metrics")).send().await else {
+            continue;
+        };
+        let Ok(text) = res.text().await else { continue };
+        for line in text.lines().filter(|l| {
+            l.starts_with("fanout_slow_client_disconnects_total")
+                || l.starts_with("fanout_connections_closed_total")
+        }) {
+            if let Some((name, value)) = line.rsplit_once(' ')
+                && let Ok(v) = value.parse::<f64>()
+            {
+                *out.entry(name.to_owned()).or_insert(0.0) += v;
+            }
+        }
+    }
+    out
 }
 
 /// The per-client delivery check: order per publisher, topic, latency.

@@ -33,7 +33,7 @@ use futures_util::StreamExt;
 use hyper::{body::Incoming, server::conn::http1};
 use hyper_util::{
     rt::{TokioIo, TokioTimer},
-    server::graceful::GracefulShutdown,
+    server::graceful::{GracefulShutdown, Watcher},
 };
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf},
@@ -69,11 +69,15 @@ pub(crate) struct Conns {
     pub write_timeout: Duration,
     pub max_connections: usize,
     pub shutdown: CancellationToken,
-    pub graceful: GracefulShutdown,
 }
 
 impl Conns {
-    pub fn new(router: Router, broker: Broker, config: &Config, shutdown: CancellationToken) -> Self {
+    pub fn new(
+        router: Router,
+        broker: Broker,
+        config: &Config,
+        shutdown: CancellationToken,
+    ) -> Self {
         Self {
             router,
             broker,
@@ -85,7 +89,6 @@ impl Conns {
             write_timeout: config.write_timeout,
             max_connections: config.max_connections,
             shutdown,
-            graceful: GracefulShutdown::new(),
         }
     }
 }
@@ -94,6 +97,7 @@ impl Conns {
 pub(crate) async fn serve(listener: TcpListener, conns: Conns, drain: Duration) {
     let conns = Arc::new(conns);
     let tracker = TaskTracker::new();
+    let graceful = GracefulShutdown::new();
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
@@ -101,7 +105,7 @@ pub(crate) async fn serve(listener: TcpListener, conns: Conns, drain: Duration) 
         };
         match accepted {
             Ok((tcp, peer)) => {
-                tracker.spawn(handle(conns.clone(), tcp, peer));
+                tracker.spawn(handle(conns.clone(), tcp, peer, graceful.watcher()));
             }
             Err(e) if is_per_connection(&e) => {}
             Err(e) => {
@@ -115,12 +119,10 @@ pub(crate) async fn serve(listener: TcpListener, conns: Conns, drain: Duration) 
     drop(listener);
     tracker.close();
     // Streams end because shutdown closed every client queue; hyper
-    // connections finish their requests and close.
-    let graceful = Arc::into_inner(conns).map(|c| c.graceful);
+    // connections finish their requests and close; connections still
+    // waiting for a request head give up on the cancellation.
     let wait = async {
-        if let Some(g) = graceful {
-            g.shutdown().await;
-        }
+        graceful.shutdown().await;
         tracker.wait().await;
     };
     if tokio::time::timeout(drain, wait).await.is_err() {
@@ -137,16 +139,22 @@ fn is_per_connection(e: &io::Error) -> bool {
     )
 }
 
-async fn handle(conns: Arc<Conns>, tcp: TcpStream, peer: SocketAddr) {
+async fn handle(conns: Arc<Conns>, tcp: TcpStream, peer: SocketAddr, watcher: Watcher) {
     let _ = tcp.set_nodelay(true);
     let mut stream = TimeoutStream::new(tcp);
     stream.set_write_timeout(Some(conns.write_timeout));
     let mut io: Io = Box::pin(stream);
     let mut head = BytesMut::with_capacity(1024);
-    let realtime = match tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut io, &mut head)).await {
-        Ok(Ok(Some(realtime))) => realtime,
-        // Closed, failed, or slow to send a head: nothing to answer.
-        Ok(Ok(None)) | Ok(Err(_)) | Err(_) => return,
+    let read = tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut io, &mut head));
+    let realtime = tokio::select! {
+        r = read => match r {
+            Ok(Ok(Some(realtime))) => realtime,
+            // Closed, failed, or slow to send a head: nothing to answer.
+            Ok(Ok(None)) | Ok(Err(_)) | Err(_) => return,
+        },
+        // A connection that has not sent a request yet must not hold up
+        // shutdown.
+        _ = conns.shutdown.cancelled() => return,
     };
     let mut prefix = head.freeze();
     if let Some(xff) = realtime {
@@ -160,7 +168,7 @@ async fn handle(conns: Arc<Conns>, tcp: TcpStream, peer: SocketAddr) {
             return;
         }
     }
-    serve_hyper(&conns, io, peer, prefix).await;
+    serve_hyper(&conns, io, peer, prefix, watcher).await;
 }
 
 /// Read until a complete request head is buffered. `Some(Some(xff))` for
@@ -245,8 +253,7 @@ async fn serve_sse(
     head: Bytes,
 ) -> Option<Bytes> {
     // Refusals (503) are the router's job; give it the request.
-    if conns.shutdown.is_cancelled()
-        || conns.broker.hub().total_clients() >= conns.max_connections
+    if conns.shutdown.is_cancelled() || conns.broker.hub().total_clients() >= conns.max_connections
     {
         return Some(head);
     }
@@ -270,7 +277,13 @@ async fn serve_sse(
             next = body.next() => match next {
                 Some(Ok(frame)) => {
                     put_chunk(&mut out, &frame);
-                    if io.write_all(&out).await.is_err() {
+                    if let Err(e) = io.write_all(&out).await {
+                        // A stalled reader trips the write timeout here.
+                        body.set_close_reason(if e.kind() == io::ErrorKind::TimedOut {
+                            "write_timeout"
+                        } else {
+                            "write_failed"
+                        });
                         return None;
                     }
                     out = Vec::new();
@@ -296,7 +309,7 @@ async fn serve_sse(
 }
 
 /// Serve the connection with hyper and the router, replaying `prefix`.
-async fn serve_hyper(conns: &Conns, io: Io, peer: SocketAddr, prefix: Bytes) {
+async fn serve_hyper(conns: &Conns, io: Io, peer: SocketAddr, prefix: Bytes, watcher: Watcher) {
     let router = conns.router.clone();
     let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
         req.extensions_mut().insert(ConnectInfo(PeerAddr(peer)));
@@ -306,7 +319,7 @@ async fn serve_hyper(conns: &Conns, io: Io, peer: SocketAddr, prefix: Bytes) {
         .timer(TokioTimer::new())
         .header_read_timeout(HEAD_TIMEOUT)
         .serve_connection(TokioIo::new(Replay { prefix, io }), service);
-    if let Err(e) = conns.graceful.watch(conn).await {
+    if let Err(e) = watcher.watch(conn).await {
         tracing::debug!(error = %e, "connection ended with an error");
     }
 }

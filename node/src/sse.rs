@@ -78,6 +78,11 @@ impl ClientStream {
         }
     }
 
+    /// Record why the stream ends, when the writer (not the stream) ends it.
+    pub fn set_close_reason(&mut self, reason: &'static str) {
+        self.reason = reason;
+    }
+
     fn finish(&mut self, reason: &'static str) -> Poll<Option<Result<Bytes, Infallible>>> {
         self.reason = reason;
         self.done = true;

@@ -189,6 +189,17 @@ async fn shutdown_ends_open_streams_promptly() {
     let node = start_with(|c| c.drain_timeout = Duration::from_secs(30)).await;
     let mut a = node.connect().await;
     let mut b = node.connect().await;
+    // A connection that never sends a request, and one idle after a request.
+    let _silent = tokio::net::TcpStream::connect(node.server.local_addr())
+        .await
+        .unwrap();
+    let mut kept = tokio::net::TcpStream::connect(node.server.local_addr())
+        .await
+        .unwrap();
+    kept.write_all(b"GET /api/health HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .unwrap();
+    read_until(&mut kept, "API is healthy.").await;
     let started = tokio::time::Instant::now();
     node.server.shutdown().await.unwrap();
     assert!(

@@ -159,7 +159,13 @@ test("rolling restart of every node while publishing: nothing lost once resubscr
   running = false;
   await publisher;
   const last = sent.at(-1)[0];
-  await waitFor(() => clients.every((c) => c.got.includes(last)), "the last message everywhere", 15000);
+  try {
+    await waitFor(() => clients.every((c) => c.got.includes(last)), "the last message everywhere", 15000);
+  } catch (e) {
+    for (const c of clients)
+      console.log(`# client ${c.pb.realtime.clientId} connected=${c.pb.realtime.isConnected} got=${c.got.length} last=${c.got.at(-1)} connects=${c.connects.length} want=${last}`);
+    throw e;
+  }
 
   let totalMissed = 0;
   for (const c of clients) {
