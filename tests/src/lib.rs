@@ -220,6 +220,27 @@ impl Api {
         assert_eq!(status, StatusCode::OK, "{body}");
     }
 
+    /// The Prometheus text of `/metrics`.
+    pub async fn metrics(&self) -> String {
+        self.http
+            .get(format!("{}/metrics", self.base))
+            .send()
+            .await
+            .expect("GET /metrics")
+            .text()
+            .await
+            .expect("metrics text")
+    }
+
+    /// One unlabelled metric's value (0 when absent).
+    pub async fn metric(&self, name: &str) -> f64 {
+        self.metrics()
+            .await
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+            .unwrap_or(0.0)
+    }
+
     /// GET a path; the status and the JSON body (null if not JSON or no
     /// answer).
     pub async fn get_json(&self, path: &str) -> (StatusCode, Value) {

@@ -345,21 +345,6 @@ async fn cluster_lists_live_nodes_and_forgets_dead_ones() {
     .await;
 }
 
-async fn metric(node: &NodeProcess, name: &str) -> f64 {
-    let text = node
-        .http
-        .get(format!("{}/metrics", node.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|r| r.trim().parse().ok()))
-        .unwrap_or(0.0)
-}
-
 #[tokio::test]
 async fn redis_outage_fails_loudly_and_recovers_without_restarts() {
     let mut c = cluster(3, &[]).await;
@@ -416,8 +401,8 @@ async fn redis_outage_fails_loudly_and_recovers_without_restarts() {
         assert_eq!(sse.next_json().await, ("live".into(), json!("after")));
     }
     for n in &c.nodes {
-        assert!(metric(n, "fanout_relay_reconnects_total").await >= 1.0);
-        assert!(metric(n, "fanout_relay_recovery_seconds").await > 0.0);
+        assert!(n.metric("fanout_relay_reconnects_total").await >= 1.0);
+        assert!(n.metric("fanout_relay_recovery_seconds").await > 0.0);
         assert!(
             n.logs().contains("Redis relay recovered"),
             "recovery logged"
@@ -449,7 +434,7 @@ async fn killed_subscriber_connections_are_restored() {
     }
     c.node(2).publish("k", json!(n + 1)).await;
     assert_eq!(sse.next_json().await.1, json!(n + 1));
-    assert!(metric(c.node(0), "fanout_relay_reconnects_total").await >= 1.0);
+    assert!(c.node(0).metric("fanout_relay_reconnects_total").await >= 1.0);
 }
 
 /// Redis drops a subscriber that falls behind (`client-output-buffer-limit
@@ -498,5 +483,5 @@ async fn a_node_dropped_by_redis_for_being_slow_recovers() {
             break;
         }
     }
-    assert!(metric(c.node(0), "fanout_relay_reconnects_total").await >= 1.0);
+    assert!(c.node(0).metric("fanout_relay_reconnects_total").await >= 1.0);
 }
