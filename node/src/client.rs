@@ -16,7 +16,7 @@ use std::{
     time::SystemTime,
 };
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures_util::task::AtomicWaker;
 use parking_lot::Mutex;
 use serde::Serialize;
@@ -107,9 +107,10 @@ pub enum CloseReason {
 
 /// What the stream finds when it looks at the queue.
 pub(crate) enum Take {
-    /// Frames to write, already prefixed with the `id:` line.
+    /// Frames moved into the caller's batch; `size` is their encoded size
+    /// with the `id:` lines ([`Client::encode`]).
     Data {
-        bytes: Bytes,
+        size: usize,
         events: usize,
     },
     Empty,
@@ -311,41 +312,41 @@ impl Client {
         self.queue.lock().frames.len()
     }
 
-    /// Take queued frames, up to about `max_bytes`, as one buffer with the
-    /// `id:` line in front of each event, so a burst costs one write.
-    pub(crate) fn take(&self, scratch: &mut Vec<Bytes>, max_bytes: usize) -> Take {
+    /// Move queued frames, up to about `max_bytes`, into `batch`. The caller
+    /// learns their encoded size first, so it can frame the write (an HTTP
+    /// chunk header) and encode everything with one copy.
+    pub(crate) fn take(&self, batch: &mut Vec<Bytes>, max_bytes: usize) -> Take {
+        let mut size = 0;
         {
             let mut q = self.queue.lock();
             if let Some(reason) = q.closed {
                 return Take::Closed(reason);
             }
-            let mut size = 0;
             while size < max_bytes {
                 let Some(f) = q.frames.pop_front() else { break };
                 size += f.len() + self.id_line.len();
-                scratch.push(f);
+                batch.push(f);
             }
             if q.frames.is_empty() && q.frames.capacity() > 64 {
                 // Give back a burst's worth of queue memory.
                 q.frames.shrink_to(8);
             }
         }
-        if scratch.is_empty() {
+        if batch.is_empty() {
             return Take::Empty;
         }
-        let size = scratch
-            .iter()
-            .map(|f| f.len() + self.id_line.len())
-            .sum::<usize>();
-        let mut out = BytesMut::with_capacity(size);
-        let events = scratch.len();
-        for f in scratch.drain(..) {
+        Take::Data {
+            size,
+            events: batch.len(),
+        }
+    }
+
+    /// Append the frames of `batch` to `out`, each behind the `id:` line,
+    /// so a burst costs one write.
+    pub(crate) fn encode(&self, batch: &mut Vec<Bytes>, out: &mut Vec<u8>) {
+        for f in batch.drain(..) {
             out.extend_from_slice(&self.id_line);
             out.extend_from_slice(&f);
-        }
-        Take::Data {
-            bytes: out.freeze(),
-            events,
         }
     }
 
@@ -364,10 +365,12 @@ mod tests {
     }
 
     fn take_all(c: &Client) -> Vec<u8> {
-        match c.take(&mut Vec::new(), usize::MAX) {
-            Take::Data { bytes, .. } => bytes.to_vec(),
-            _ => Vec::new(),
+        let (mut batch, mut out) = (Vec::new(), Vec::new());
+        if let Take::Data { size, .. } = c.take(&mut batch, usize::MAX) {
+            c.encode(&mut batch, &mut out);
+            assert_eq!(out.len(), size);
         }
+        out
     }
 
     #[test]

@@ -29,7 +29,6 @@ use std::{
 
 use axum::{Router, extract::ConnectInfo, http::HeaderMap};
 use bytes::{Buf, Bytes, BytesMut};
-use futures_util::StreamExt;
 use hyper::{body::Incoming, server::conn::http1};
 use hyper_util::{
     rt::{TokioIo, TokioTimer},
@@ -233,14 +232,6 @@ fn response_head() -> Vec<u8> {
     .into_bytes()
 }
 
-/// Append `data` as one HTTP chunk.
-fn put_chunk(out: &mut Vec<u8>, data: &[u8]) {
-    use std::io::Write;
-    let _ = write!(out, "{:x}\r\n", data.len());
-    out.extend_from_slice(data);
-    out.extend_from_slice(b"\r\n");
-}
-
 /// Serve one SSE stream on the connection. Returns the bytes to hand to
 /// hyper afterwards (empty when the connection should just continue), or
 /// `None` when the connection is finished (peer gone, write failed, or
@@ -270,40 +261,44 @@ async fn serve_sse(
     }
     tracing::debug!(client = client.id(), %ip, "stream opened");
     let mut body = ClientStream::new(conns.broker.clone(), client, conns.timeouts);
+    // The response head goes out with the first batch (PB_CONNECT).
     let mut out = response_head();
     let mut ignored = [0u8; 64];
+    enum Step {
+        Batch(bool),
+        Read(io::Result<usize>),
+    }
     loop {
-        tokio::select! {
-            next = body.next() => match next {
-                Some(Ok(frame)) => {
-                    put_chunk(&mut out, &frame);
-                    if let Err(e) = io.write_all(&out).await {
-                        // A stalled reader trips the write timeout here.
-                        body.set_close_reason(if e.kind() == io::ErrorKind::TimedOut {
-                            "write_timeout"
-                        } else {
-                            "write_failed"
-                        });
-                        return None;
-                    }
-                    out = Vec::new();
-                }
-                None => {
-                    out.extend_from_slice(b"0\r\n\r\n");
-                    return io.write_all(&out).await.ok().map(|_| Bytes::new());
-                }
-            },
+        let step = tokio::select! {
+            more = std::future::poll_fn(|cx| body.poll_batch(cx, &mut out, true)) => Step::Batch(more),
             // A streaming client sends nothing more; reading only tells us
             // when it goes away.
-            read = io.read(&mut ignored) => match read {
-                Ok(0) | Err(_) => return None,
-                // Pipelined bytes cannot be replayed after the stream.
-                Ok(_) => {
-                    let _ = io.write_all(&out).await;
-                    drop(body);
+            read = io.read(&mut ignored) => Step::Read(read),
+        };
+        match step {
+            Step::Batch(true) => {
+                if let Err(e) = io.write_all(&out).await {
+                    // A stalled reader trips the write timeout here.
+                    body.set_close_reason(if e.kind() == io::ErrorKind::TimedOut {
+                        "write_timeout"
+                    } else {
+                        "write_failed"
+                    });
                     return None;
                 }
-            },
+                // A fresh buffer: an idle stream keeps no burst-sized one.
+                out = Vec::new();
+            }
+            Step::Batch(false) => {
+                out.extend_from_slice(b"0\r\n\r\n");
+                return io.write_all(&out).await.ok().map(|_| Bytes::new());
+            }
+            Step::Read(Ok(0) | Err(_)) => return None,
+            // Pipelined bytes cannot be replayed after the stream.
+            Step::Read(Ok(_)) => {
+                let _ = io.write_all(&out).await;
+                return None;
+            }
         }
     }
 }
@@ -399,12 +394,5 @@ mod tests {
         assert!(parse(b"GET /api/realtimeX HTTP/1.1\r\n\r\n").is_none());
         assert!(parse(b"GET /api/realtime HTTP/1.1\r\nContent-Length: 5\r\n\r\n").is_none());
         assert!(parse(b"GET /api/realtime HTTP/1.1\r\nUpgrade: websocket\r\n\r\n").is_none());
-    }
-
-    #[test]
-    fn chunks_are_framed() {
-        let mut out = Vec::new();
-        put_chunk(&mut out, b"event:a\ndata:1\n\n");
-        assert_eq!(out, b"10\r\nevent:a\ndata:1\n\n\r\n");
     }
 }

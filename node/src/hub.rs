@@ -679,10 +679,11 @@ mod tests {
     }
 
     fn drained(c: &Client) -> String {
-        match c.take(&mut Vec::new(), usize::MAX) {
-            Take::Data { bytes, .. } => String::from_utf8(bytes.to_vec()).unwrap(),
-            _ => String::new(),
+        let (mut batch, mut out) = (Vec::new(), Vec::new());
+        if let Take::Data { .. } = c.take(&mut batch, usize::MAX) {
+            c.encode(&mut batch, &mut out);
         }
+        String::from_utf8(out).unwrap()
     }
 
     fn keys(v: &[&str]) -> Vec<String> {

@@ -44,7 +44,7 @@ pub struct Timeouts {
 pub struct ClientStream {
     broker: Broker,
     client: Arc<Client>,
-    scratch: Vec<Bytes>,
+    batch: Vec<Bytes>,
     timer: Pin<Box<Sleep>>,
     idle: Duration,
     last_delivery: Instant,
@@ -68,7 +68,7 @@ impl ClientStream {
         Self {
             broker,
             client,
-            scratch: Vec::new(),
+            batch: Vec::new(),
             timer: Box::pin(tokio::time::sleep_until((now + timeouts.idle).min(ends_at))),
             idle: timeouts.idle,
             last_delivery: now,
@@ -83,52 +83,83 @@ impl ClientStream {
         self.reason = reason;
     }
 
-    fn finish(&mut self, reason: &'static str) -> Poll<Option<Result<Bytes, Infallible>>> {
+    fn finish(&mut self, reason: &'static str) {
         self.reason = reason;
         self.done = true;
-        Poll::Ready(None)
     }
 }
 
-impl Stream for ClientStream {
-    type Item = Result<Bytes, Infallible>;
-
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let this = &mut *self;
-        if this.done {
-            return Poll::Ready(None);
+impl ClientStream {
+    /// Wait for the next batch of events and append it to `out`, as one
+    /// HTTP chunk when `chunked` (the connection writes it to the socket as
+    /// is), with a single copy of the frames. `Ready(false)` once the
+    /// stream has ended.
+    pub fn poll_batch(
+        &mut self,
+        cx: &mut Context<'_>,
+        out: &mut Vec<u8>,
+        chunked: bool,
+    ) -> Poll<bool> {
+        if self.done {
+            return Poll::Ready(false);
         }
         // Register before looking, so a push in between wakes us.
-        this.client.register(cx.waker());
+        self.client.register(cx.waker());
         loop {
-            match this.client.take(&mut this.scratch, BATCH_BYTES) {
-                Take::Data { bytes, events } => {
+            match self.client.take(&mut self.batch, BATCH_BYTES) {
+                Take::Data { size, events } => {
+                    out.reserve(size + 16);
+                    if chunked {
+                        use std::io::Write;
+                        let _ = write!(out, "{size:x}\r\n");
+                    }
+                    self.client.encode(&mut self.batch, out);
+                    if chunked {
+                        out.extend_from_slice(b"\r\n");
+                    }
                     m::delivered().increment(events as u64);
-                    this.last_delivery = Instant::now();
-                    return Poll::Ready(Some(Ok(bytes)));
+                    self.last_delivery = Instant::now();
+                    return Poll::Ready(true);
                 }
                 Take::Closed(reason) => {
-                    return this.finish(match reason {
+                    self.finish(match reason {
                         CloseReason::Slow => "slow",
                         CloseReason::Discarded => "discarded",
                         CloseReason::Shutdown => "shutdown",
                     });
+                    return Poll::Ready(false);
                 }
                 Take::Empty => {}
             }
-            if this.timer.as_mut().poll(cx).is_pending() {
+            if self.timer.as_mut().poll(cx).is_pending() {
                 return Poll::Pending;
             }
             let now = Instant::now();
-            if now >= this.ends_at {
-                return this.finish("max_lifetime");
+            if now >= self.ends_at {
+                self.finish("max_lifetime");
+                return Poll::Ready(false);
             }
-            let idle_at = this.last_delivery + this.idle;
+            let idle_at = self.last_delivery + self.idle;
             if now >= idle_at {
-                return this.finish("idle");
+                self.finish("idle");
+                return Poll::Ready(false);
             }
             // A delivery moved the idle deadline: re-arm and look again.
-            this.timer.as_mut().reset(idle_at.min(this.ends_at));
+            self.timer.as_mut().reset(idle_at.min(self.ends_at));
+        }
+    }
+}
+
+/// The body of a response served through hyper (HTTP/1.0 clients).
+impl Stream for ClientStream {
+    type Item = Result<Bytes, Infallible>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let mut out = Vec::new();
+        match self.poll_batch(cx, &mut out, false) {
+            Poll::Ready(true) => Poll::Ready(Some(Ok(Bytes::from(out)))),
+            Poll::Ready(false) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
         }
     }
 }

@@ -86,17 +86,27 @@ test("headless Chromium shows a live feed through nginx", async () => {
       `--user-data-dir=${mkdtempSync(path.join(os.tmpdir(), "fanout-chromium-"))}`,
       url,
     ],
-    { stdio: "ignore" },
+    { stdio: ["ignore", "ignore", "pipe"] },
   );
-  await waitFor(() => reports.some((r) => r.type === "ready" || r.type === "error"), "the page subscribed", 30000);
+  let chromiumLog = "";
+  browser.stderr.on("data", (d) => (chromiumLog += d));
+  try {
+    await waitFor(() => reports.some((r) => r.type === "ready" || r.type === "error"), "the page subscribed", 60000);
+  } catch (e) {
+    console.log(`# chromium stderr:\n${chromiumLog.replace(/^/gm, "#   ")}`);
+    throw e;
+  }
   const ready = reports.find((r) => r.type === "ready");
-  assert.ok(ready, `page failed: ${JSON.stringify(reports)}`);
+  assert.ok(ready, `page failed: ${JSON.stringify(reports)}\nchromium: ${chromiumLog}`);
   assert.equal(ready.clientId.length, 40);
 
   for (let n = 1; n <= 3; n++) {
     await publish(nodes[n % 2].base, { topic: "news", data: { n, text: `hello ${n}` } });
   }
-  await waitFor(() => reports.filter((r) => r.type === "message").length >= 3, "messages in the browser");
+  await waitFor(() => reports.filter((r) => r.type === "message").length >= 3, "messages in the browser").catch((e) => {
+    console.log(`# reports: ${JSON.stringify(reports)}`);
+    throw e;
+  });
   assert.deepEqual(
     reports.filter((r) => r.type === "message").map((r) => r.data),
     [1, 2, 3].map((n) => ({ n, text: `hello ${n}` })),
