@@ -16,14 +16,16 @@ PIDS=()
 
 log() { printf '\n==> %s\n' "$*" >&2; }
 
-pin() { # pin CPU cmd...: taskset when it works here
-  local cpu=$1; shift
-  if command -v taskset >/dev/null && taskset -c "$cpu" true 2>/dev/null; then
-    taskset -c "$cpu" "$@"
-  else
-    "$@"
-  fi
-}
+# Command prefixes that pin to a core, when taskset works here. They are
+# arrays of words, not functions, so that `"${ON_SERVER_CPU[@]}" cmd &` puts
+# the command itself (taskset execs it) behind `$!`, and stop_all kills it.
+if command -v taskset >/dev/null && taskset -c "$SERVER_CPU" true 2>/dev/null; then
+  ON_SERVER_CPU=(taskset -c "$SERVER_CPU")
+  ON_BENCH_CPU=(taskset -c "$BENCH_CPU")
+else
+  ON_SERVER_CPU=()
+  ON_BENCH_CPU=()
+fi
 
 build() {
   log "building release binaries"
@@ -57,7 +59,7 @@ start_fanout() {
   local port=$1; shift
   env "$@" FANOUT_LISTEN="127.0.0.1:$port" FANOUT_LOG_FORMAT=json RUST_LOG=warn \
     FANOUT_MAX_CONNECTIONS=200000 \
-    bash -c "ulimit -n 200000 2>/dev/null || true; exec taskset -c $SERVER_CPU \"$FANOUT\"" \
+    bash -c 'ulimit -n 200000 2>/dev/null || true; exec "$@"' _ "${ON_SERVER_CPU[@]}" "$FANOUT" \
     >>"$WORK/fanout-$port.log" 2>&1 &
   LAST_PID=$!
   PIDS+=("$LAST_PID")
@@ -65,7 +67,7 @@ start_fanout() {
 }
 
 start_redis() { # start_redis PORT; sets LAST_PID
-  pin "$SERVER_CPU" redis-server --port "$1" --bind 127.0.0.1 --save '' --appendonly no \
+  "${ON_SERVER_CPU[@]}" redis-server --port "$1" --bind 127.0.0.1 --save '' --appendonly no \
     --protected-mode no >>"$WORK/redis.log" 2>&1 &
   LAST_PID=$!
   PIDS+=("$LAST_PID")
@@ -88,8 +90,8 @@ start_pocketbase() {
   cp "$ROOT/../shared/peers/pocketbase/publish.pb.js" "$dir/pb_hooks/" 2>/dev/null \
     || cp "$ROOT/bench/peers/publish.pb.js" "$dir/pb_hooks/"
   local bin; bin=$(pocketbase_bin)
-  bash -c "ulimit -n 200000 2>/dev/null || true; exec taskset -c $SERVER_CPU \"$bin\" serve \
-    --http 127.0.0.1:$port --dir \"$dir/pb_data\" --hooksDir \"$dir/pb_hooks\"" \
+  bash -c 'ulimit -n 200000 2>/dev/null || true; exec "$@"' _ "${ON_SERVER_CPU[@]}" "$bin" serve \
+    --http "127.0.0.1:$port" --dir "$dir/pb_data" --hooksDir "$dir/pb_hooks" \
     >>"$WORK/pocketbase-$port.log" 2>&1 &
   LAST_PID=$!
   PIDS+=("$LAST_PID")
@@ -99,7 +101,7 @@ start_pocketbase() {
 # run_bench ARGS...: the load generator on its own core, results appended.
 run_bench() {
   ulimit -n 200000 2>/dev/null || ulimit -n "$(ulimit -Hn)"
-  pin "$BENCH_CPU" "$BENCH" run --quiet --json-out "$RESULTS" "$@" >/dev/null
+  "${ON_BENCH_CPU[@]}" "$BENCH" run --quiet --json-out "$RESULTS" "$@" >/dev/null
 }
 
 # scenario TARGET NAME BENCH-ARGS...: fresh server of TARGET (fanout or
