@@ -9,6 +9,16 @@
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::{Deserialize, Serialize};
 
+/// The credential of an `Authorization` value: `<token>` or
+/// `Bearer <token>` (any case), trimmed.
+pub fn bearer_token(value: &str) -> &str {
+    let value = value.trim();
+    match value.get(..7) {
+        Some(p) if p.eq_ignore_ascii_case("bearer ") => value[7..].trim_start(),
+        _ => value,
+    }
+}
+
 /// The identity bound to a realtime client.
 ///
 /// Two records are "the same auth" when both ids match (PocketBase compares
@@ -81,12 +91,7 @@ impl Authenticator {
     /// The auth record of an `Authorization` header value (`<token>` or
     /// `Bearer <token>`), or `None` for a guest.
     pub fn verify_header(&self, header: Option<&str>) -> Option<AuthRecord> {
-        let value = header?.trim();
-        let token = match value.get(..7) {
-            Some(p) if p.eq_ignore_ascii_case("bearer ") => value[7..].trim_start(),
-            _ => value,
-        };
-        self.verify(token)
+        self.verify(bearer_token(header?))
     }
 
     /// The auth record of a raw token, or `None` when it is not valid.

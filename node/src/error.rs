@@ -4,8 +4,7 @@
 //! the SDKs' `ClientResponseError` carries a useful status, message and data.
 
 use axum::{
-    Json,
-    http::StatusCode,
+    http::{StatusCode, header},
     response::{IntoResponse, Response},
 };
 use serde::Serialize;
@@ -68,7 +67,7 @@ impl ApiError {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, message)
     }
 
-    /// The JSON body, as bytes (also what a forwarded request carries back).
+    /// The JSON body, as bytes.
     pub fn body(&self) -> Vec<u8> {
         serde_json::to_vec(&Body {
             data: &self.data,
@@ -93,11 +92,8 @@ impl IntoResponse for ApiError {
             .increment(1);
         (
             self.status,
-            Json(Body {
-                data: &self.data,
-                message: &self.message,
-                status: self.status.as_u16(),
-            }),
+            [(header::CONTENT_TYPE, "application/json")],
+            self.body(),
         )
             .into_response()
     }

@@ -1,5 +1,5 @@
 //! HTTP routes: the PocketBase realtime endpoints, publishing, health and
-//! metrics. Handlers translate between HTTP and [`Broker`] calls; the rules
+//! metrics. Handlers translate between HTTP and [`crate::Broker`] calls; the rules
 //! of the protocol live in [`crate::protocol`], [`crate::broker`] and the
 //! validation below, which mirrors PocketBase's form validation.
 
@@ -19,11 +19,10 @@ use axum::{
 };
 use serde::Deserialize;
 use serde_json::{Map, Value, json, value::RawValue};
-use tokio_util::sync::CancellationToken;
 use tower_http::{catch_panic::CatchPanicLayer, cors::CorsLayer};
 
 use crate::{
-    broker::{Broker, SubscribeRequest},
+    broker::SubscribeRequest,
     config::Config,
     error::{ApiError, field_error},
     hub::Audience,
@@ -45,21 +44,20 @@ pub struct AppState {
 }
 
 struct Shared {
-    broker: Broker,
     config: Config,
     real_ip: RealIp,
-    shutdown: CancellationToken,
+    /// Also the node's broker and shutdown signal.
+    streams: sse::Streams,
     started: Instant,
 }
 
 impl AppState {
-    pub fn new(broker: Broker, config: Config, shutdown: CancellationToken) -> Self {
+    pub fn new(config: Config, real_ip: RealIp, streams: sse::Streams) -> Self {
         Self {
             inner: Arc::new(Shared {
-                real_ip: RealIp::new(config.trusted_proxies.clone()),
-                broker,
+                real_ip,
+                streams,
                 config,
-                shutdown,
                 started: Instant::now(),
             }),
         }
@@ -120,47 +118,15 @@ async fn realtime_connect(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let s = &state.inner;
-    if s.shutdown.is_cancelled() {
-        return Err(ApiError::unavailable("The server is shutting down."));
+    if let Some(refused) = s.streams.refusal() {
+        return Err(refused);
     }
-    if s.broker.hub().total_clients() >= s.config.max_connections {
-        return Err(ApiError::unavailable(
-            "Too many realtime connections on this node.",
-        ));
-    }
-    let ip = s.real_ip.resolve(peer.ip(), &headers);
-    let client = s.broker.connect(ip);
-    if s.shutdown.is_cancelled() {
-        // Shutdown began after the check above and may have closed every
-        // stream already: do not open one it would wait for.
-        client.close(crate::client::CloseReason::Shutdown);
-    }
-    tracing::debug!(client = client.id(), %ip, "stream opened");
-    let body = sse::ClientStream::new(
-        s.broker.clone(),
-        client,
-        sse::Timeouts {
-            idle: s.config.idle_timeout,
-            max_lifetime: s.config.max_lifetime,
-        },
-    );
+    let body = s.streams.open(s.real_ip.resolve(peer.ip(), &headers));
     let mut res = Body::from_stream(body).into_response();
-    let h = res.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream"),
-    );
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
-    h.insert(
-        "x-content-type-options",
-        HeaderValue::from_static("nosniff"),
-    );
-    h.insert("x-frame-options", HeaderValue::from_static("SAMEORIGIN"));
-    h.insert(
-        "x-xss-protection",
-        HeaderValue::from_static("1; mode=block"),
-    );
+    for (name, value) in sse::HEADERS {
+        res.headers_mut()
+            .insert(*name, HeaderValue::from_static(value));
+    }
     Ok(res)
 }
 
@@ -187,7 +153,8 @@ async fn realtime_subscribe(
     let client_id = form.client_id.unwrap_or_default();
     let subscriptions = form.subscriptions.unwrap_or_default();
     validate_subscribe_form(&client_id, &subscriptions)?;
-    s.broker
+    s.streams
+        .broker
         .subscribe(SubscribeRequest {
             client_id,
             subscriptions,
@@ -428,7 +395,7 @@ async fn publish(
         return Err(e);
     }
     let n = publications.len();
-    s.broker.publish(publications).await.map_err(|e| {
+    s.streams.broker.publish(publications).await.map_err(|e| {
         tracing::warn!(error = %e, "publish refused");
         ApiError::unavailable(format!("Publishing is unavailable: {e}"))
     })?;
@@ -497,7 +464,9 @@ fn check_item(
     }
     Ok(Publication {
         topic: item.topic.unwrap_or_default(),
-        data: protocol::one_line_json(item.data.as_deref().map_or("null", RawValue::get)),
+        data: Bytes::copy_from_slice(&protocol::one_line_json(
+            item.data.as_deref().map_or("null", RawValue::get),
+        )),
         audience,
     })
 }
@@ -524,13 +493,7 @@ fn authorize_publisher(config: &Config, peer: IpAddr, headers: &HeaderMap) -> Re
     let given = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .map(|v| {
-            let v = v.trim();
-            match v.get(..7) {
-                Some(p) if p.eq_ignore_ascii_case("bearer ") => v[7..].trim_start(),
-                _ => v,
-            }
-        });
+        .map(crate::auth::bearer_token);
     match given {
         None | Some("") => Err(ApiError::unauthorized(
             "The request requires a valid publish key.",
@@ -550,8 +513,8 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 async fn health(State(state): State<AppState>) -> Response {
     let s = &state.inner;
-    let relay = s.broker.relay_health();
-    let hub = s.broker.hub();
+    let relay = s.streams.broker.relay_health();
+    let hub = s.streams.broker.hub();
     let data = json!({
         "node": hub.node_tag(),
         "version": env!("CARGO_PKG_VERSION"),
@@ -560,7 +523,7 @@ async fn health(State(state): State<AppState>) -> Response {
         "topics": hub.total_topics(),
         "subscriptions": hub.total_subscriptions(),
         "relay": relay,
-        "shuttingDown": s.shutdown.is_cancelled(),
+        "shuttingDown": s.streams.shutdown.is_cancelled(),
     });
     let (status, message) = if !relay.healthy {
         (
@@ -570,7 +533,7 @@ async fn health(State(state): State<AppState>) -> Response {
                 relay.reason.as_deref().unwrap_or("relay unavailable")
             ),
         )
-    } else if s.shutdown.is_cancelled() {
+    } else if s.streams.shutdown.is_cancelled() {
         (
             StatusCode::SERVICE_UNAVAILABLE,
             "API is shutting down.".to_owned(),
@@ -588,17 +551,17 @@ async fn health(State(state): State<AppState>) -> Response {
 
 async fn cluster(State(state): State<AppState>) -> Result<Response, ApiError> {
     let nodes =
-        state.inner.broker.nodes().await.map_err(|e| {
+        state.inner.streams.broker.nodes().await.map_err(|e| {
             ApiError::unavailable(format!("Cluster membership is unavailable: {e}"))
         })?;
     Ok(
-        Json(json!({ "node": state.inner.broker.hub().node_tag(), "nodes": nodes }))
+        Json(json!({ "node": state.inner.streams.broker.hub().node_tag(), "nodes": nodes }))
             .into_response(),
     )
 }
 
 async fn metrics_text(State(state): State<AppState>) -> Response {
-    let hub = state.inner.broker.hub();
+    let hub = state.inner.streams.broker.hub();
     metrics::gauge!(m::CONNECTIONS).set(hub.total_clients() as f64);
     metrics::gauge!(m::TOPICS).set(hub.total_topics() as f64);
     metrics::gauge!(m::SUBSCRIPTIONS).set(hub.total_subscriptions() as f64);

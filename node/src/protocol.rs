@@ -5,7 +5,7 @@
 //! compatibility rules of `shared/spec/pocketbase-realtime.md` are checked in
 //! one place. The rest of the broker only moves the [`Bytes`] this module makes.
 
-use std::collections::BTreeMap;
+use std::{borrow::Cow, collections::BTreeMap};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use rand::Rng;
@@ -125,15 +125,11 @@ pub fn connect_data(client_id: &str) -> Vec<u8> {
 /// JSON can hold a CR or LF only as whitespace between tokens (inside strings
 /// they must be escaped), so removing them keeps the value and guarantees a
 /// single `data:` line, which the Dart SDK needs (it keeps only the last one).
-pub fn one_line_json(raw: &str) -> Bytes {
+pub fn one_line_json(raw: &str) -> Cow<'_, [u8]> {
     if is_line_safe(raw.as_bytes()) {
-        Bytes::copy_from_slice(raw.as_bytes())
+        Cow::Borrowed(raw.as_bytes())
     } else {
-        Bytes::from(
-            raw.bytes()
-                .filter(|&b| b != b'\n' && b != b'\r')
-                .collect::<Vec<u8>>(),
-        )
+        Cow::Owned(raw.bytes().filter(|&b| b != b'\n' && b != b'\r').collect())
     }
 }
 

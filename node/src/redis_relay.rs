@@ -171,7 +171,7 @@ impl RedisRelay {
         let tag = hub.node_tag().to_owned();
         let shared = Arc::new(Shared {
             topic_prefix: format!("{}t:", config.prefix),
-            node_channel: format!("{}n:{tag}", config.prefix),
+            node_channel: node_channel(&config.prefix, &tag),
             heartbeat_key: format!("{}node:{tag}", config.prefix),
             hub,
             config,
@@ -208,7 +208,7 @@ impl Shared {
     }
 
     fn node_channel_of(&self, tag: &str) -> String {
-        format!("{}n:{tag}", self.config.prefix)
+        node_channel(&self.config.prefix, tag)
     }
 
     fn set_subscriber(&self, state: Result<(), String>) {
@@ -347,6 +347,11 @@ impl Shared {
             }
         }
     }
+}
+
+/// The channel of the node with tag `tag`.
+fn node_channel(prefix: &str, tag: &str) -> String {
+    format!("{prefix}n:{tag}")
 }
 
 /// The envelope of a publication: the HTTP publish JSON.

@@ -18,8 +18,10 @@ use crate::{
     http::{AppState, router},
     hub::{Hub, HubConfig},
     protocol,
+    realip::RealIp,
     redis_relay::{RedisConfig, RedisRelay},
     relay::{LocalRelay, Relay},
+    sse::{Streams, Timeouts},
 };
 
 /// Listen backlog. tokio's `TcpListener::bind` uses 128, which turns a
@@ -105,12 +107,26 @@ impl Server {
         }
         // Install the recorder before the first request counts anything.
         crate::metrics::handle();
-        let app = router(AppState::new(
-            broker.clone(),
-            config.clone(),
-            shutdown.clone(),
-        ));
-        let conns = Conns::new(app, broker.clone(), &config, shutdown.clone());
+        let streams = Streams {
+            broker: broker.clone(),
+            timeouts: Timeouts {
+                idle: config.idle_timeout,
+                max_lifetime: config.max_lifetime,
+            },
+            max_connections: config.max_connections,
+            shutdown: shutdown.clone(),
+        };
+        let real_ip = RealIp::new(config.trusted_proxies.clone());
+        let conns = Conns {
+            router: router(AppState::new(
+                config.clone(),
+                real_ip.clone(),
+                streams.clone(),
+            )),
+            streams,
+            real_ip,
+            write_timeout: config.write_timeout,
+        };
         let task = tokio::spawn(conn::serve(listener, conns, config.drain_timeout));
         tracing::info!(%addr, node = broker.hub().node_tag(), "fanout listening");
         Ok(Self {

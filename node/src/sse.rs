@@ -14,6 +14,7 @@
 
 use std::{
     convert::Infallible,
+    net::IpAddr,
     pin::Pin,
     sync::Arc,
     task::{Context, Poll},
@@ -23,10 +24,12 @@ use std::{
 use bytes::Bytes;
 use futures_util::Stream;
 use tokio::time::{Instant, Sleep};
+use tokio_util::sync::CancellationToken;
 
 use crate::{
     broker::Broker,
     client::{Client, CloseReason, Take},
+    error::ApiError,
     metrics as m, protocol,
 };
 
@@ -38,6 +41,56 @@ const BATCH_BYTES: usize = 64 * 1024;
 pub struct Timeouts {
     pub idle: Duration,
     pub max_lifetime: Duration,
+}
+
+/// The response headers of a stream, as PocketBase sends them. Both the
+/// router's handler and the connection fast path write exactly these (CORS
+/// comes on top, from the router's layer or written alongside).
+pub const HEADERS: &[(&str, &str)] = &[
+    ("content-type", "text/event-stream"),
+    ("cache-control", "no-store"),
+    ("x-accel-buffering", "no"),
+    ("x-content-type-options", "nosniff"),
+    ("x-frame-options", "SAMEORIGIN"),
+    ("x-xss-protection", "1; mode=block"),
+];
+
+/// Opens streams: the one place that decides whether a new stream is
+/// accepted and registers its client, for both ways a stream is served
+/// (`conn.rs` on the socket, `http.rs` through the router).
+#[derive(Clone)]
+pub struct Streams {
+    pub broker: Broker,
+    pub timeouts: Timeouts,
+    pub max_connections: usize,
+    pub shutdown: CancellationToken,
+}
+
+impl Streams {
+    /// Why a new stream would be refused now (503), if it would.
+    pub fn refusal(&self) -> Option<ApiError> {
+        if self.shutdown.is_cancelled() {
+            Some(ApiError::unavailable("The server is shutting down."))
+        } else if self.broker.hub().total_clients() >= self.max_connections {
+            Some(ApiError::unavailable(
+                "Too many realtime connections on this node.",
+            ))
+        } else {
+            None
+        }
+    }
+
+    /// Register a client for a stream from `ip` and make its body.
+    pub fn open(&self, ip: IpAddr) -> ClientStream {
+        let client = self.broker.connect(ip);
+        if self.shutdown.is_cancelled() {
+            // Shutdown began after `refusal` and may have closed every
+            // stream already: do not open one it would wait for.
+            client.close(CloseReason::Shutdown);
+        }
+        tracing::debug!(client = client.id(), %ip, "stream opened");
+        ClientStream::new(self.broker.clone(), client, self.timeouts)
+    }
 }
 
 /// The body of one SSE response.
