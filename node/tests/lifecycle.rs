@@ -183,15 +183,8 @@ async fn shutdown_ends_open_streams_promptly() {
     let mut a = node.connect().await;
     let mut b = node.connect().await;
     // A connection that never sends a request, and one idle after a request.
-    let _silent = tokio::net::TcpStream::connect(node.server.local_addr())
-        .await
-        .unwrap();
-    let mut kept = tokio::net::TcpStream::connect(node.server.local_addr())
-        .await
-        .unwrap();
-    kept.write_all(b"GET /api/health HTTP/1.1\r\nHost: t\r\n\r\n")
-        .await
-        .unwrap();
+    let _silent = raw(&node, b"").await;
+    let mut kept = raw(&node, b"GET /api/health HTTP/1.1\r\nHost: t\r\n\r\n").await;
     read_until(&mut kept, "API is healthy.").await;
     let started = tokio::time::Instant::now();
     node.server.shutdown().await.unwrap();
@@ -240,33 +233,12 @@ async fn binary_serves_and_stops_on_sigterm() {
     assert!(logs.contains("fanout listening") && logs.contains("stopped"));
 }
 
-/// Read from a raw socket until `needle` shows up; everything read so far.
-async fn read_until(sock: &mut tokio::net::TcpStream, needle: &str) -> String {
-    let mut all = String::new();
-    let mut buf = vec![0; 4096];
-    tokio::time::timeout(WAIT, async {
-        while !all.contains(needle) {
-            let n = sock.read(&mut buf).await.unwrap();
-            assert!(n > 0, "closed before {needle:?}: {all}");
-            all.push_str(&String::from_utf8_lossy(&buf[..n]));
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("no {needle:?} in: {all}"));
-    all
-}
-
 /// An HTTP/1.0 client (no chunked encoding) is served by the router's
 /// realtime handler, with the same first event.
 #[tokio::test]
 async fn http10_clients_get_a_stream_too() {
     let node = start().await;
-    let mut sock = tokio::net::TcpStream::connect(node.server.local_addr())
-        .await
-        .unwrap();
-    sock.write_all(b"GET /api/realtime HTTP/1.0\r\n\r\n")
-        .await
-        .unwrap();
+    let mut sock = raw(&node, b"GET /api/realtime HTTP/1.0\r\n\r\n").await;
     let got = read_until(&mut sock, "\n\n").await;
     assert!(got.starts_with("HTTP/1.0 200"), "{got}");
     assert!(got.contains("content-type: text/event-stream"));
@@ -278,12 +250,7 @@ async fn http10_clients_get_a_stream_too() {
 #[tokio::test]
 async fn a_connection_outlives_its_stream() {
     let node = start_with(|c| c.idle_timeout = Duration::from_millis(300)).await;
-    let mut sock = tokio::net::TcpStream::connect(node.server.local_addr())
-        .await
-        .unwrap();
-    sock.write_all(b"GET /api/realtime HTTP/1.1\r\nHost: t\r\n\r\n")
-        .await
-        .unwrap();
+    let mut sock = raw(&node, b"GET /api/realtime HTTP/1.1\r\nHost: t\r\n\r\n").await;
     // PB_CONNECT, then the terminating chunk when the stream goes idle.
     let got = read_until(&mut sock, "\r\n0\r\n\r\n").await;
     assert!(got.contains("event:PB_CONNECT"));

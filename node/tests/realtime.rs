@@ -9,21 +9,15 @@ use std::collections::HashSet;
 use common::*;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 
 /// The first bytes on the wire: headers, then exactly PocketBase's
 /// PB_CONNECT event, in one chunk.
 #[tokio::test]
 async fn connect_sends_pb_connect_bytes_first() {
     let node = start().await;
-    let stream = tokio::net::TcpStream::connect(node.server.local_addr())
-        .await
-        .unwrap();
-    let mut r = BufReader::new(stream);
-    r.get_mut()
-        .write_all(b"GET /api/realtime HTTP/1.1\r\nHost: test\r\n\r\n")
-        .await
-        .unwrap();
+    let mut r =
+        BufReader::new(raw(&node, b"GET /api/realtime HTTP/1.1\r\nHost: test\r\n\r\n").await);
     let mut headers = Vec::new();
     loop {
         let mut line = String::new();
@@ -178,22 +172,10 @@ async fn subscribe_table_matches_pocketbase() {
     let auth_of = || hub.client_by_id(&id).unwrap().auth().map(|a| a.id.clone());
     let t1 = user_token("secret", "user1");
     let t2 = user_token("secret", "user2");
-    let (s, _) = node
-        .post_subscriptions(
-            json!({"clientId": id, "subscriptions": ["a"]}),
-            &[("authorization", &t1)],
-        )
-        .await;
-    assert_eq!(s, StatusCode::NO_CONTENT);
+    node.subscribe_as(&id, &["a"], &t1).await;
     assert_eq!(auth_of().as_deref(), Some("user1"));
     let bearer = format!("Bearer {t1}");
-    let (s, _) = node
-        .post_subscriptions(
-            json!({"clientId": id, "subscriptions": ["a"]}),
-            &[("authorization", &bearer)],
-        )
-        .await;
-    assert_eq!(s, StatusCode::NO_CONTENT);
+    node.subscribe_as(&id, &["a"], &bearer).await;
     for auth in [Some(t2.as_str()), None, Some("garbage.token.value")] {
         let headers: Vec<(&str, &str)> = auth.iter().map(|t| ("authorization", *t)).collect();
         let (s, b) = node
@@ -291,13 +273,7 @@ async fn batch_and_directed_publishes() {
     let mut b = node.connect().await;
     node.subscribe(&a.client_id, &["t"]).await;
     let t = user_token("secret", "u9");
-    let (s, _) = node
-        .post_subscriptions(
-            json!({"clientId": b.client_id, "subscriptions": ["t"]}),
-            &[("authorization", &t)],
-        )
-        .await;
-    assert_eq!(s, StatusCode::NO_CONTENT);
+    node.subscribe_as(&b.client_id, &["t"], &t).await;
     let (s, body) = node
         .publish_raw(
             json!({"messages": [
@@ -334,13 +310,7 @@ async fn bad_input_is_refused_and_harms_no_one() {
     node.subscribe(&watcher.client_id, &["watch"]).await;
     let victim = node.connect().await;
     let t = user_token("secret", "u1");
-    let (s, _) = node
-        .post_subscriptions(
-            json!({"clientId": victim.client_id, "subscriptions": ["v"]}),
-            &[("authorization", &t)],
-        )
-        .await;
-    assert_eq!(s, StatusCode::NO_CONTENT);
+    node.subscribe_as(&victim.client_id, &["v"], &t).await;
 
     let url = |p: &str| format!("{}{p}", node.base);
     let raw = |path: &'static str, ct: &'static str, body: Vec<u8>| {

@@ -207,6 +207,18 @@ impl Api {
         assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
     }
 
+    /// Set a client's subscriptions with `Authorization: <token>` and
+    /// insist on 204.
+    pub async fn subscribe_as(&self, client_id: &str, topics: &[&str], token: &str) {
+        let (status, body) = self
+            .post_subscriptions(
+                json!({"clientId": client_id, "subscriptions": topics}),
+                &[("authorization", token)],
+            )
+            .await;
+        assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
+    }
+
     /// POST /api/publish; the status and the JSON body.
     pub async fn publish_raw(&self, body: Value, headers: &[(&str, &str)]) -> (StatusCode, Value) {
         self.post("/api/publish", body, headers).await

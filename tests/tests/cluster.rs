@@ -100,14 +100,7 @@ async fn subscription_post_on_another_node_gets_the_owners_answer() {
     // … and auth changes (403).
     let t1 = user_token(SECRET, "u1");
     let t2 = user_token(SECRET, "u2");
-    let (s, _) = c
-        .node(2)
-        .post_subscriptions(
-            json!({"clientId": id, "subscriptions": ["news"]}),
-            &[("authorization", &t1)],
-        )
-        .await;
-    assert_eq!(s, StatusCode::NO_CONTENT);
+    c.node(2).subscribe_as(&id, &["news"], &t1).await;
     let (s, b) = c
         .node(1)
         .post_subscriptions(
@@ -250,14 +243,7 @@ async fn directed_sends_reach_one_client_or_one_user_anywhere() {
     for (i, user) in ["u1", "u1", "u2"].into_iter().enumerate() {
         let sse = c.node(i).connect().await;
         let t = user_token(SECRET, user);
-        let (s, _) = c
-            .node(i + 1)
-            .post_subscriptions(
-                json!({"clientId": sse.client_id, "subscriptions": ["d"]}),
-                &[("authorization", &t)],
-            )
-            .await;
-        assert_eq!(s, StatusCode::NO_CONTENT);
+        c.node(i + 1).subscribe_as(&sse.client_id, &["d"], &t).await;
         clients.push(sse);
     }
     let (s, _) = c

@@ -29,3 +29,31 @@ pub async fn start_with(f: impl FnOnce(&mut Config)) -> Node {
 pub async fn start() -> Node {
     start_with(|_| {}).await
 }
+
+/// A raw TCP connection to the node that has sent `request` (nothing when
+/// empty): for exact bytes and connections no HTTP client would make.
+pub async fn raw(node: &Node, request: &[u8]) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let mut sock = tokio::net::TcpStream::connect(node.server.local_addr())
+        .await
+        .unwrap();
+    sock.write_all(request).await.unwrap();
+    sock
+}
+
+/// Read from a raw socket until `needle` shows up; everything read so far.
+pub async fn read_until(sock: &mut tokio::net::TcpStream, needle: &str) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut all = String::new();
+    let mut buf = vec![0; 4096];
+    tokio::time::timeout(WAIT, async {
+        while !all.contains(needle) {
+            let n = sock.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed before {needle:?}: {all}");
+            all.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no {needle:?} in: {all}"));
+    all
+}
