@@ -77,6 +77,8 @@ impl Authenticator {
                 v.leeway = 0;
                 v.validate_aud = false;
                 v.required_spec_claims = ["exp".to_owned()].into();
+                // A token that is not valid yet is not valid.
+                v.validate_nbf = true;
                 Some((DecodingKey::from_secret(&secret), v))
             }
         };
@@ -98,6 +100,11 @@ impl Authenticator {
     pub fn verify(&self, token: &str) -> Option<AuthRecord> {
         let (key, validation) = self.key.as_ref()?;
         if token.is_empty() {
+            return None;
+        }
+        // RFC 7515 §4.1.11: a `crit` header names extensions the verifier
+        // must understand; we understand none, so such a token is refused.
+        if jsonwebtoken::decode_header(token).ok()?.crit.is_some() {
             return None;
         }
         let data = jsonwebtoken::decode::<serde_json::Map<String, serde_json::Value>>(
@@ -147,6 +154,13 @@ pub(crate) mod tests {
         .unwrap()
     }
 
+    /// A token whose header carries `crit`.
+    fn crit_token(secret: &str, claims: serde_json::Value) -> String {
+        let mut h = Header::new(Algorithm::HS256);
+        h.crit = Some(vec!["exp".into()]);
+        jsonwebtoken::encode(&h, &claims, &EncodingKey::from_secret(secret.as_bytes())).unwrap()
+    }
+
     fn exp(offset: i64) -> i64 {
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -179,6 +193,9 @@ pub(crate) mod tests {
             token("s3cret", json!({"id":"u1"})),
             token("s3cret", json!({"id":"u1","type":"file","exp":exp(60)})),
             token("s3cret", json!({"exp":exp(60)})),
+            // Not valid before a minute from now.
+            token("s3cret", json!({"id":"u1","exp":exp(120),"nbf":exp(60)})),
+            crit_token("s3cret", json!({"id":"u1","exp":exp(60)})),
             "garbage".to_owned(),
             String::new(),
         ] {

@@ -24,18 +24,34 @@
 //! # }
 //! ```
 
-use std::{net::IpAddr, sync::Arc};
+use std::{net::IpAddr, sync::Arc, time::Duration};
 
 use axum::http::StatusCode;
+use serde_json::json;
 
 use crate::{
     auth::Authenticator,
     client::Client,
-    error::ApiError,
-    hub::{Audience, Hub},
+    error::{ApiError, field_error},
+    hub::{Audience, Hub, SubscribeError},
     metrics as m, protocol,
     relay::{NodeInfo, Publication, Relay, RelayError, RelayHealth},
 };
+
+/// Why a publish was not accepted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PublishError {
+    /// This node's fan-out backlog stayed full for the whole publish wait;
+    /// nothing was published. Retry later (HTTP 503).
+    #[error("the node is overloaded (fan-out backlog full); retry later")]
+    Overloaded,
+    /// The relay could not take the messages; nothing was published.
+    #[error(transparent)]
+    Relay(#[from] RelayError),
+    /// A message's topic or data contains CR or LF; nothing was published.
+    #[error("message {index}: the topic and data must not contain CR or LF")]
+    NotLineSafe { index: usize },
+}
 
 /// A realtime subscription request, as the node owning the client applies it.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
@@ -55,11 +71,43 @@ pub struct Broker {
     hub: Hub,
     relay: Arc<dyn Relay>,
     auth: Authenticator,
+    publish_wait: Duration,
 }
 
+/// How long a publish waits for a full fan-out backlog by default.
+pub const DEFAULT_PUBLISH_WAIT: Duration = Duration::from_secs(2);
+
 impl Broker {
+    /// Join a hub and a relay. Topics whose local interest changes outside
+    /// a subscription request (a client leaves or is dropped, a library
+    /// call) are synced to the relay from here on.
     pub fn new(hub: Hub, relay: Arc<dyn Relay>, auth: Authenticator) -> Self {
-        Self { hub, relay, auth }
+        let weak = Arc::downgrade(&relay);
+        hub.on_topics_changed(Box::new(move |topics| {
+            let Some(relay) = weak.upgrade() else { return };
+            let sync = relay.sync_topics(topics);
+            // Outside a runtime (process exit) there is nothing to release.
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(async move {
+                    if let Err(e) = sync.await {
+                        tracing::warn!(error = %e, "could not sync relay topics");
+                    }
+                });
+            }
+        }));
+        Self {
+            hub,
+            relay,
+            auth,
+            publish_wait: DEFAULT_PUBLISH_WAIT,
+        }
+    }
+
+    /// How long a publish waits for a full fan-out backlog before it is
+    /// refused with [`PublishError::Overloaded`].
+    pub fn with_publish_wait(mut self, wait: Duration) -> Self {
+        self.publish_wait = wait;
+        self
     }
 
     /// The local clients and topics (PocketBase's `SubscriptionsBroker()`).
@@ -79,23 +127,22 @@ impl Broker {
 
     /// Unregister a client and release the relay topics it alone held.
     pub fn disconnect(&self, client_id: &str) {
-        let changes = self.hub.unregister(client_id);
-        if !changes.is_empty() {
-            let sync = self.relay.sync_topics(changes.all());
-            // Streams are dropped on the runtime; outside one (process exit)
-            // there is nothing left to release.
-            if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                rt.spawn(async move {
-                    if let Err(e) = sync.await {
-                        tracing::warn!(error = %e, "could not release relay topics");
-                    }
-                });
-            }
-        }
+        self.hub.unregister(client_id);
     }
 
     /// Publish messages to every subscriber on every node.
-    pub async fn publish(&self, batch: Vec<Publication>) -> Result<(), RelayError> {
+    ///
+    /// Waits up to the publish wait while this node's fan-out backlog is
+    /// full, then gives up with [`PublishError::Overloaded`].
+    pub async fn publish(&self, batch: Vec<Publication>) -> Result<(), PublishError> {
+        if let Some(index) = batch.iter().position(|p| {
+            !protocol::is_line_safe(p.topic.as_bytes()) || !protocol::is_line_safe(&p.data)
+        }) {
+            return Err(PublishError::NotLineSafe { index });
+        }
+        if !self.hub.admit(self.publish_wait).await {
+            return Err(PublishError::Overloaded);
+        }
         let n = batch.len() as u64;
         self.relay.publish(batch).await?;
         metrics::counter!(m::PUBLISHED).increment(n);
@@ -108,7 +155,7 @@ impl Broker {
         topic: &str,
         data: &serde_json::Value,
         audience: Audience,
-    ) -> Result<(), RelayError> {
+    ) -> Result<(), PublishError> {
         let data = serde_json::to_vec(data).expect("a JSON value serialises");
         self.publish(vec![Publication {
             topic: topic.to_owned(),
@@ -173,8 +220,8 @@ impl Broker {
         let previous: Vec<String> = client.subscriptions(&[]).into_keys().collect();
         let changes = self
             .hub
-            .set_subscriptions(&client, &req.subscriptions, auth)
-            .ok_or_else(missing_client)?;
+            .replace_subscriptions(&client, &req.subscriptions, auth.map(Arc::new))
+            .map_err(subscribe_error)?;
         if changes.added.is_empty() && changes.removed.is_empty() {
             return Ok(());
         }
@@ -183,12 +230,10 @@ impl Broker {
             Ok(()) => Ok(()),
             Err(e) => {
                 tracing::warn!(client = client.id(), error = %e, "subscription failed; reverting");
-                let back = self.hub.set_subscriptions(
-                    &client,
-                    &previous,
-                    previous_auth.map(|a| (*a).clone()),
-                );
-                if back.is_some() {
+                let back = self
+                    .hub
+                    .replace_subscriptions(&client, &previous, previous_auth);
+                if back.is_ok() {
                     // Best effort: interest follows the hub again once the
                     // relay is back.
                     let sync = self.relay.sync_topics(topics);
@@ -202,6 +247,37 @@ impl Broker {
                 ))
             }
         }
+    }
+}
+
+/// The answer to a subscription change the hub refused.
+fn subscribe_error(e: SubscribeError) -> ApiError {
+    match e {
+        SubscribeError::Gone => missing_client(),
+        SubscribeError::OverBudget { max } => ApiError::validation(
+            [(
+                "subscriptions".to_owned(),
+                field_error(
+                    "validation_length_too_long",
+                    &format!("the subscription keys must be no more than {max} bytes in total"),
+                    Some(json!({"max": max})),
+                ),
+            )]
+            .into_iter()
+            .collect(),
+        ),
+        SubscribeError::NotLineSafe => ApiError::validation(
+            [(
+                "subscriptions".to_owned(),
+                field_error(
+                    "validation_match_invalid",
+                    "must not contain CR or LF characters",
+                    None,
+                ),
+            )]
+            .into_iter()
+            .collect(),
+        ),
     }
 }
 

@@ -6,13 +6,16 @@
 //! message on an unbuffered channel, so order between messages is not
 //! guaranteed and a stuck reader piles up goroutines. Here every send is a
 //! non-blocking push into a bounded FIFO: order is kept, the sender never
-//! waits, and a client that falls `queue capacity` events behind is
-//! disconnected (it reconnects and resubscribes, as the SDKs do anyway).
+//! waits, and a client that falls `queue capacity` events, or `queue bytes`
+//! bytes of events, behind is disconnected (it reconnects and resubscribes,
+//! as the SDKs do anyway). The bytes counted are those the stream will
+//! write; the queue itself holds only refcounted parts ([`Frame`]), so one
+//! large publication queued for many keys and clients is in memory once.
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::{HashMap, HashSet, VecDeque},
     net::IpAddr,
-    sync::{Arc, LazyLock},
+    sync::Arc,
     time::SystemTime,
 };
 
@@ -23,7 +26,7 @@ use serde::Serialize;
 
 use crate::{
     auth::AuthRecord,
-    protocol::{self, SubscriptionOptions},
+    protocol::{self, Frame, SubKey, SubscriptionOptions},
 };
 
 /// A message for one or more clients: an SSE event name and JSON data.
@@ -32,8 +35,7 @@ use crate::{
 /// every client it is sent to.
 #[derive(Debug, Clone)]
 pub struct Message {
-    name: Arc<str>,
-    frame: Bytes,
+    frame: Frame,
 }
 
 /// Why a [`Message`] could not be made.
@@ -53,7 +55,7 @@ impl Message {
         }
         let raw: &serde_json::value::RawValue =
             serde_json::from_slice(data).map_err(|_| MessageError::InvalidJson)?;
-        Ok(Self::from_parts(name, &protocol::one_line_json(raw.get())))
+        Self::from_parts(name, &protocol::one_line_json(raw.get()))
     }
 
     /// A message whose data is `value` serialized as JSON.
@@ -62,24 +64,22 @@ impl Message {
             return Err(MessageError::NameNotLineSafe);
         }
         let data = serde_json::to_vec(value).map_err(|_| MessageError::InvalidJson)?;
-        Ok(Self::from_parts(name, &data))
+        Self::from_parts(name, &data)
     }
 
-    /// Trusted constructor: `name` and `data` are already line-safe.
-    pub(crate) fn from_parts(name: &str, data: &[u8]) -> Self {
-        Self {
-            name: name.into(),
-            frame: protocol::event_frame(name, data),
-        }
+    fn from_parts(name: &str, data: &[u8]) -> Result<Self, MessageError> {
+        let frame = protocol::event_frame(name, data).map_err(|_| MessageError::NameNotLineSafe)?;
+        Ok(Self { frame })
     }
 
     pub fn name(&self) -> &str {
-        &self.name
+        let head = &self.frame.head[b"event:".len()..self.frame.head.len() - b"\ndata:".len()];
+        std::str::from_utf8(head).expect("a name is UTF-8")
     }
 
-    /// The shared `event:…\ndata:…\n\n` bytes.
-    pub fn frame(&self) -> &Bytes {
-        &self.frame
+    /// The event's `event:…\ndata:…\n\n` bytes, as one buffer.
+    pub fn frame(&self) -> Bytes {
+        self.frame.to_vec().into()
     }
 }
 
@@ -99,6 +99,9 @@ pub enum SendError {
 pub enum CloseReason {
     /// Its queue overflowed.
     Slow,
+    /// The fan-out backlog of one of its topics overflowed on this node
+    /// (see `Hub::dispatch`).
+    Overloaded,
     /// Discarded through the library API or unregistered.
     Discarded,
     /// The server is shutting down.
@@ -118,32 +121,24 @@ pub(crate) enum Take {
 }
 
 struct Queue {
-    frames: VecDeque<Bytes>,
+    frames: VecDeque<Frame>,
+    /// Bytes the queued frames will take on the wire, `id:` lines included.
+    bytes: usize,
     closed: Option<CloseReason>,
 }
 
 /// Per-client mutable state, behind one lock.
 #[derive(Default)]
 pub(crate) struct ClientState {
-    pub(crate) subscriptions: HashMap<Arc<str>, Arc<SubscriptionOptions>>,
+    /// Keys shared with the topic index (one allocation per distinct key).
+    pub(crate) subscriptions: HashSet<SubKey>,
+    /// Sum of the key lengths, held against the per-client budget.
+    pub(crate) subscription_bytes: usize,
     pub(crate) auth: Option<Arc<AuthRecord>>,
     pub(crate) store: HashMap<String, serde_json::Value>,
     /// Cleared by the hub when the client is unregistered; after that no
     /// subscription may be added, so the topic index cannot leak it.
     pub(crate) registered: bool,
-}
-
-static NO_OPTIONS: LazyLock<Arc<SubscriptionOptions>> = LazyLock::new(Default::default);
-
-/// Options of a subscription key, sharing one empty value for plain topics.
-pub(crate) fn options_of(key: &str) -> Arc<SubscriptionOptions> {
-    if key.contains('?') {
-        let o = SubscriptionOptions::parse(key);
-        if o != SubscriptionOptions::default() {
-            return Arc::new(o);
-        }
-    }
-    NO_OPTIONS.clone()
 }
 
 /// A connected realtime client.
@@ -155,6 +150,7 @@ pub struct Client {
     ip: IpAddr,
     connected_at: SystemTime,
     capacity: usize,
+    max_bytes: usize,
     queue: Mutex<Queue>,
     /// The stream's waker: woken when the queue becomes non-empty or closes.
     waker: AtomicWaker,
@@ -171,7 +167,7 @@ impl std::fmt::Debug for Client {
 }
 
 impl Client {
-    pub(crate) fn new(seq: u64, id: String, ip: IpAddr, capacity: usize) -> Self {
+    pub(crate) fn new(seq: u64, id: String, ip: IpAddr, capacity: usize, max_bytes: usize) -> Self {
         Self {
             seq,
             id_line: protocol::id_line(&id),
@@ -179,8 +175,10 @@ impl Client {
             ip,
             connected_at: SystemTime::now(),
             capacity: capacity.max(1),
+            max_bytes: max_bytes.max(1),
             queue: Mutex::new(Queue {
                 frames: VecDeque::new(),
+                bytes: 0,
                 closed: None,
             }),
             waker: AtomicWaker::new(),
@@ -221,7 +219,7 @@ impl Client {
         let st = self.state.lock();
         st.subscriptions
             .iter()
-            .filter(|(k, _)| {
+            .filter(|k| {
                 prefixes.is_empty()
                     || prefixes.iter().any(|p| {
                         let k = k.as_bytes();
@@ -234,13 +232,15 @@ impl Client {
                         }
                     })
             })
-            .map(|(k, o)| (k.to_string(), (**o).clone()))
+            // Parsed on demand: the options are for library users, and
+            // keeping them parsed per client would double the key memory.
+            .map(|k| (k.to_string(), SubscriptionOptions::parse(k)))
             .collect()
     }
 
     /// Whether the client holds exactly this subscription key.
     pub fn has_subscription(&self, key: &str) -> bool {
-        self.state.lock().subscriptions.contains_key(key)
+        self.state.lock().subscriptions.contains(key)
     }
 
     /// A value from the client's free-form store.
@@ -264,18 +264,21 @@ impl Client {
         self.push(message.frame.clone())
     }
 
-    pub(crate) fn push(&self, frame: Bytes) -> Result<(), SendError> {
+    pub(crate) fn push(&self, frame: Frame) -> Result<(), SendError> {
+        let size = frame.len() + self.id_line.len();
         let mut q = self.queue.lock();
         if q.closed.is_some() {
             return Err(SendError::Closed);
         }
-        if q.frames.len() >= self.capacity {
+        if q.frames.len() >= self.capacity || q.bytes + size > self.max_bytes {
             q.closed = Some(CloseReason::Slow);
             q.frames = VecDeque::new();
+            q.bytes = 0;
             drop(q);
             self.waker.wake();
             return Err(SendError::Full);
         }
+        q.bytes += size;
         q.frames.push_back(frame);
         let first = q.frames.len() == 1;
         drop(q);
@@ -298,6 +301,7 @@ impl Client {
         if q.closed.is_none() {
             q.closed = Some(reason);
             q.frames = VecDeque::new();
+            q.bytes = 0;
         }
         drop(q);
         self.waker.wake();
@@ -312,10 +316,15 @@ impl Client {
         self.queue.lock().frames.len()
     }
 
+    /// Bytes waiting to be written.
+    pub fn queued_bytes(&self) -> usize {
+        self.queue.lock().bytes
+    }
+
     /// Move queued frames, up to about `max_bytes`, into `batch`. The caller
     /// learns their encoded size first, so it can frame the write (an HTTP
     /// chunk header) and encode everything with one copy.
-    pub(crate) fn take(&self, batch: &mut Vec<Bytes>, max_bytes: usize) -> Take {
+    pub(crate) fn take(&self, batch: &mut Vec<Frame>, max_bytes: usize) -> Take {
         let mut size = 0;
         {
             let mut q = self.queue.lock();
@@ -324,7 +333,9 @@ impl Client {
             }
             while size < max_bytes {
                 let Some(f) = q.frames.pop_front() else { break };
-                size += f.len() + self.id_line.len();
+                let n = f.len() + self.id_line.len();
+                size += n;
+                q.bytes -= n;
                 batch.push(f);
             }
             if q.frames.is_empty() && q.frames.capacity() > 64 {
@@ -343,10 +354,11 @@ impl Client {
 
     /// Append the frames of `batch` to `out`, each behind the `id:` line,
     /// so a burst costs one write.
-    pub(crate) fn encode(&self, batch: &mut Vec<Bytes>, out: &mut Vec<u8>) {
+    pub(crate) fn encode(&self, batch: &mut Vec<Frame>, out: &mut Vec<u8>) {
         for f in batch.drain(..) {
             out.extend_from_slice(&self.id_line);
-            out.extend_from_slice(&f);
+            out.extend_from_slice(&f.head);
+            out.extend_from_slice(&f.data);
         }
     }
 
@@ -361,7 +373,13 @@ mod tests {
     use super::*;
 
     fn client(cap: usize) -> Client {
-        Client::new(1, "c".repeat(40), "127.0.0.1".parse().unwrap(), cap)
+        Client::new(
+            1,
+            "c".repeat(40),
+            "127.0.0.1".parse().unwrap(),
+            cap,
+            1 << 20,
+        )
     }
 
     fn take_all(c: &Client) -> Vec<u8> {
@@ -395,6 +413,20 @@ mod tests {
         assert_eq!(c.send(&m), Err(SendError::Full));
         assert!(c.is_discarded());
         assert_eq!(c.send(&m), Err(SendError::Closed));
+        assert!(matches!(
+            c.take(&mut Vec::new(), 1),
+            Take::Closed(CloseReason::Slow)
+        ));
+    }
+
+    #[test]
+    fn a_queue_over_its_byte_bound_disconnects() {
+        let c = Client::new(1, "c".repeat(40), "127.0.0.1".parse().unwrap(), 100, 200);
+        let m = Message::new("m", &[b'1'; 100]).unwrap();
+        // 44 (id line) + 13 (head) + 102 (data) = 159 bytes: one fits.
+        c.send(&m).unwrap();
+        assert_eq!(c.queued_bytes(), 159);
+        assert_eq!(c.send(&m), Err(SendError::Full));
         assert!(matches!(
             c.take(&mut Vec::new(), 1),
             Take::Closed(CloseReason::Slow)
@@ -437,6 +469,7 @@ mod tests {
         );
         let m = Message::new("a", b"{\n\"x\": 1\n}").unwrap();
         assert_eq!(&m.frame()[..], b"event:a\ndata:{\"x\": 1}\n\n");
+        assert_eq!(m.name(), "a");
         let m = Message::json("a", &serde_json::json!({"k": "v\nw"})).unwrap();
         assert_eq!(&m.frame()[..], b"event:a\ndata:{\"k\":\"v\\nw\"}\n\n");
     }

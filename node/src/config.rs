@@ -50,6 +50,41 @@ pub struct Config {
     #[arg(long, env = "FANOUT_CLIENT_QUEUE", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
     pub client_queue: u32,
 
+    /// Bytes of events (as written, `id:` lines included) a client may have
+    /// waiting before it is disconnected as slow.
+    #[arg(long, env = "FANOUT_CLIENT_QUEUE_BYTES", default_value_t = 4 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(1..))]
+    pub client_queue_bytes: u64,
+
+    /// Bytes of subscription keys one client may hold (the sum of the key
+    /// lengths); a POST beyond it gets 400.
+    #[arg(long, env = "FANOUT_MAX_SUBSCRIPTION_BYTES", default_value_t = 256 * 1024)]
+    pub max_subscription_bytes: usize,
+
+    /// Deliveries the fan-out may have dispatched but not yet pushed before
+    /// publishers are held back (see --publish-wait).
+    #[arg(
+        long,
+        env = "FANOUT_MAX_BACKLOG_DELIVERIES",
+        default_value_t = 1_000_000
+    )]
+    pub max_backlog_deliveries: usize,
+
+    /// Bytes of publications the fan-out may hold before publishers are
+    /// held back; relayed work beyond twice this is shed, and its local
+    /// recipients are disconnected.
+    #[arg(long, env = "FANOUT_MAX_BACKLOG_BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub max_backlog_bytes: usize,
+
+    /// How long a publish waits for a full fan-out backlog before it is
+    /// refused with 503.
+    #[arg(long, env = "FANOUT_PUBLISH_WAIT", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub publish_wait: Duration,
+
+    /// Origins allowed to publish from a browser (CORS on /api/publish).
+    /// Empty: no CORS on publish. Comma-separated; `*` allows any origin.
+    #[arg(long, env = "FANOUT_PUBLISH_CORS_ORIGINS", value_delimiter = ',')]
+    pub publish_cors_origins: Vec<String>,
+
     /// Close a stream after this long without a delivered message
     /// (PocketBase: 5m).
     #[arg(long, env = "FANOUT_IDLE_TIMEOUT", default_value = "5m", value_parser = humantime::parse_duration)]
@@ -63,10 +98,24 @@ pub struct Config {
     #[arg(long, env = "FANOUT_MAX_CONNECTIONS", default_value_t = 100_000)]
     pub max_connections: usize,
 
-    /// Largest request body accepted, in bytes. The default fits the largest
-    /// valid subscription set (1000 topics of 2500 bytes).
+    /// Largest request body accepted, in bytes; a larger declared
+    /// `Content-Length` is refused (413) before any of it is read.
     #[arg(long, env = "FANOUT_MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_body_bytes: usize,
+
+    /// How long a client may take to send a request head, and how long a
+    /// kept-alive connection may sit idle between requests.
+    #[arg(long, env = "FANOUT_HEAD_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub head_timeout: Duration,
+
+    /// How long a client may take to send a whole request body (408 after).
+    #[arg(long, env = "FANOUT_BODY_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub body_timeout: Duration,
+
+    /// Most connections that are not SSE streams (requests, keep-alive).
+    /// At the cap, the connection idle longest is closed for a new one.
+    #[arg(long, env = "FANOUT_MAX_HTTP_CONNECTIONS", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_http_connections: u32,
 
     /// Largest `data` of one published message, in bytes of JSON.
     #[arg(long, env = "FANOUT_MAX_PAYLOAD_BYTES", default_value_t = 256 * 1024)]

@@ -19,6 +19,13 @@
 //!   from there to the axum router. The router also serves
 //!   `GET /api/realtime` itself, with the same bytes, for HTTP/1.0 clients
 //!   and for embedding.
+//! * A realtime GET followed by more bytes in the same read (a pipelined
+//!   request) is refused with 400 and the connection closed: the stream
+//!   never ends in time to answer what follows it.
+//!
+//! Every connection that is not a stream is tracked by
+//! [`crate::admission`], which keeps the node reachable when it runs short
+//! of connections or file descriptors.
 
 use std::{
     io,
@@ -45,6 +52,8 @@ use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
 use crate::{
+    admission::{Entry, Slot, Tracker},
+    error::ApiError,
     http::PeerAddr,
     realip::RealIp,
     sse::{HEADERS, Streams},
@@ -53,8 +62,6 @@ use crate::{
 /// Longest request head read before deciding; longer ones go to hyper,
 /// which answers 431.
 const MAX_HEAD: usize = 16 * 1024;
-/// How long a new connection may take to send its request head.
-const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
 
 type Io = Pin<Box<TimeoutStream<TcpStream>>>;
 
@@ -64,6 +71,28 @@ pub(crate) struct Conns {
     pub streams: Streams,
     pub real_ip: RealIp,
     pub write_timeout: Duration,
+    /// How long a client may take to send a request head, or stay idle
+    /// between requests.
+    pub head_timeout: Duration,
+    pub tracker: Arc<Tracker>,
+}
+
+/// A request's connection, for handlers that wait on the client (the body
+/// reader marks the connection as waiting, so it can make room).
+#[derive(Clone)]
+pub struct ConnHandle {
+    entry: Arc<Entry>,
+    tracker: Arc<Tracker>,
+}
+
+impl ConnHandle {
+    pub(crate) fn waiting(&self) {
+        self.entry.waiting(&self.tracker);
+    }
+
+    pub(crate) fn busy(&self) {
+        self.entry.busy();
+    }
 }
 
 /// Accept until shutdown, then wait up to `drain` for connections to end.
@@ -78,14 +107,20 @@ pub(crate) async fn serve(listener: TcpListener, conns: Conns, drain: Duration) 
         };
         match accepted {
             Ok((tcp, peer)) => {
-                tracker.spawn(handle(conns.clone(), tcp, peer, graceful.watcher()));
+                let streams = conns.streams.broker.hub().total_clients();
+                // No room and nobody to evict: closing it is the answer.
+                if let Some(slot) = conns.tracker.admit(streams) {
+                    tracker.spawn(handle(conns.clone(), tcp, peer, graceful.watcher(), slot));
+                }
             }
             Err(e) if is_per_connection(&e) => {}
             Err(e) => {
-                // EMFILE and friends: the node is at a resource limit.
-                // Back off briefly instead of spinning.
+                // EMFILE and friends: the node is at a resource limit
+                // despite its budget. Make room, and back off briefly
+                // instead of spinning.
                 tracing::error!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                conns.tracker.evict_one();
+                tokio::time::sleep(Duration::from_millis(10)).await;
             }
         }
     }
@@ -112,42 +147,73 @@ fn is_per_connection(e: &io::Error) -> bool {
     )
 }
 
-async fn handle(conns: Arc<Conns>, tcp: TcpStream, peer: SocketAddr, watcher: Watcher) {
+async fn handle(
+    conns: Arc<Conns>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    watcher: Watcher,
+    mut slot: Slot,
+) {
     let _ = tcp.set_nodelay(true);
     let mut stream = TimeoutStream::new(tcp);
     stream.set_write_timeout(Some(conns.write_timeout));
     let mut io: Io = Box::pin(stream);
     let mut head = BytesMut::with_capacity(1024);
-    let read = tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut io, &mut head));
+    let read = tokio::time::timeout(conns.head_timeout, read_head(&mut io, &mut head));
     let realtime = tokio::select! {
         r = read => match r {
             Ok(Ok(Some(realtime))) => realtime,
             // Closed, failed, or slow to send a head: nothing to answer.
             Ok(Ok(None)) | Ok(Err(_)) | Err(_) => return,
         },
+        // Closed to make room for a newer connection.
+        _ = slot.entry.evicted().cancelled() => return,
         // A connection that has not sent a request yet must not hold up
         // shutdown.
         _ = conns.streams.shutdown.cancelled() => return,
     };
     let mut prefix = head.freeze();
-    if let Some(xff) = realtime {
-        match serve_sse(&conns, &mut io, peer, xff, prefix.clone()).await {
-            // Refused (the router answers), or ended cleanly: the
-            // connection goes on with hyper.
-            Some(rest) => prefix = rest,
-            None => return,
-        }
-        if prefix.is_empty() && conns.streams.shutdown.is_cancelled() {
+    match realtime {
+        Head::Other => {}
+        Head::Pipelined => {
+            refuse_pipelined(&mut io).await;
             return;
         }
+        Head::Realtime(xff) => {
+            // A stream is counted as a stream, not as a request connection.
+            drop(slot);
+            match serve_sse(&conns, &mut io, peer, xff, prefix.clone()).await {
+                // Refused (the router answers), or ended cleanly: the
+                // connection goes on with hyper.
+                Some(rest) => prefix = rest,
+                None => return,
+            }
+            if prefix.is_empty() && conns.streams.shutdown.is_cancelled() {
+                return;
+            }
+            let streams = conns.streams.broker.hub().total_clients();
+            match conns.tracker.admit(streams) {
+                Some(s) => slot = s,
+                None => return,
+            }
+        }
     }
-    serve_hyper(&conns, io, peer, prefix, watcher).await;
+    serve_hyper(&conns, io, peer, prefix, watcher, slot).await;
 }
 
-/// Read until a complete request head is buffered. `Some(Some(xff))` for
-/// a realtime GET this module serves (with its `X-Forwarded-For` values),
-/// `Some(None)` for anything else, `None` when the peer went away.
-async fn read_head(io: &mut Io, buf: &mut BytesMut) -> io::Result<Option<Option<Vec<Vec<u8>>>>> {
+/// What a complete request head asks for.
+enum Head {
+    /// A realtime GET this module serves, with its `X-Forwarded-For` values.
+    Realtime(Vec<Vec<u8>>),
+    /// A realtime GET with more bytes behind it.
+    Pipelined,
+    /// Anything else: hyper and the router serve it.
+    Other,
+}
+
+/// Read until a complete request head is buffered; `None` when the peer
+/// went away first.
+async fn read_head(io: &mut Io, buf: &mut BytesMut) -> io::Result<Option<Head>> {
     loop {
         if io.read_buf(buf).await? == 0 {
             return Ok(None);
@@ -155,12 +221,34 @@ async fn read_head(io: &mut Io, buf: &mut BytesMut) -> io::Result<Option<Option<
         let mut headers = [httparse::EMPTY_HEADER; 64];
         let mut req = httparse::Request::new(&mut headers);
         match req.parse(buf) {
-            Ok(httparse::Status::Complete(_)) => return Ok(Some(fast_path(&req))),
+            Ok(httparse::Status::Complete(n)) => {
+                return Ok(Some(match fast_path(&req) {
+                    Some(_) if n < buf.len() => Head::Pipelined,
+                    Some(xff) => Head::Realtime(xff),
+                    None => Head::Other,
+                }));
+            }
             Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => continue,
             // Malformed, too many headers or too long: hyper answers.
-            _ => return Ok(Some(None)),
+            _ => return Ok(Some(Head::Other)),
         }
     }
+}
+
+/// Answer a realtime GET with a request pipelined behind it: 400, with
+/// the error JSON, and close.
+async fn refuse_pipelined(io: &mut Io) {
+    let body = ApiError::bad_request(
+        "A request pipelined behind GET /api/realtime cannot be answered; send it on another connection.",
+    )
+    .body();
+    let head = format!(
+        "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    let _ = io.write_all(head.as_bytes()).await;
+    let _ = io.write_all(&body).await;
+    let _ = io.shutdown().await;
 }
 
 /// The `X-Forwarded-For` values of a request this module serves itself:
@@ -226,9 +314,11 @@ async fn serve_sse(
             headers.append("x-forwarded-for", v);
         }
     }
-    let mut body = conns
-        .streams
-        .open(conns.real_ip.resolve(peer.ip(), &headers));
+    // A bad X-Forwarded-For is the router's to answer (400).
+    let Ok(ip) = conns.real_ip.resolve(peer.ip(), &headers) else {
+        return Some(head);
+    };
+    let mut body = conns.streams.open(ip);
     // The response head goes out with the first batch (PB_CONNECT).
     let mut out = response_head();
     let mut ignored = [0u8; 64];
@@ -272,18 +362,43 @@ async fn serve_sse(
 }
 
 /// Serve the connection with hyper and the router, replaying `prefix`.
-async fn serve_hyper(conns: &Conns, io: Io, peer: SocketAddr, prefix: Bytes, watcher: Watcher) {
+async fn serve_hyper(
+    conns: &Conns,
+    io: Io,
+    peer: SocketAddr,
+    prefix: Bytes,
+    watcher: Watcher,
+    slot: Slot,
+) {
     let router = conns.router.clone();
+    let handle = ConnHandle {
+        entry: slot.entry.clone(),
+        tracker: conns.tracker.clone(),
+    };
     let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
         req.extensions_mut().insert(ConnectInfo(PeerAddr(peer)));
-        router.clone().oneshot(req)
+        req.extensions_mut().insert(handle.clone());
+        handle.busy();
+        let handle = handle.clone();
+        let answer = router.clone().oneshot(req);
+        async move {
+            let res = answer.await;
+            // Idle until the next request head (hyper's head timeout).
+            handle.waiting();
+            res
+        }
     });
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEAD_TIMEOUT)
+        .header_read_timeout(conns.head_timeout)
         .serve_connection(TokioIo::new(Replay { prefix, io }), service);
-    if let Err(e) = watcher.watch(conn).await {
-        tracing::debug!(error = %e, "connection ended with an error");
+    tokio::select! {
+        r = watcher.watch(conn) => {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        }
+        _ = slot.entry.evicted().cancelled() => {}
     }
 }
 

@@ -6,24 +6,30 @@
 use std::{
     net::{IpAddr, SocketAddr},
     sync::Arc,
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use axum::{
     Json, Router,
     body::{Body, Bytes},
-    extract::{ConnectInfo, DefaultBodyLimit, FromRequest, Request, State},
-    http::{HeaderMap, HeaderValue, StatusCode, header},
+    extract::{ConnectInfo, Request, State},
+    http::{HeaderMap, HeaderValue, Method, StatusCode, header},
     response::{IntoResponse, Response},
     routing::{get, post},
 };
+use futures_util::StreamExt;
 use serde::Deserialize;
 use serde_json::{Map, Value, json, value::RawValue};
-use tower_http::{catch_panic::CatchPanicLayer, cors::CorsLayer};
+use tower_http::{
+    catch_panic::CatchPanicLayer,
+    cors::{AllowOrigin, CorsLayer},
+};
 
 use crate::{
-    broker::SubscribeRequest,
+    admission::Tracker,
+    broker::{PublishError, SubscribeRequest},
     config::Config,
+    conn::ConnHandle,
     error::{ApiError, field_error},
     hub::Audience,
     metrics as m,
@@ -32,6 +38,12 @@ use crate::{
     relay::Publication,
     sse,
 };
+
+impl From<crate::realip::BadForwardedFor> for ApiError {
+    fn from(e: crate::realip::BadForwardedFor) -> Self {
+        ApiError::bad_request(e.to_string())
+    }
+}
 
 /// The direct peer of a connection (the TCP remote address).
 #[derive(Debug, Clone, Copy)]
@@ -48,16 +60,23 @@ struct Shared {
     real_ip: RealIp,
     /// Also the node's broker and shutdown signal.
     streams: sse::Streams,
+    tracker: Arc<Tracker>,
     started: Instant,
 }
 
 impl AppState {
-    pub fn new(config: Config, real_ip: RealIp, streams: sse::Streams) -> Self {
+    pub(crate) fn new(
+        config: Config,
+        real_ip: RealIp,
+        streams: sse::Streams,
+        tracker: Arc<Tracker>,
+    ) -> Self {
         Self {
             inner: Arc::new(Shared {
                 real_ip,
                 streams,
                 config,
+                tracker,
                 started: Instant::now(),
             }),
         }
@@ -65,23 +84,31 @@ impl AppState {
 }
 
 /// The application's routes.
+///
+/// The realtime routes answer CORS from any origin, as PocketBase does.
+/// Publishing answers CORS only for `--publish-cors-origins`: otherwise a
+/// page open in any browser could publish.
 pub fn router(state: AppState) -> Router {
-    let body_limit = state.inner.config.max_body_bytes;
-    Router::new()
+    let public = Router::new()
         .route(
             "/api/realtime",
             get(realtime_connect).post(realtime_subscribe),
         )
-        .route("/api/publish", post(publish))
         .route("/api/health", get(health))
+        .layer(CorsLayer::permissive());
+    let mut publish_route = Router::new().route("/api/publish", post(publish));
+    if let Some(cors) = publish_cors(&state.inner.config.publish_cors_origins) {
+        publish_route = publish_route.layer(cors);
+    }
+    Router::new()
+        .merge(public)
+        .merge(publish_route)
         .route("/api/cluster", get(cluster))
         .route("/metrics", get(metrics_text))
         .fallback(|| async { ApiError::not_found("The requested resource wasn't found.") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "Method not allowed.")
         })
-        .layer(DefaultBodyLimit::max(body_limit))
-        .layer(CorsLayer::permissive())
         .layer(CatchPanicLayer::custom(|_| {
             ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "Internal server error.")
                 .into_response()
@@ -89,23 +116,98 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// A request body read within the configured limit; too large a body is
-/// refused with 413 and the error JSON.
-struct LimitedBody(Bytes);
+/// The CORS policy of `/api/publish`, if any origin is allowed.
+fn publish_cors(origins: &[String]) -> Option<CorsLayer> {
+    let origins: Vec<&str> = origins
+        .iter()
+        .map(|o| o.trim())
+        .filter(|o| !o.is_empty())
+        .collect();
+    if origins.is_empty() {
+        return None;
+    }
+    let allow = if origins.contains(&"*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()))
+    };
+    Some(
+        CorsLayer::new()
+            .allow_origin(allow)
+            .allow_methods([Method::POST])
+            .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE]),
+    )
+}
 
-impl<S: Send + Sync> FromRequest<S> for LimitedBody {
-    type Rejection = ApiError;
+/// Read a request body within `limit` bytes and `timeout`.
+///
+/// * A declared `Content-Length` over the limit is refused (413) before a
+///   byte of the body is read.
+/// * Each piece is copied out of the connection's read buffer as it
+///   arrives and the piece dropped, so memory follows the bytes received:
+///   a body dribbled one byte per packet costs one byte per byte, not a
+///   read buffer per byte (which is what collecting the pieces did).
+/// * The whole body must arrive within `timeout` (408); hyper then closes
+///   the connection, since the rest of the body was not read.
+async fn read_body(
+    body: Body,
+    headers: &HeaderMap,
+    limit: usize,
+    timeout: Duration,
+) -> Result<Bytes, ApiError> {
+    let too_large = || ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "Request body too large.");
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(too_large());
+    }
+    let mut buf = Vec::with_capacity(declared.map_or(0, |n| n as usize).min(64 * 1024));
+    let mut stream = body.into_data_stream();
+    let read = async {
+        while let Some(piece) = stream.next().await {
+            let piece = piece.map_err(|_| ApiError::bad_request("Invalid request body."))?;
+            if buf.len() + piece.len() > limit {
+                return Err(too_large());
+            }
+            buf.extend_from_slice(&piece);
+        }
+        Ok(())
+    };
+    match tokio::time::timeout(timeout, read).await {
+        Ok(Ok(())) => Ok(Bytes::from(buf)),
+        Ok(Err(e)) => Err(e),
+        Err(_) => {
+            metrics::counter!(m::BODY_TIMEOUTS).increment(1);
+            Err(ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "The request body did not arrive in time.",
+            ))
+        }
+    }
+}
 
-    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        Bytes::from_request(req, state)
-            .await
-            .map(LimitedBody)
-            .map_err(|r| match r.status() {
-                StatusCode::PAYLOAD_TOO_LARGE => {
-                    ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "Request body too large.")
-                }
-                s => ApiError::new(s, r.body_text()),
-            })
+impl Shared {
+    async fn body(&self, req: Request) -> Result<(HeaderMap, Bytes), ApiError> {
+        let (parts, body) = req.into_parts();
+        // While the body trickles in, the connection waits on its client:
+        // it may be closed to make room (see `admission`).
+        let conn = parts.extensions.get::<ConnHandle>().cloned();
+        if let Some(c) = &conn {
+            c.waiting();
+        }
+        let bytes = read_body(
+            body,
+            &parts.headers,
+            self.config.max_body_bytes,
+            self.config.body_timeout,
+        )
+        .await;
+        if let Some(c) = &conn {
+            c.busy();
+        }
+        Ok((parts.headers, bytes?))
     }
 }
 
@@ -121,7 +223,7 @@ async fn realtime_connect(
     if let Some(refused) = s.streams.refusal() {
         return Err(refused);
     }
-    let body = s.streams.open(s.real_ip.resolve(peer.ip(), &headers));
+    let body = s.streams.open(s.real_ip.resolve(peer.ip(), &headers)?);
     let mut res = Body::from_stream(body).into_response();
     for (name, value) in sse::HEADERS {
         res.headers_mut()
@@ -145,10 +247,10 @@ struct SubscribeForm {
 async fn realtime_subscribe(
     State(state): State<AppState>,
     ConnectInfo(PeerAddr(peer)): ConnectInfo<PeerAddr>,
-    headers: HeaderMap,
-    LimitedBody(body): LimitedBody,
+    req: Request,
 ) -> Result<StatusCode, ApiError> {
     let s = &state.inner;
+    let (headers, body) = s.body(req).await?;
     let form = bind_subscribe_form(&headers, &body)?;
     let client_id = form.client_id.unwrap_or_default();
     let subscriptions = form.subscriptions.unwrap_or_default();
@@ -158,7 +260,7 @@ async fn realtime_subscribe(
         .subscribe(SubscribeRequest {
             client_id,
             subscriptions,
-            ip: s.real_ip.resolve(peer.ip(), &headers),
+            ip: s.real_ip.resolve(peer.ip(), &headers)?,
             authorization: headers
                 .get(header::AUTHORIZATION)
                 .and_then(|v| v.to_str().ok())
@@ -313,17 +415,19 @@ fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Box<RawValue
 async fn publish(
     State(state): State<AppState>,
     ConnectInfo(PeerAddr(peer)): ConnectInfo<PeerAddr>,
-    headers: HeaderMap,
-    LimitedBody(body): LimitedBody,
+    req: Request,
 ) -> Result<Response, ApiError> {
     let s = &state.inner;
-    authorize_publisher(&s.config, peer.ip(), &headers)?;
-    if !content_type(&headers).starts_with("application/json") {
+    // Who may publish is decided from the head alone: an unauthorised
+    // client never gets to send a body.
+    authorize_publisher(&s.config, peer.ip(), req.headers())?;
+    if !content_type(req.headers()).starts_with("application/json") {
         return Err(ApiError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "Publish bodies must be application/json.",
         ));
     }
+    let (_, body) = s.body(req).await?;
     let parsed: PublishBody = serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad_request(format!("Invalid publish body: {e}")))?;
     let (items, batch) = match parsed {
@@ -395,10 +499,20 @@ async fn publish(
         return Err(e);
     }
     let n = publications.len();
-    s.streams.broker.publish(publications).await.map_err(|e| {
-        tracing::warn!(error = %e, "publish refused");
-        ApiError::unavailable(format!("Publishing is unavailable: {e}"))
-    })?;
+    s.streams
+        .broker
+        .publish(publications)
+        .await
+        .map_err(|e| match e {
+            PublishError::NotLineSafe { .. } => ApiError::bad_request(e.to_string()),
+            PublishError::Overloaded => {
+                ApiError::unavailable("The node is overloaded (fan-out backlog full); retry later.")
+            }
+            PublishError::Relay(e) => {
+                tracing::warn!(error = %e, "publish refused");
+                ApiError::unavailable(format!("Publishing is unavailable: {e}"))
+            }
+        })?;
     Ok(Json(json!({ "published": n })).into_response())
 }
 
@@ -471,9 +585,14 @@ fn check_item(
     })
 }
 
+/// Headers that show a request was made by a browser page or passed
+/// through a proxy: without a publish key, such a request is refused even
+/// from loopback, since the page or the proxy's client is not local.
+const NOT_LOCAL_HEADERS: &[&str] = &["origin", "x-forwarded-for", "forwarded", "x-real-ip"];
+
 /// With a publish key: `Authorization: Bearer <key>` (401 when missing, 403
 /// when wrong). Without one: loopback peers only (the direct peer, never a
-/// forwarded address).
+/// forwarded address), and never a browser page or a proxied request.
 fn authorize_publisher(config: &Config, peer: IpAddr, headers: &HeaderMap) -> Result<(), ApiError> {
     let Some(key) = config.publish_key.as_deref() else {
         let loopback = match peer {
@@ -482,13 +601,17 @@ fn authorize_publisher(config: &Config, peer: IpAddr, headers: &HeaderMap) -> Re
                 v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v| v.is_loopback())
             }
         };
-        return if loopback {
-            Ok(())
-        } else {
-            Err(ApiError::forbidden(
+        if !loopback {
+            return Err(ApiError::forbidden(
                 "Publishing without a publish key is allowed from loopback only.",
-            ))
-        };
+            ));
+        }
+        if let Some(h) = NOT_LOCAL_HEADERS.iter().find(|h| headers.contains_key(**h)) {
+            return Err(ApiError::forbidden(format!(
+                "Publishing without a publish key is refused for requests with a {h} header (browser pages and proxied requests)."
+            )));
+        }
+        return Ok(());
     };
     let given = headers
         .get(header::AUTHORIZATION)
@@ -515,13 +638,16 @@ async fn health(State(state): State<AppState>) -> Response {
     let s = &state.inner;
     let relay = s.streams.broker.relay_health();
     let hub = s.streams.broker.hub();
+    let backlog = hub.backlog();
     let data = json!({
         "node": hub.node_tag(),
         "version": env!("CARGO_PKG_VERSION"),
         "uptimeSeconds": s.started.elapsed().as_secs(),
         "connections": hub.total_clients(),
+        "httpConnections": s.tracker.http_connections(),
         "topics": hub.total_topics(),
         "subscriptions": hub.total_subscriptions(),
+        "backlog": backlog,
         "relay": relay,
         "shuttingDown": s.streams.shutdown.is_cancelled(),
     });
@@ -532,6 +658,11 @@ async fn health(State(state): State<AppState>) -> Response {
                 "API is unhealthy: {}.",
                 relay.reason.as_deref().unwrap_or("relay unavailable")
             ),
+        )
+    } else if backlog.saturated {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "API is unhealthy: the fan-out backlog is full, publishes are held back.".to_owned(),
         )
     } else if s.streams.shutdown.is_cancelled() {
         (
@@ -565,6 +696,10 @@ async fn metrics_text(State(state): State<AppState>) -> Response {
     metrics::gauge!(m::CONNECTIONS).set(hub.total_clients() as f64);
     metrics::gauge!(m::TOPICS).set(hub.total_topics() as f64);
     metrics::gauge!(m::SUBSCRIPTIONS).set(hub.total_subscriptions() as f64);
+    let backlog = hub.backlog();
+    metrics::gauge!(m::BACKLOG_DELIVERIES).set(backlog.deliveries as f64);
+    metrics::gauge!(m::BACKLOG_BYTES).set(backlog.bytes as f64);
+    metrics::gauge!(m::HTTP_CONNECTIONS).set(state.inner.tracker.http_connections() as f64);
     (
         [(
             header::CONTENT_TYPE,

@@ -14,19 +14,42 @@
 //! (`Arc<[Arc<Client>]>`) so that a publish takes the index lock only long
 //! enough to clone a few `Arc`s.
 //!
+//! Each distinct subscription key is stored once ([`SubKey`], whose bytes
+//! are also the key's `event:<key>\ndata:` head): the index and every client
+//! holding the key share it. A client's keys are held against a byte budget
+//! (`max_subscription_bytes`).
+//!
 //! ## Fan-out
-//! The SSE frame `event:<key>\ndata:<json>\n\n` is encoded once per key and
-//! shared by refcount; each stream adds its own `id:` line when it writes.
+//! A publication's data (`<json>\n\n`) is made once and shared by refcount
+//! by every key and client it goes to; an event is two refcounted parts (the
+//! key's head and the data), and each stream adds its own `id:` line when it
+//! writes. So a 244 KiB message that matches 1,000 keys of a client costs
+//! 1,000 × two pointers in its queue, and the client's queue bound in bytes
+//! disconnects that client long before the node notices the memory.
+//!
 //! Pushing is done by a fixed set of fan-out workers (one per core by
 //! default). Every client belongs to one worker (`seq % workers`), and each
 //! snapshot is partitioned the same way, so a large recipient set is split
-//! across the workers and pushed in parallel. Each worker takes messages
-//! from its own FIFO queue, in dispatch order, so every client receives
-//! messages in the order they were dispatched, with no barrier between
-//! messages. A worker yields to the scheduler after every `chunk_size`
-//! pushes, so a huge broadcast does not keep the writers of already-served
-//! clients waiting. Pushing never waits on a client: a full queue
-//! disconnects that client.
+//! across the workers and pushed in parallel. Pushing never waits on a
+//! client: a full queue disconnects that client.
+//!
+//! ## Fairness and the backlog
+//! Each worker keeps one FIFO per base topic and serves the topics with
+//! work round-robin, `chunk_size` pushes per turn. A message of one topic
+//! therefore waits behind at most one turn of every other busy topic, never
+//! behind a whole flood: with the default 512 pushes per turn, a few hundred
+//! microseconds per busy topic. Order is kept per topic (and so per key),
+//! which is the order Redis guarantees anyway; messages of different topics
+//! may interleave differently for different clients.
+//!
+//! The work not yet pushed is the backlog, counted in deliveries and in
+//! bytes of held publications. Publishers are admitted while it is under
+//! `max_backlog_deliveries` and `max_backlog_bytes` ([`Hub::admit`] waits a
+//! bounded time for it to drain, then the publish is refused with 503). Work
+//! that arrives from other nodes cannot be refused; if it would take the
+//! held bytes past twice the bound, that publication is not queued and its
+//! local recipients are disconnected (`CloseReason::Overloaded`): they
+//! reconnect, as after any missed message.
 //!
 //! Dispatch itself never awaits: the relay's receive loop hands a burst of
 //! messages to the workers back to back, and the workers push each client
@@ -34,24 +57,24 @@
 //! write instead of one per event.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{HashMap, HashSet, VecDeque},
     net::IpAddr,
     sync::{
-        Arc, OnceLock,
-        atomic::{AtomicU64, AtomicUsize, Ordering},
+        Arc, OnceLock, Weak,
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use bytes::Bytes;
-use parking_lot::RwLock;
-use tokio::sync::{mpsc, oneshot};
+use parking_lot::{Mutex, RwLock};
+use tokio::sync::Notify;
 
 use crate::{
     auth::AuthRecord,
-    client::{Client, CloseReason, SendError, options_of},
+    client::{Client, CloseReason, SendError},
     metrics as m,
-    protocol::{self, ClientIdGen},
+    protocol::{self, ClientIdGen, Frame, SubKey},
 };
 
 /// Settings of the hub.
@@ -59,12 +82,24 @@ use crate::{
 pub struct HubConfig {
     /// This node's tag, the first characters of every client id it makes.
     pub node_tag: String,
-    /// Pushes a fan-out worker makes before it yields to the scheduler.
+    /// Pushes a fan-out worker makes for one topic before it turns to the
+    /// next topic with work (and yields to the scheduler).
     pub chunk_size: usize,
     /// Fan-out workers; 0 means one per core.
     pub workers: usize,
     /// Events a client may have queued before it is disconnected as slow.
     pub queue_capacity: usize,
+    /// Bytes of events a client may have queued before it is disconnected
+    /// as slow.
+    pub queue_bytes: usize,
+    /// Bytes of subscription keys one client may hold.
+    pub max_subscription_bytes: usize,
+    /// Publishers wait while this many deliveries are not yet pushed.
+    pub max_backlog_deliveries: usize,
+    /// Publishers wait while publications of this many bytes are held by
+    /// the fan-out; at twice this, relayed work is shed (see the module
+    /// documentation).
+    pub max_backlog_bytes: usize,
 }
 
 impl Default for HubConfig {
@@ -73,7 +108,11 @@ impl Default for HubConfig {
             node_tag: protocol::random_alphanumeric(protocol::NODE_TAG_LEN),
             chunk_size: 512,
             queue_capacity: 1024,
+            queue_bytes: 4 << 20,
             workers: 0,
+            max_subscription_bytes: 256 << 10,
+            max_backlog_deliveries: 1_000_000,
+            max_backlog_bytes: 64 << 20,
         }
     }
 }
@@ -87,6 +126,20 @@ pub enum Audience {
     Client(String),
     /// Only clients bound to this auth record id (if local and subscribed).
     User(String),
+}
+
+/// Why a subscription change was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SubscribeError {
+    /// The client is no longer registered.
+    #[error("client not registered")]
+    Gone,
+    /// The keys would take the client past its byte budget.
+    #[error("subscription keys over the budget of {max} bytes")]
+    OverBudget { max: usize },
+    /// A key contains CR or LF.
+    #[error("a subscription key contains CR or LF")]
+    NotLineSafe,
 }
 
 /// Subscribers of one key, partitioned by fan-out worker
@@ -119,10 +172,13 @@ impl Subscribers {
     }
 }
 
+/// The keys a publication matches, with their subscribers.
+type Targets = Vec<(SubKey, Snapshot)>;
+
 /// Subscription keys of one base topic.
-#[derive(Default)]
 struct Topic {
-    keys: HashMap<Arc<str>, Subscribers>,
+    name: Arc<str>,
+    keys: HashMap<SubKey, Subscribers>,
 }
 
 #[derive(Default)]
@@ -131,12 +187,25 @@ struct Index {
 }
 
 impl Index {
+    /// The stored copy of `key`, if any client holds it.
+    fn intern(&self, key: &str) -> Option<SubKey> {
+        let topic = self.topics.get(protocol::base_topic(key))?;
+        topic.keys.get_key_value(key).map(|(k, _)| k.clone())
+    }
+
     /// Adds `client` under `key`; true when the base topic is new here.
-    fn add(&mut self, key: &Arc<str>, client: &Arc<Client>) -> bool {
+    fn add(&mut self, key: &SubKey, client: &Arc<Client>) -> bool {
         let base = protocol::base_topic(key);
         let (topic, new) = match self.topics.get_mut(base) {
             Some(t) => (t, false),
-            None => (self.topics.entry(Arc::from(base)).or_default(), true),
+            None => {
+                let name: Arc<str> = Arc::from(base);
+                let t = self.topics.entry(name.clone()).or_insert(Topic {
+                    name,
+                    keys: HashMap::new(),
+                });
+                (t, true)
+            }
         };
         let subs = topic.keys.entry(key.clone()).or_default();
         subs.members.insert(client.seq, client.clone());
@@ -144,12 +213,10 @@ impl Index {
         new
     }
 
-    /// Removes `client` from `key`; true when the base topic is now gone.
-    fn remove(&mut self, key: &str, seq: u64) -> bool {
+    /// Removes `client` from `key`; the base topic when it is now gone.
+    fn remove(&mut self, key: &str, seq: u64) -> Option<Arc<str>> {
         let base = protocol::base_topic(key);
-        let Some(topic) = self.topics.get_mut(base) else {
-            return false;
-        };
+        let topic = self.topics.get_mut(base)?;
         if let Some(subs) = topic.keys.get_mut(key) {
             if subs.members.remove(&seq).is_some() {
                 subs.changed();
@@ -159,10 +226,9 @@ impl Index {
             }
         }
         if topic.keys.is_empty() {
-            self.topics.remove(base);
-            return true;
+            return self.topics.remove(base).map(|t| t.name);
         }
-        false
+        None
     }
 }
 
@@ -188,12 +254,129 @@ impl TopicChanges {
     }
 }
 
-/// Work for one fan-out worker.
-enum Work {
-    /// Frames and the subscribers to push them to (this worker's partition).
-    Push(Arc<Vec<(Bytes, Snapshot)>>),
-    /// Answer once everything queued before it is pushed.
-    Barrier(oneshot::Sender<()>),
+/// What the fan-out has not pushed yet.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Backlog {
+    /// Pushes into client queues still to do.
+    pub deliveries: usize,
+    /// Bytes of publications held until they are pushed.
+    pub bytes: usize,
+    /// Whether publishers are being held back.
+    pub saturated: bool,
+}
+
+/// Called with the base topics whose local interest changed outside a
+/// subscription request (a client left, was dropped as slow, or a library
+/// call changed its keys), so the relay can follow.
+pub type TopicsChanged = Box<dyn Fn(Vec<Arc<str>>) + Send + Sync>;
+
+/// One publication on its way through the fan-out workers. Dropped when
+/// the last worker is done with it, which releases its bytes.
+struct Dispatch {
+    data: Bytes,
+    targets: Vec<(SubKey, Snapshot)>,
+    charge: usize,
+    at: Instant,
+    hub: Weak<HubInner>,
+}
+
+impl Drop for Dispatch {
+    fn drop(&mut self) {
+        if let Some(hub) = self.hub.upgrade() {
+            hub.backlog_bytes.fetch_sub(self.charge, Ordering::Relaxed);
+        }
+    }
+}
+
+/// One worker's share of a [`Dispatch`], and how far it got.
+struct Job {
+    dispatch: Arc<Dispatch>,
+    key: usize,
+    pos: usize,
+}
+
+impl Job {
+    /// Push up to `quota` events; whether the job is finished.
+    fn run(
+        &mut self,
+        w: usize,
+        quota: usize,
+        pushed: &mut usize,
+        slow: &mut Vec<Arc<Client>>,
+    ) -> bool {
+        let d = &self.dispatch;
+        while self.key < d.targets.len() {
+            let (key, subs) = &d.targets[self.key];
+            let part = &subs[w];
+            while self.pos < part.len() {
+                if *pushed >= quota {
+                    return false;
+                }
+                let client = &part[self.pos];
+                if let Err(SendError::Full) = client.push(Frame::new(key, &d.data)) {
+                    slow.push(client.clone());
+                }
+                self.pos += 1;
+                *pushed += 1;
+            }
+            self.key += 1;
+            self.pos = 0;
+        }
+        true
+    }
+}
+
+/// The queues of one fan-out worker: a FIFO per base topic, and the
+/// round-robin order of the topics that have work.
+#[derive(Default)]
+struct WorkerQueues {
+    topics: HashMap<Arc<str>, VecDeque<Job>>,
+    ready: VecDeque<Arc<str>>,
+}
+
+#[derive(Default)]
+struct Worker {
+    queues: Mutex<WorkerQueues>,
+    wake: Notify,
+}
+
+impl Worker {
+    fn enqueue(&self, topic: &Arc<str>, job: Job) {
+        let mut q = self.queues.lock();
+        let fifo = q.topics.entry(topic.clone()).or_default();
+        fifo.push_back(job);
+        if fifo.len() == 1 {
+            q.ready.push_back(topic.clone());
+        }
+        drop(q);
+        self.wake.notify_one();
+    }
+
+    /// The first job of the next topic in turn.
+    fn next(&self) -> Option<(Arc<str>, Job)> {
+        let mut q = self.queues.lock();
+        let topic = q.ready.pop_front()?;
+        let job = q.topics.get_mut(&topic)?.pop_front()?;
+        Some((topic, job))
+    }
+
+    /// Put an unfinished job back at the head of its topic, and the topic
+    /// at the back of the turn order if it still has work.
+    fn requeue(&self, topic: Arc<str>, unfinished: Option<Job>) {
+        let mut q = self.queues.lock();
+        let Some(fifo) = q.topics.get_mut(&topic) else {
+            return;
+        };
+        if let Some(job) = unfinished {
+            fifo.push_front(job);
+        }
+        if fifo.is_empty() {
+            q.topics.remove(&topic);
+        } else {
+            q.ready.push_back(topic);
+        }
+    }
 }
 
 struct HubInner {
@@ -201,7 +384,7 @@ struct HubInner {
     /// Number of fan-out workers (resolved from the config).
     worker_count: usize,
     /// Started on first dispatch, inside the runtime.
-    workers: OnceLock<Vec<mpsc::UnboundedSender<Work>>>,
+    workers: OnceLock<Vec<Arc<Worker>>>,
     ids: ClientIdGen,
     next_seq: AtomicU64,
     clients: RwLock<HashMap<Arc<str>, Arc<Client>>>,
@@ -209,6 +392,20 @@ struct HubInner {
     /// Auth record id → its local clients, for directed sends.
     users: RwLock<HashMap<String, HashMap<u64, Arc<Client>>>>,
     subscriptions: AtomicUsize,
+    backlog_deliveries: AtomicUsize,
+    backlog_bytes: AtomicUsize,
+    backlog_jobs: AtomicUsize,
+    topics_changed: OnceLock<TopicsChanged>,
+    closed: AtomicBool,
+}
+
+impl Drop for HubInner {
+    fn drop(&mut self) {
+        self.closed.store(true, Ordering::Relaxed);
+        for w in self.workers.get().into_iter().flatten() {
+            w.wake.notify_one();
+        }
+    }
 }
 
 /// This node's clients and topics. Cheap to clone.
@@ -243,12 +440,32 @@ impl Hub {
                 index: Default::default(),
                 users: Default::default(),
                 subscriptions: AtomicUsize::new(0),
+                backlog_deliveries: AtomicUsize::new(0),
+                backlog_bytes: AtomicUsize::new(0),
+                backlog_jobs: AtomicUsize::new(0),
+                topics_changed: OnceLock::new(),
+                closed: AtomicBool::new(false),
             }),
         }
     }
 
     pub fn config(&self) -> &HubConfig {
         &self.inner.config
+    }
+
+    /// Set, once, what is told about topics whose local interest changed
+    /// outside a subscription request (the broker points it at the relay).
+    pub fn on_topics_changed(&self, f: TopicsChanged) {
+        let _ = self.inner.topics_changed.set(f);
+    }
+
+    fn topics_changed(&self, changes: TopicChanges) {
+        if changes.is_empty() {
+            return;
+        }
+        if let Some(f) = self.inner.topics_changed.get() {
+            f(changes.all());
+        }
     }
 
     /// The tag that starts every client id of this node.
@@ -264,6 +481,7 @@ impl Hub {
             self.inner.ids.next_id(),
             ip,
             self.inner.config.queue_capacity,
+            self.inner.config.queue_bytes,
         ));
         self.inner
             .clients
@@ -272,17 +490,23 @@ impl Hub {
         client
     }
 
-    /// Remove a client: discard it, drop its subscriptions and auth binding.
-    /// A no-op for unknown ids. Returns the base topics that lost their last
-    /// local subscriber.
-    pub fn unregister(&self, id: &str) -> TopicChanges {
+    /// Remove a client: discard it, drop its subscriptions and auth binding,
+    /// and tell the relay about the base topics that lost their last local
+    /// subscriber. A no-op for unknown ids.
+    pub fn unregister(&self, id: &str) {
+        let changes = self.unregister_quiet(id, CloseReason::Discarded);
+        self.topics_changed(changes);
+    }
+
+    fn unregister_quiet(&self, id: &str, reason: CloseReason) -> TopicChanges {
         let Some(client) = self.inner.clients.write().remove(id) else {
             return TopicChanges::default();
         };
-        client.close(CloseReason::Discarded);
+        client.close(reason);
         let mut st = client.state.lock();
         st.registered = false;
-        let keys: Vec<Arc<str>> = st.subscriptions.drain().map(|(k, _)| k).collect();
+        st.subscription_bytes = 0;
+        let keys: Vec<SubKey> = st.subscriptions.drain().collect();
         if let Some(auth) = st.auth.take() {
             self.unbind_user(&auth.id, client.seq);
         }
@@ -290,8 +514,8 @@ impl Hub {
         let mut changes = TopicChanges::default();
         let mut index = self.inner.index.write();
         for key in &keys {
-            if index.remove(key, client.seq) {
-                changes.removed.push(Arc::from(protocol::base_topic(key)));
+            if let Some(gone) = index.remove(key, client.seq) {
+                changes.removed.push(gone);
             }
         }
         drop(index);
@@ -364,77 +588,117 @@ impl Hub {
         self.inner.index.read().topics.keys().cloned().collect()
     }
 
-    /// Replace a client's whole subscription set (the realtime POST) and
-    /// bind `auth` to it. `None` when the client is no longer registered.
+    /// Replace a client's whole subscription set and bind `auth` to it;
+    /// the relay is told about the topic changes.
     pub fn set_subscriptions(
         &self,
         client: &Arc<Client>,
         keys: &[String],
         auth: Option<AuthRecord>,
-    ) -> Option<TopicChanges> {
-        let mut st = client.state.lock();
-        if !st.registered {
-            return None;
-        }
+    ) -> Result<(), SubscribeError> {
+        let changes = self.replace_subscriptions(client, keys, auth.map(Arc::new))?;
+        self.topics_changed(changes);
+        Ok(())
+    }
+
+    /// [`Hub::set_subscriptions`] without telling the relay: the caller
+    /// syncs the returned changes itself (and waits for them).
+    pub(crate) fn replace_subscriptions(
+        &self,
+        client: &Arc<Client>,
+        keys: &[String],
+        auth: Option<Arc<AuthRecord>>,
+    ) -> Result<TopicChanges, SubscribeError> {
         let wanted: HashSet<&str> = keys
             .iter()
             .map(String::as_str)
             .filter(|k| !k.is_empty())
             .collect();
-        let removed: Vec<Arc<str>> = st
-            .subscriptions
-            .keys()
-            .filter(|k| !wanted.contains(&***k))
-            .cloned()
-            .collect();
-        let added: Vec<Arc<str>> = wanted
-            .iter()
-            .filter(|k| !st.subscriptions.contains_key(**k))
-            .map(|k| Arc::<str>::from(*k))
-            .collect();
-        let changes = self.apply(client, &mut st.subscriptions, &added, &removed);
-        self.rebind(client, &mut st.auth, auth.map(Arc::new));
-        Some(changes)
-    }
-
-    /// Add subscription keys to a client (PocketBase's `Subscribe`).
-    pub fn subscribe(&self, client: &Arc<Client>, keys: &[&str]) -> Option<TopicChanges> {
+        self.check_keys(wanted.iter().copied())?;
         let mut st = client.state.lock();
         if !st.registered {
-            return None;
+            return Err(SubscribeError::Gone);
         }
-        let added: Vec<Arc<str>> = keys
+        let removed: Vec<SubKey> = st
+            .subscriptions
             .iter()
-            .filter(|k| !k.is_empty() && !st.subscriptions.contains_key(**k))
+            .filter(|k| !wanted.contains(k.as_str()))
+            .cloned()
+            .collect();
+        let added: Vec<&str> = wanted
+            .iter()
+            .filter(|k| !st.subscriptions.contains(**k))
+            .copied()
+            .collect();
+        let changes = self.apply(client, &mut st, &added, &removed);
+        self.rebind(client, &mut st.auth, auth);
+        Ok(changes)
+    }
+
+    /// Line safety and the byte budget of a whole set of distinct keys.
+    fn check_keys<'a>(&self, keys: impl Iterator<Item = &'a str>) -> Result<(), SubscribeError> {
+        let mut total = 0;
+        for k in keys {
+            if !protocol::is_line_safe(k.as_bytes()) {
+                return Err(SubscribeError::NotLineSafe);
+            }
+            total += k.len();
+        }
+        let max = self.inner.config.max_subscription_bytes;
+        if total > max {
+            return Err(SubscribeError::OverBudget { max });
+        }
+        Ok(())
+    }
+
+    /// Add subscription keys to a client (PocketBase's `Subscribe`); the
+    /// relay is told about the topic changes.
+    pub fn subscribe(&self, client: &Arc<Client>, keys: &[&str]) -> Result<(), SubscribeError> {
+        let mut st = client.state.lock();
+        if !st.registered {
+            return Err(SubscribeError::Gone);
+        }
+        let added: Vec<&str> = keys
+            .iter()
+            .copied()
+            .filter(|k| !k.is_empty() && !st.subscriptions.contains(*k))
             .collect::<HashSet<_>>()
             .into_iter()
-            .map(|k| Arc::<str>::from(*k))
             .collect();
-        Some(self.apply(client, &mut st.subscriptions, &added, &[]))
+        let kept = st.subscriptions.iter().map(SubKey::as_str);
+        self.check_keys(kept.chain(added.iter().copied()))?;
+        let changes = self.apply(client, &mut st, &added, &[]);
+        drop(st);
+        self.topics_changed(changes);
+        Ok(())
     }
 
     /// Remove subscription keys from a client; all of them when `keys` is
-    /// empty (PocketBase's `Unsubscribe`).
-    pub fn unsubscribe(&self, client: &Arc<Client>, keys: &[&str]) -> TopicChanges {
+    /// empty (PocketBase's `Unsubscribe`). The relay is told about the
+    /// topics no local client wants any more.
+    pub fn unsubscribe(&self, client: &Arc<Client>, keys: &[&str]) {
         let mut st = client.state.lock();
-        let removed: Vec<Arc<str>> = st
+        let removed: Vec<SubKey> = st
             .subscriptions
-            .keys()
-            .filter(|k| keys.is_empty() || keys.contains(&&***k))
+            .iter()
+            .filter(|k| keys.is_empty() || keys.contains(&k.as_str()))
             .cloned()
             .collect();
-        self.apply(client, &mut st.subscriptions, &[], &removed)
+        let changes = self.apply(client, &mut st, &[], &removed);
+        drop(st);
+        self.topics_changed(changes);
     }
 
-    /// Update the index and the client's map together, under the client's
+    /// Update the index and the client's set together, under the client's
     /// state lock (taken by the caller), then the index lock: always in that
     /// order, so concurrent POSTs and disconnects of one client serialise.
+    /// Keys must have been checked ([`Hub::check_keys`]).
     fn apply(
         &self,
         client: &Arc<Client>,
-        subs: &mut HashMap<Arc<str>, Arc<protocol::SubscriptionOptions>>,
-        added: &[Arc<str>],
-        removed: &[Arc<str>],
+        st: &mut crate::client::ClientState,
+        added: &[&str],
+        removed: &[SubKey],
     ) -> TopicChanges {
         let mut changes = TopicChanges::default();
         if added.is_empty() && removed.is_empty() {
@@ -442,16 +706,23 @@ impl Hub {
         }
         let mut index = self.inner.index.write();
         for key in removed {
-            subs.remove(key);
-            if index.remove(key, client.seq) {
-                changes.removed.push(Arc::from(protocol::base_topic(key)));
+            st.subscriptions.remove(key.as_str());
+            st.subscription_bytes -= key.len();
+            if let Some(gone) = index.remove(key, client.seq) {
+                changes.removed.push(gone);
             }
         }
         for key in added {
-            subs.insert(key.clone(), options_of(key));
-            if index.add(key, client) {
-                changes.added.push(Arc::from(protocol::base_topic(key)));
+            let Some(key) = index.intern(key).or_else(|| SubKey::new(key).ok()) else {
+                continue;
+            };
+            if index.add(&key, client) {
+                changes
+                    .added
+                    .push(index.topics[protocol::base_topic(&key)].name.clone());
             }
+            st.subscription_bytes += key.len();
+            st.subscriptions.insert(key);
         }
         drop(index);
         self.inner
@@ -500,66 +771,140 @@ impl Hub {
         }
     }
 
+    /// What the fan-out has not pushed yet.
+    pub fn backlog(&self) -> Backlog {
+        let i = &self.inner;
+        let deliveries = i.backlog_deliveries.load(Ordering::Relaxed);
+        let bytes = i.backlog_bytes.load(Ordering::Relaxed);
+        Backlog {
+            deliveries,
+            bytes,
+            saturated: deliveries >= i.config.max_backlog_deliveries
+                || bytes >= i.config.max_backlog_bytes,
+        }
+    }
+
+    /// Wait, at most `wait`, until the backlog is under its bounds. False
+    /// when it is not: the publisher should be told to retry (503).
+    pub async fn admit(&self, wait: Duration) -> bool {
+        let deadline = Instant::now() + wait;
+        while self.backlog().saturated {
+            if Instant::now() >= deadline {
+                metrics::counter!(m::PUBLISH_BACKPRESSURE_REFUSED).increment(1);
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        true
+    }
+
     /// Fan a message for `topic` out to the matching local subscribers in
     /// `audience`, one event per matching key, named after that key.
     /// Returns the number of events handed to the fan-out workers.
     ///
-    /// `data` must be one line of JSON. Never waits: the workers push. Every
-    /// client receives what is dispatched in dispatch order, so callers
-    /// dispatch from one task (the relay's receive loop).
+    /// `data` must be one line of JSON; data with a line break is refused
+    /// (0). Never waits: the workers push. Every client receives the
+    /// messages of one topic in dispatch order, so callers dispatch from
+    /// one task (the relay's receive loop).
     pub fn dispatch(&self, topic: &str, data: &[u8], audience: &Audience) -> usize {
-        let targets = self.targets(topic, audience);
+        metrics::counter!(m::DISPATCHED).increment(1);
+        let Ok(data) = protocol::event_data(data) else {
+            tracing::warn!(topic, "refused to dispatch data with a line break");
+            return 0;
+        };
+        let Some((base, targets)) = self.targets(topic, audience) else {
+            return 0;
+        };
         let total: usize = targets
             .iter()
             .map(|(_, s)| s.iter().map(Vec::len).sum::<usize>())
             .sum();
-        metrics::counter!(m::DISPATCHED).increment(1);
         if total == 0 {
             return 0;
         }
-        let frames: Arc<Vec<(Bytes, Snapshot)>> = Arc::new(
-            targets
-                .into_iter()
-                .map(|(key, subs)| (protocol::event_frame(&key, data), subs))
-                .collect(),
-        );
+        let inner = &self.inner;
+        let charge = data.len() + 128 + 32 * targets.len();
+        let held = inner.backlog_bytes.load(Ordering::Relaxed);
+        if held + charge > 2 * inner.config.max_backlog_bytes && held > 0 {
+            self.shed(topic, &targets);
+            return 0;
+        }
+        inner.backlog_bytes.fetch_add(charge, Ordering::Relaxed);
+        inner.backlog_deliveries.fetch_add(total, Ordering::Relaxed);
+        let dispatch = Arc::new(Dispatch {
+            data,
+            targets,
+            charge,
+            at: Instant::now(),
+            hub: Arc::downgrade(inner),
+        });
         for (w, worker) in self.workers().iter().enumerate() {
-            if frames.iter().any(|(_, s)| !s[w].is_empty()) {
-                let _ = worker.send(Work::Push(frames.clone()));
+            if dispatch.targets.iter().any(|(_, s)| !s[w].is_empty()) {
+                inner.backlog_jobs.fetch_add(1, Ordering::Relaxed);
+                worker.enqueue(
+                    &base,
+                    Job {
+                        dispatch: dispatch.clone(),
+                        key: 0,
+                        pos: 0,
+                    },
+                );
             }
         }
         total
     }
 
-    /// Resolves once every message dispatched before the call has been
-    /// pushed into its clients' queues.
-    pub async fn barrier(&self) {
-        let waits: Vec<_> = self
-            .workers()
+    /// Drop a publication the backlog has no room for: its recipients are
+    /// disconnected, so none of them silently misses it.
+    fn shed(&self, topic: &str, targets: &[(SubKey, Snapshot)]) {
+        let mut seen = HashSet::new();
+        for (_, subs) in targets {
+            for c in subs.iter().flatten() {
+                if seen.insert(c.seq) {
+                    c.close(CloseReason::Overloaded);
+                }
+            }
+        }
+        metrics::counter!(m::BACKLOG_SHED).increment(1);
+        tracing::warn!(
+            topic,
+            clients = seen.len(),
+            "fan-out backlog full: publication shed, its recipients disconnected"
+        );
+        let ids: Vec<Arc<str>> = targets
             .iter()
-            .map(|w| {
-                let (tx, rx) = oneshot::channel();
-                let _ = w.send(Work::Barrier(tx));
-                rx
-            })
+            .flat_map(|(_, s)| s.iter().flatten())
+            .map(|c| c.id_arc().clone())
             .collect();
-        for rx in waits {
-            let _ = rx.await;
+        let mut changes = TopicChanges::default();
+        for id in ids {
+            changes
+                .removed
+                .extend(self.unregister_quiet(&id, CloseReason::Overloaded).removed);
+        }
+        self.topics_changed(changes);
+    }
+
+    /// Resolves once everything dispatched so far has been pushed into its
+    /// clients' queues (once the backlog is empty).
+    pub async fn barrier(&self) {
+        while self.inner.backlog_jobs.load(Ordering::Acquire) > 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
         }
     }
 
-    fn workers(&self) -> &[mpsc::UnboundedSender<Work>] {
+    fn workers(&self) -> &[Arc<Worker>] {
         self.inner.workers.get_or_init(|| {
             (0..self.inner.worker_count)
                 .map(|w| {
-                    let (tx, rx) = mpsc::unbounded_channel();
+                    let worker = Arc::new(Worker::default());
                     tokio::spawn(fan_out_worker(
                         w,
-                        rx,
+                        worker.clone(),
                         Arc::downgrade(&self.inner),
                         self.inner.config.chunk_size.max(1),
                     ));
-                    tx
+                    worker
                 })
                 .collect()
         })
@@ -567,6 +912,7 @@ impl Hub {
 
     /// Unregister clients whose queue overflowed.
     fn drop_slow(&self, slow: Vec<Arc<Client>>) {
+        let mut changes = TopicChanges::default();
         for client in slow {
             tracing::info!(
                 client = client.id(),
@@ -575,29 +921,30 @@ impl Hub {
             metrics::counter!(m::SLOW_CLIENT_DISCONNECTS).increment(1);
             // The stream ends on its own; dropping it from the index now
             // stops further fan-out work for it.
-            self.unregister(client.id());
+            changes.removed.extend(
+                self.unregister_quiet(client.id(), CloseReason::Slow)
+                    .removed,
+            );
         }
+        self.topics_changed(changes);
     }
 
-    /// The matching keys and their subscribers, under the index read lock.
-    fn targets(&self, topic: &str, audience: &Audience) -> Vec<(Arc<str>, Snapshot)> {
+    /// The base topic and the matching keys with their subscribers, under
+    /// the index read lock.
+    fn targets(&self, topic: &str, audience: &Audience) -> Option<(Arc<str>, Targets)> {
         let index = self.inner.index.read();
-        let Some(entry) = index.topics.get(protocol::base_topic(topic)) else {
-            return Vec::new();
-        };
+        let entry = index.topics.get(protocol::base_topic(topic))?;
         let keys = entry
             .keys
             .iter()
             .filter(|(k, _)| protocol::key_matches(k, topic));
         let workers = self.inner.worker_count;
-        match audience {
+        let targets = match audience {
             Audience::All => keys
                 .map(|(k, s)| (k.clone(), s.snapshot(workers)))
                 .collect(),
             Audience::Client(id) => {
-                let Some(seq) = self.inner.clients.read().get(id.as_str()).map(|c| c.seq) else {
-                    return Vec::new();
-                };
+                let seq = self.inner.clients.read().get(id.as_str()).map(|c| c.seq)?;
                 keys.filter_map(|(k, s)| {
                     let c = s.members.get(&seq)?;
                     Some((k.clone(), partition(std::iter::once(c), workers)))
@@ -606,9 +953,7 @@ impl Hub {
             }
             Audience::User(user) => {
                 let users = self.inner.users.read();
-                let Some(mine) = users.get(user.as_str()) else {
-                    return Vec::new();
-                };
+                let mine = users.get(user.as_str())?;
                 keys.filter_map(|(k, s)| {
                     let mut v = mine.keys().filter_map(|seq| s.members.get(seq)).peekable();
                     v.peek()?;
@@ -616,47 +961,49 @@ impl Hub {
                 })
                 .collect()
             }
-        }
+        };
+        Some((entry.name.clone(), targets))
     }
 }
 
-/// One fan-out worker: pushes its partition of every dispatched message,
-/// in dispatch order.
-async fn fan_out_worker(
-    w: usize,
-    mut rx: mpsc::UnboundedReceiver<Work>,
-    hub: std::sync::Weak<HubInner>,
-    chunk: usize,
-) {
-    while let Some(work) = rx.recv().await {
-        let frames = match work {
-            Work::Push(frames) => frames,
-            Work::Barrier(done) => {
-                let _ = done.send(());
-                continue;
+/// One fan-out worker: serves the topics with work round-robin, `chunk`
+/// pushes per turn, each topic's messages in dispatch order.
+async fn fan_out_worker(w: usize, worker: Arc<Worker>, hub: Weak<HubInner>, chunk: usize) {
+    loop {
+        let Some((topic, mut job)) = worker.next() else {
+            if hub.strong_count() == 0 {
+                return;
             }
+            worker.wake.notified().await;
+            continue;
         };
-        let started = Instant::now();
         let mut slow = Vec::new();
         let mut pushed = 0;
-        for (frame, subs) in frames.iter() {
-            for client in &subs[w] {
-                if let Err(SendError::Full) = client.push(frame.clone()) {
-                    slow.push(client.clone());
-                }
-                pushed += 1;
-                if pushed % chunk == 0 {
-                    // Let the writers of the clients served so far run.
-                    tokio::task::yield_now().await;
-                }
+        let done = job.run(w, chunk, &mut pushed, &mut slow);
+        let Some(inner) = hub.upgrade() else { return };
+        inner
+            .backlog_deliveries
+            .fetch_sub(pushed, Ordering::Relaxed);
+        if done {
+            if Arc::strong_count(&job.dispatch) == 1 {
+                metrics::histogram!(m::FANOUT_SECONDS)
+                    .record(job.dispatch.at.elapsed().as_secs_f64());
             }
+            drop(job);
+            worker.requeue(topic, None);
+            inner.backlog_jobs.fetch_sub(1, Ordering::Release);
+        } else {
+            worker.requeue(topic, Some(job));
         }
-        metrics::histogram!(m::FANOUT_SECONDS).record(started.elapsed().as_secs_f64());
-        if !slow.is_empty()
-            && let Some(inner) = hub.upgrade()
-        {
-            Hub { inner }.drop_slow(slow);
+        if !slow.is_empty() {
+            Hub {
+                inner: inner.clone(),
+            }
+            .drop_slow(slow);
         }
+        drop(inner);
+        // Let the writers of the clients served so far run.
+        tokio::task::yield_now().await;
     }
 }
 
@@ -671,6 +1018,7 @@ mod tests {
             chunk_size: chunk,
             queue_capacity: cap,
             workers: 3,
+            ..HubConfig::default()
         })
     }
 
@@ -750,20 +1098,140 @@ mod tests {
         let h = hub(10, 10);
         let a = h.register(ip());
         let b = h.register(ip());
-        let ch = h.set_subscriptions(&a, &keys(&["t1", "t1?options=x", "t2"]), None);
+        let ch = h.replace_subscriptions(&a, &keys(&["t1", "t1?options=x", "t2"]), None);
         let mut added = ch.unwrap().added;
         added.sort();
         assert_eq!(added, [Arc::from("t1"), Arc::from("t2")]);
-        let ch = h.set_subscriptions(&b, &keys(&["t2"]), None).unwrap();
+        let ch = h.replace_subscriptions(&b, &keys(&["t2"]), None).unwrap();
         assert!(ch.is_empty());
-        let ch = h.set_subscriptions(&a, &keys(&["t3"]), None).unwrap();
+        let ch = h.replace_subscriptions(&a, &keys(&["t3"]), None).unwrap();
         assert_eq!(ch.added, [Arc::from("t3")]);
         assert_eq!(ch.removed, [Arc::from("t1")]);
-        assert_eq!(h.unregister(b.id()).removed, [Arc::from("t2")]);
+        assert_eq!(
+            h.unregister_quiet(b.id(), CloseReason::Discarded).removed,
+            [Arc::from("t2")]
+        );
         assert_eq!(h.topics(), [Arc::from("t3")]);
         // An unregistered client cannot subscribe again.
-        assert!(h.set_subscriptions(&b, &keys(&["t9"]), None).is_none());
+        assert_eq!(
+            h.set_subscriptions(&b, &keys(&["t9"]), None),
+            Err(SubscribeError::Gone)
+        );
         assert!(!h.has_topic("t9"));
+    }
+
+    #[test]
+    fn clients_share_one_copy_of_each_key_within_a_byte_budget() {
+        let h = Hub::new(HubConfig {
+            node_tag: "TestNode".into(),
+            max_subscription_bytes: 10,
+            ..HubConfig::default()
+        });
+        let a = h.register(ip());
+        let b = h.register(ip());
+        h.set_subscriptions(&a, &keys(&["abcde", "fghij"]), None)
+            .unwrap();
+        assert_eq!(
+            h.set_subscriptions(&b, &keys(&["abcde", "fghijk"]), None),
+            Err(SubscribeError::OverBudget { max: 10 })
+        );
+        assert_eq!(
+            h.subscribe(&a, &["x"]),
+            Err(SubscribeError::OverBudget { max: 10 })
+        );
+        assert_eq!(h.subscribe(&b, &["a\nb"]), Err(SubscribeError::NotLineSafe));
+        h.set_subscriptions(&b, &keys(&["abcde"]), None).unwrap();
+        let ka = a
+            .state
+            .lock()
+            .subscriptions
+            .get("abcde")
+            .unwrap()
+            .head()
+            .clone();
+        let kb = b
+            .state
+            .lock()
+            .subscriptions
+            .get("abcde")
+            .unwrap()
+            .head()
+            .clone();
+        assert_eq!(ka.as_ptr(), kb.as_ptr(), "one allocation for both clients");
+    }
+
+    #[tokio::test]
+    async fn one_busy_topic_does_not_hold_back_another() {
+        // One worker, 2 pushes per turn: 1,000 flood events are queued
+        // before the quiet topic's one; it is pushed after one turn.
+        let h = Hub::new(HubConfig {
+            node_tag: "TestNode".into(),
+            chunk_size: 2,
+            workers: 1,
+            queue_capacity: 100_000,
+            queue_bytes: 1 << 30,
+            ..HubConfig::default()
+        });
+        let flood = h.register(ip());
+        let quiet = h.register(ip());
+        h.set_subscriptions(&flood, &keys(&["flood"]), None)
+            .unwrap();
+        h.set_subscriptions(&quiet, &keys(&["quiet"]), None)
+            .unwrap();
+        for i in 0..1000 {
+            h.dispatch("flood", i.to_string().as_bytes(), &Audience::All);
+        }
+        h.dispatch("quiet", b"1", &Audience::All);
+        assert_eq!(h.backlog().deliveries, 1001);
+        while quiet.queued() == 0 {
+            tokio::task::yield_now().await;
+        }
+        assert!(flood.queued() <= 4, "flood pushed {} first", flood.queued());
+        h.barrier().await;
+        assert_eq!(flood.queued(), 1000);
+        assert_eq!(h.backlog(), Backlog::default());
+    }
+
+    #[tokio::test]
+    async fn publishers_wait_for_the_backlog_then_give_up() {
+        let h = Hub::new(HubConfig {
+            node_tag: "TestNode".into(),
+            workers: 1,
+            max_backlog_deliveries: 10,
+            queue_capacity: 100_000,
+            ..HubConfig::default()
+        });
+        let c = h.register(ip());
+        h.set_subscriptions(&c, &keys(&["t"]), None).unwrap();
+        assert!(h.admit(Duration::ZERO).await);
+        for _ in 0..10 {
+            h.dispatch("t", b"1", &Audience::All);
+        }
+        assert!(h.backlog().saturated);
+        assert!(!h.admit(Duration::ZERO).await);
+        // The worker drains it within the wait.
+        assert!(h.admit(Duration::from_secs(5)).await);
+    }
+
+    #[tokio::test]
+    async fn relayed_work_past_twice_the_byte_bound_is_shed_and_its_recipients_dropped() {
+        let h = Hub::new(HubConfig {
+            node_tag: "TestNode".into(),
+            workers: 1,
+            max_backlog_bytes: 1000,
+            queue_capacity: 100_000,
+            queue_bytes: 1 << 30,
+            ..HubConfig::default()
+        });
+        let c = h.register(ip());
+        h.set_subscriptions(&c, &keys(&["t"]), None).unwrap();
+        let big = vec![b'1'; 900];
+        // Nothing runs the worker in between: the first two fit in 2 × 1000.
+        assert_eq!(h.dispatch("t", &big, &Audience::All), 1);
+        assert_eq!(h.dispatch("t", &big, &Audience::All), 0);
+        assert!(c.is_discarded());
+        assert!(h.client_by_id(c.id()).is_none());
+        assert!(!h.has_topic("t"));
     }
 
     #[tokio::test]
@@ -772,9 +1240,10 @@ mod tests {
         let a = h.register(ip());
         let b = h.register(ip());
         let c = h.register(ip());
-        h.set_subscriptions(&a, &keys(&["news", "news?options=%7B%7D"]), None);
-        h.set_subscriptions(&b, &keys(&["news2"]), None);
-        h.set_subscriptions(&c, &keys(&["other"]), None);
+        h.set_subscriptions(&a, &keys(&["news", "news?options=%7B%7D"]), None)
+            .unwrap();
+        h.set_subscriptions(&b, &keys(&["news2"]), None).unwrap();
+        h.set_subscriptions(&c, &keys(&["other"]), None).unwrap();
         assert_eq!(h.dispatch("news", b"{\"n\":1}", &Audience::All), 2);
         h.barrier().await;
         let out = drained(&a);
@@ -789,7 +1258,7 @@ mod tests {
         let h = hub(7, 1000);
         let clients: Vec<_> = (0..100).map(|_| h.register(ip())).collect();
         for c in &clients {
-            h.set_subscriptions(c, &keys(&["t"]), None);
+            h.set_subscriptions(c, &keys(&["t"]), None).unwrap();
         }
         for i in 0..50 {
             assert_eq!(
@@ -813,8 +1282,8 @@ mod tests {
         let h = hub(10, 3);
         let slow = h.register(ip());
         let fast = h.register(ip());
-        h.set_subscriptions(&slow, &keys(&["t"]), None);
-        h.set_subscriptions(&fast, &keys(&["t"]), None);
+        h.set_subscriptions(&slow, &keys(&["t"]), None).unwrap();
+        h.set_subscriptions(&fast, &keys(&["t"]), None).unwrap();
         for i in 0..10 {
             h.dispatch("t", i.to_string().as_bytes(), &Audience::All);
             h.barrier().await;
@@ -836,9 +1305,12 @@ mod tests {
             collection_id: "users".into(),
             claims: Default::default(),
         };
-        h.set_subscriptions(&a, &keys(&["t"]), Some(user("u1")));
-        h.set_subscriptions(&a2, &keys(&["t"]), Some(user("u1")));
-        h.set_subscriptions(&b, &keys(&["t"]), Some(user("u2")));
+        h.set_subscriptions(&a, &keys(&["t"]), Some(user("u1")))
+            .unwrap();
+        h.set_subscriptions(&a2, &keys(&["t"]), Some(user("u1")))
+            .unwrap();
+        h.set_subscriptions(&b, &keys(&["t"]), Some(user("u2")))
+            .unwrap();
         assert_eq!(h.dispatch("t", b"1", &Audience::Client(b.id().into())), 1);
         assert_eq!(h.dispatch("t", b"2", &Audience::User("u1".into())), 2);
         assert_eq!(h.dispatch("t", b"3", &Audience::User("nobody".into())), 0);
@@ -846,7 +1318,8 @@ mod tests {
         assert!(drained(&b).contains("data:1") && drained(&a).contains("data:2"));
         assert!(drained(&a2).contains("data:2"));
         // Re-binding to another user moves the client between user sets.
-        h.set_subscriptions(&a2, &keys(&["t"]), Some(user("u2")));
+        h.set_subscriptions(&a2, &keys(&["t"]), Some(user("u2")))
+            .unwrap();
         assert_eq!(h.clients_of_user("u2").len(), 2);
         h.unregister(b.id());
         assert_eq!(h.clients_of_user("u2").len(), 1);

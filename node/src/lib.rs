@@ -12,6 +12,7 @@
 //! * [`server`]: listener, startup and graceful shutdown; `conn`: each
 //!   accepted connection (the SSE fast path, hyper for the rest).
 
+pub mod admission;
 pub mod auth;
 pub mod broker;
 pub mod client;

@@ -36,6 +36,28 @@ pub const RELAY_UP: &str = "fanout_relay_up";
 /// Time to fan one message out to this node's subscribers (seconds).
 pub const FANOUT_SECONDS: &str = "fanout_fanout_duration_seconds";
 
+/// Publishes refused (503) because the fan-out backlog stayed full for the
+/// whole publish wait.
+pub const PUBLISH_BACKPRESSURE_REFUSED: &str = "fanout_publish_overloaded_total";
+/// Relayed publications shed because the fan-out backlog held twice its
+/// byte bound (their local recipients were disconnected).
+pub const BACKLOG_SHED: &str = "fanout_backlog_shed_total";
+/// Gauge: deliveries dispatched but not yet pushed into client queues.
+pub const BACKLOG_DELIVERIES: &str = "fanout_backlog_deliveries";
+/// Gauge: bytes of publications held by the fan-out.
+pub const BACKLOG_BYTES: &str = "fanout_backlog_bytes";
+
+/// Request bodies that did not arrive within the body timeout (408).
+pub const BODY_TIMEOUTS: &str = "fanout_body_timeouts_total";
+
+/// Non-stream connections closed to make room for a new connection (the
+/// one waiting longest on its client).
+pub const CONNECTIONS_EVICTED: &str = "fanout_connections_evicted_total";
+/// New connections closed at once: no room, and none waiting to evict.
+pub const CONNECTIONS_REFUSED: &str = "fanout_connections_refused_total";
+/// Gauge: open connections that are not SSE streams.
+pub const HTTP_CONNECTIONS: &str = "fanout_http_connections";
+
 /// Gauge: open SSE streams.
 pub const CONNECTIONS: &str = "fanout_connections";
 /// Gauge: distinct topics with at least one local subscriber.

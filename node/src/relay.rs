@@ -135,31 +135,22 @@ pub trait Relay: Send + Sync + 'static {
 
 /// The in-process relay of a single node.
 ///
-/// A bounded queue feeds one task that dispatches into the hub, so a burst
-/// of publishes waits for room (backpressure on the HTTP publisher) instead
-/// of growing memory without bound.
+/// A publish is dispatched into the hub before it returns: the hub's
+/// fan-out workers are the only queue, and the broker admits publishers
+/// only while their backlog is under its bounds. A batch is dispatched
+/// under one lock, so concurrent publishes do not interleave inside it.
 pub struct LocalRelay {
-    tx: mpsc::Sender<Vec<Publication>>,
     hub: Hub,
+    order: parking_lot::Mutex<()>,
     address: SocketAddr,
     started_at: SystemTime,
 }
 
 impl LocalRelay {
-    /// Start the dispatch task. It ends when the relay is dropped.
     pub fn start(hub: Hub, address: SocketAddr) -> Arc<Self> {
-        let (tx, mut rx) = mpsc::channel::<Vec<Publication>>(1024);
-        let dispatcher = hub.clone();
-        tokio::spawn(async move {
-            while let Some(batch) = rx.recv().await {
-                for p in batch {
-                    dispatcher.dispatch(&p.topic, &p.data, &p.audience);
-                }
-            }
-        });
         Arc::new(Self {
-            tx,
             hub,
+            order: parking_lot::Mutex::new(()),
             address,
             started_at: SystemTime::now(),
         })
@@ -168,12 +159,11 @@ impl LocalRelay {
 
 impl Relay for LocalRelay {
     fn publish(&self, batch: Vec<Publication>) -> BoxFuture<'_, Result<(), RelayError>> {
-        Box::pin(async move {
-            self.tx
-                .send(batch)
-                .await
-                .map_err(|_| RelayError::Unavailable("local relay stopped".into()))
-        })
+        let _order = self.order.lock();
+        for p in &batch {
+            self.hub.dispatch(&p.topic, &p.data, &p.audience);
+        }
+        Box::pin(async { Ok(()) })
     }
 
     fn sync_topics(&self, _topics: Vec<Arc<str>>) -> BoxFuture<'static, Result<(), RelayError>> {
@@ -202,11 +192,8 @@ impl Relay for LocalRelay {
     fn health(&self) -> RelayHealth {
         RelayHealth {
             kind: "local",
-            healthy: !self.tx.is_closed(),
-            reason: self
-                .tx
-                .is_closed()
-                .then(|| "local relay stopped".to_owned()),
+            healthy: true,
+            reason: None,
         }
     }
 

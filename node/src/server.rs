@@ -11,6 +11,7 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    admission::Tracker,
     auth::{Authenticator, KeySource},
     broker::Broker,
     config::Config,
@@ -79,7 +80,11 @@ impl Server {
             node_tag: protocol::random_alphanumeric(protocol::NODE_TAG_LEN),
             chunk_size: config.chunk_size as usize,
             queue_capacity: config.client_queue as usize,
+            queue_bytes: config.client_queue_bytes as usize,
             workers: config.fanout_workers,
+            max_subscription_bytes: config.max_subscription_bytes,
+            max_backlog_deliveries: config.max_backlog_deliveries,
+            max_backlog_bytes: config.max_backlog_bytes,
         });
         let relay: Arc<dyn Relay> = match &config.redis_url {
             Some(url) if !url.is_empty() => RedisRelay::start(
@@ -100,7 +105,7 @@ impl Server {
             Some(s) if !s.is_empty() => KeySource::Hs256(s.as_bytes().to_vec()),
             _ => KeySource::None,
         });
-        let broker = Broker::new(hub, relay, auth);
+        let broker = Broker::new(hub, relay, auth).with_publish_wait(config.publish_wait);
         let shutdown = CancellationToken::new();
         if let Some(incoming) = incoming {
             tokio::spawn(serve_forwarded(broker.clone(), incoming, shutdown.clone()));
@@ -117,16 +122,23 @@ impl Server {
             shutdown: shutdown.clone(),
         };
         let real_ip = RealIp::new(config.trusted_proxies.clone());
+        let nofile = crate::admission::raise_nofile_limit();
+        let fd_budget = nofile.saturating_sub(crate::admission::FD_RESERVE).max(16);
+        let tracker = Tracker::new(config.max_http_connections as usize, fd_budget);
         let conns = Conns {
             router: router(AppState::new(
                 config.clone(),
                 real_ip.clone(),
                 streams.clone(),
+                tracker.clone(),
             )),
             streams,
             real_ip,
             write_timeout: config.write_timeout,
+            head_timeout: config.head_timeout,
+            tracker,
         };
+        tracing::info!(nofile, fd_budget, "connection budget");
         let task = tokio::spawn(conn::serve(listener, conns, config.drain_timeout));
         tracing::info!(%addr, node = broker.hub().node_tag(), "fanout listening");
         Ok(Self {

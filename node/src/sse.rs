@@ -97,7 +97,7 @@ impl Streams {
 pub struct ClientStream {
     broker: Broker,
     client: Arc<Client>,
-    batch: Vec<Bytes>,
+    batch: Vec<protocol::Frame>,
     timer: Pin<Box<Sleep>>,
     idle: Duration,
     last_delivery: Instant,
@@ -113,7 +113,8 @@ impl ClientStream {
         let connect = protocol::event_frame(
             protocol::CONNECT_EVENT,
             &protocol::connect_data(client.id()),
-        );
+        )
+        .expect("PB_CONNECT is line-safe");
         // A new client's queue is empty and open, so this cannot fail.
         let _ = client.push(connect);
         let now = Instant::now();
@@ -177,6 +178,7 @@ impl ClientStream {
                 Take::Closed(reason) => {
                     self.finish(match reason {
                         CloseReason::Slow => "slow",
+                        CloseReason::Overloaded => "overloaded",
                         CloseReason::Discarded => "discarded",
                         CloseReason::Shutdown => "shutdown",
                     });
