@@ -140,7 +140,8 @@ impl Broker {
         }) {
             return Err(PublishError::NotLineSafe { index });
         }
-        if !self.hub.admit(self.publish_wait).await {
+        let topics: Vec<&str> = batch.iter().map(|p| p.topic.as_str()).collect();
+        if !self.hub.admit(&topics, self.publish_wait).await {
             return Err(PublishError::Overloaded);
         }
         let n = batch.len() as u64;

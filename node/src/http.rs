@@ -89,14 +89,21 @@ impl AppState {
 /// Publishing answers CORS only for `--publish-cors-origins`: otherwise a
 /// page open in any browser could publish.
 pub fn router(state: AppState) -> Router {
+    // Each part gets its 405 before its CORS layer, so that preflights
+    // (OPTIONS) pass through the layer.
+    let not_allowed =
+        || async { ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "Method not allowed.") };
     let public = Router::new()
         .route(
             "/api/realtime",
             get(realtime_connect).post(realtime_subscribe),
         )
         .route("/api/health", get(health))
+        .method_not_allowed_fallback(not_allowed)
         .layer(CorsLayer::permissive());
-    let mut publish_route = Router::new().route("/api/publish", post(publish));
+    let mut publish_route = Router::new()
+        .route("/api/publish", post(publish))
+        .method_not_allowed_fallback(not_allowed);
     if let Some(cors) = publish_cors(&state.inner.config.publish_cors_origins) {
         publish_route = publish_route.layer(cors);
     }
@@ -106,9 +113,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/cluster", get(cluster))
         .route("/metrics", get(metrics_text))
         .fallback(|| async { ApiError::not_found("The requested resource wasn't found.") })
-        .method_not_allowed_fallback(|| async {
-            ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "Method not allowed.")
-        })
+        .method_not_allowed_fallback(not_allowed)
         .layer(CatchPanicLayer::custom(|_| {
             ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "Internal server error.")
                 .into_response()
@@ -662,7 +667,7 @@ async fn health(State(state): State<AppState>) -> Response {
     } else if backlog.saturated {
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            "API is unhealthy: the fan-out backlog is full, publishes are held back.".to_owned(),
+            "API is unhealthy: the fan-out backlog is full, every publish is held back.".to_owned(),
         )
     } else if s.streams.shutdown.is_cancelled() {
         (

@@ -42,10 +42,13 @@
 //! which is the order Redis guarantees anyway; messages of different topics
 //! may interleave differently for different clients.
 //!
-//! The work not yet pushed is the backlog, counted in deliveries and in
-//! bytes of held publications. Publishers are admitted while it is under
-//! `max_backlog_deliveries` and `max_backlog_bytes` ([`Hub::admit`] waits a
-//! bounded time for it to drain, then the publish is refused with 503). Work
+//! The work not yet pushed is the backlog, counted in deliveries per topic
+//! and in bytes of held publications. A publisher is admitted while each of
+//! its topics has fewer than `max_backlog_deliveries` deliveries waiting and
+//! the node holds less than `max_backlog_bytes` ([`Hub::admit`] waits a
+//! bounded time for that, then the publish is refused with 503). So a flood
+//! holds back the publishers of the flooded topic, not those of the others,
+//! unless it fills the memory bound. Work
 //! that arrives from other nodes cannot be refused; if it would take the
 //! held bytes past twice the bound, that publication is not queued and its
 //! local recipients are disconnected (`CloseReason::Overloaded`): they
@@ -262,7 +265,9 @@ pub struct Backlog {
     pub deliveries: usize,
     /// Bytes of publications held until they are pushed.
     pub bytes: usize,
-    /// Whether publishers are being held back.
+    /// Topics whose publishers are held back (deliveries at the bound).
+    pub saturated_topics: usize,
+    /// Whether every publisher is held back (bytes at the bound).
     pub saturated: bool,
 }
 
@@ -395,6 +400,8 @@ struct HubInner {
     backlog_deliveries: AtomicUsize,
     backlog_bytes: AtomicUsize,
     backlog_jobs: AtomicUsize,
+    /// Deliveries not yet pushed, per base topic with any.
+    topic_backlog: Mutex<HashMap<Arc<str>, usize>>,
     topics_changed: OnceLock<TopicsChanged>,
     closed: AtomicBool,
 }
@@ -443,6 +450,7 @@ impl Hub {
                 backlog_deliveries: AtomicUsize::new(0),
                 backlog_bytes: AtomicUsize::new(0),
                 backlog_jobs: AtomicUsize::new(0),
+                topic_backlog: Mutex::new(HashMap::new()),
                 topics_changed: OnceLock::new(),
                 closed: AtomicBool::new(false),
             }),
@@ -774,21 +782,51 @@ impl Hub {
     /// What the fan-out has not pushed yet.
     pub fn backlog(&self) -> Backlog {
         let i = &self.inner;
-        let deliveries = i.backlog_deliveries.load(Ordering::Relaxed);
         let bytes = i.backlog_bytes.load(Ordering::Relaxed);
+        let max = i.config.max_backlog_deliveries;
         Backlog {
-            deliveries,
+            deliveries: i.backlog_deliveries.load(Ordering::Relaxed),
             bytes,
-            saturated: deliveries >= i.config.max_backlog_deliveries
-                || bytes >= i.config.max_backlog_bytes,
+            saturated_topics: i
+                .topic_backlog
+                .lock()
+                .values()
+                .filter(|n| **n >= max)
+                .count(),
+            saturated: bytes >= i.config.max_backlog_bytes,
         }
     }
 
-    /// Wait, at most `wait`, until the backlog is under its bounds. False
-    /// when it is not: the publisher should be told to retry (503).
-    pub async fn admit(&self, wait: Duration) -> bool {
+    /// Whether a publish to `topics` must wait.
+    fn held_back(&self, topics: &[&str]) -> bool {
+        let i = &self.inner;
+        if i.backlog_bytes.load(Ordering::Relaxed) >= i.config.max_backlog_bytes {
+            return true;
+        }
+        let backlog = i.topic_backlog.lock();
+        topics.iter().any(|t| {
+            backlog
+                .get(protocol::base_topic(t))
+                .is_some_and(|n| *n >= i.config.max_backlog_deliveries)
+        })
+    }
+
+    fn topic_pushed(&self, topic: &Arc<str>, pushed: usize) {
+        let mut backlog = self.inner.topic_backlog.lock();
+        if let Some(n) = backlog.get_mut(topic) {
+            *n = n.saturating_sub(pushed);
+            if *n == 0 {
+                backlog.remove(topic);
+            }
+        }
+    }
+
+    /// Wait, at most `wait`, until a publish to `topics` is under the
+    /// backlog bounds. False when it is not: the publisher should be told
+    /// to retry (503).
+    pub async fn admit(&self, topics: &[&str], wait: Duration) -> bool {
         let deadline = Instant::now() + wait;
-        while self.backlog().saturated {
+        while self.held_back(topics) {
             if Instant::now() >= deadline {
                 metrics::counter!(m::PUBLISH_BACKPRESSURE_REFUSED).increment(1);
                 return false;
@@ -831,6 +869,7 @@ impl Hub {
         }
         inner.backlog_bytes.fetch_add(charge, Ordering::Relaxed);
         inner.backlog_deliveries.fetch_add(total, Ordering::Relaxed);
+        *inner.topic_backlog.lock().entry(base.clone()).or_default() += total;
         let dispatch = Arc::new(Dispatch {
             data,
             targets,
@@ -984,6 +1023,10 @@ async fn fan_out_worker(w: usize, worker: Arc<Worker>, hub: Weak<HubInner>, chun
         inner
             .backlog_deliveries
             .fetch_sub(pushed, Ordering::Relaxed);
+        let hub_ref = Hub {
+            inner: inner.clone(),
+        };
+        hub_ref.topic_pushed(&topic, pushed);
         if done {
             if Arc::strong_count(&job.dispatch) == 1 {
                 metrics::histogram!(m::FANOUT_SECONDS)
@@ -996,12 +1039,9 @@ async fn fan_out_worker(w: usize, worker: Arc<Worker>, hub: Weak<HubInner>, chun
             worker.requeue(topic, Some(job));
         }
         if !slow.is_empty() {
-            Hub {
-                inner: inner.clone(),
-            }
-            .drop_slow(slow);
+            hub_ref.drop_slow(slow);
         }
-        drop(inner);
+        drop((inner, hub_ref));
         // Let the writers of the clients served so far run.
         tokio::task::yield_now().await;
     }
@@ -1203,14 +1243,16 @@ mod tests {
         });
         let c = h.register(ip());
         h.set_subscriptions(&c, &keys(&["t"]), None).unwrap();
-        assert!(h.admit(Duration::ZERO).await);
+        assert!(h.admit(&["t"], Duration::ZERO).await);
         for _ in 0..10 {
             h.dispatch("t", b"1", &Audience::All);
         }
-        assert!(h.backlog().saturated);
-        assert!(!h.admit(Duration::ZERO).await);
+        assert_eq!(h.backlog().saturated_topics, 1);
+        assert!(!h.admit(&["t?x"], Duration::ZERO).await);
+        // Another topic's publisher is not held back.
+        assert!(h.admit(&["other"], Duration::ZERO).await);
         // The worker drains it within the wait.
-        assert!(h.admit(Duration::from_secs(5)).await);
+        assert!(h.admit(&["t"], Duration::from_secs(5)).await);
     }
 
     #[tokio::test]

@@ -381,11 +381,25 @@ impl NodeProcess {
         Self::start_bin(&fanout_bin(), port, env).await
     }
 
+    /// Start a node whose process may open at most `nofile` files.
+    pub async fn start_with_nofile(nofile: u32, env: &[(&str, &str)]) -> Self {
+        let script = format!("ulimit -n {nofile} && exec \"$0\"");
+        Self::spawn(
+            Command::new("sh").arg("-c").arg(script).arg(fanout_bin()),
+            free_port(),
+            env,
+        )
+        .await
+    }
+
     /// Start `bin` (a fanout binary) on `port`.
     pub async fn start_bin(bin: &std::path::Path, port: u16, env: &[(&str, &str)]) -> Self {
+        Self::spawn(&mut Command::new(bin), port, env).await
+    }
+
+    async fn spawn(cmd: &mut Command, port: u16, env: &[(&str, &str)]) -> Self {
         let log_path = std::env::temp_dir().join(format!("fanout-node-{port}.log"));
         let log = std::fs::File::create(&log_path).expect("log file");
-        let mut cmd = Command::new(bin);
         cmd.env("FANOUT_LISTEN", format!("127.0.0.1:{port}"))
             .env("FANOUT_LOG_FORMAT", "json")
             .env(
@@ -425,6 +439,22 @@ impl NodeProcess {
 
     fn pid(&self) -> i32 {
         self.child.as_ref().and_then(Child::id).expect("running") as i32
+    }
+
+    /// Resident memory of the process, in KiB (`VmRSS`).
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .expect("/proc status of the node");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS")
+    }
+
+    /// The node's address.
+    pub fn addr(&self) -> std::net::SocketAddr {
+        ([127, 0, 0, 1], self.port).into()
     }
 
     /// Send a signal (e.g. SIGSTOP 19, SIGCONT 18).

@@ -1,0 +1,168 @@
+//! Hostile and careless input on an in-process node: CORS on publish,
+//! publishing without a key from a browser or through a proxy, forwarded
+//! addresses with ports or garbage, pipelining behind a stream, and the
+//! library's own checks.
+
+mod common;
+
+use common::*;
+use fanout::{Audience, broker::PublishError};
+use reqwest::StatusCode;
+use serde_json::json;
+
+#[tokio::test]
+async fn publish_answers_no_cors_preflight_unless_origins_are_configured() {
+    let preflight = |api: &Api, origin: &'static str| {
+        let req = api
+            .http
+            .request(
+                reqwest::Method::OPTIONS,
+                format!("{}/api/publish", api.base),
+            )
+            .header("origin", origin)
+            .header("access-control-request-method", "POST")
+            .header("access-control-request-headers", "content-type");
+        async move { req.send().await.unwrap() }
+    };
+    let node = start().await;
+    let res = preflight(&node.api, "http://evil.example").await;
+    assert!(
+        res.headers().get("access-control-allow-origin").is_none(),
+        "{:?}",
+        res.headers()
+    );
+    // The realtime endpoints keep PocketBase's open CORS.
+    let res = node
+        .http
+        .request(
+            reqwest::Method::OPTIONS,
+            format!("{}/api/realtime", node.base),
+        )
+        .header("origin", "http://app.example")
+        .header("access-control-request-method", "POST")
+        .send()
+        .await
+        .unwrap();
+    assert!(res.headers().get("access-control-allow-origin").is_some());
+
+    let node = start_with(|c| {
+        c.publish_key = Some("k".into());
+        c.publish_cors_origins = vec!["http://admin.example".into()];
+    })
+    .await;
+    let res = preflight(&node.api, "http://admin.example").await;
+    assert_eq!(
+        res.headers()["access-control-allow-origin"],
+        "http://admin.example"
+    );
+    let res = preflight(&node.api, "http://evil.example").await;
+    assert!(res.headers().get("access-control-allow-origin").is_none());
+}
+
+#[tokio::test]
+async fn without_a_key_publishes_from_a_page_or_through_a_proxy_are_refused() {
+    let node = start().await;
+    for (name, value) in [
+        ("origin", "http://localhost:3000"),
+        ("x-forwarded-for", "203.0.113.9"),
+        ("forwarded", "for=203.0.113.9"),
+        ("x-real-ip", "203.0.113.9"),
+    ] {
+        let (status, body) = node
+            .publish_raw(json!({"topic": "t", "data": 1}), &[(name, value)])
+            .await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{name}: {body}");
+        assert_eq!(body["status"], 403);
+    }
+    // A local backend (no such headers) still publishes.
+    node.publish("t", json!(1)).await;
+}
+
+#[tokio::test]
+async fn forwarded_for_entries_with_ports_bind_the_real_ip_and_garbage_is_400() {
+    let node = start_with(|c| c.trusted_proxies = vec!["127.0.0.1/32".parse().unwrap()]).await;
+    let s = node
+        .connect_with(&[("x-forwarded-for", "9.9.9.9:5555")])
+        .await;
+    let ip = node
+        .server
+        .broker()
+        .hub()
+        .client_by_id(&s.client_id)
+        .unwrap()
+        .ip();
+    assert_eq!(ip.to_string(), "9.9.9.9");
+    // The same client from another port of the same address: accepted.
+    let (status, body) = node
+        .post_subscriptions(
+            json!({"clientId": s.client_id, "subscriptions": ["t"]}),
+            &[("x-forwarded-for", "9.9.9.9:6666")],
+        )
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
+    // From the proxy itself (no header): another IP, refused as before.
+    let (status, _) = node
+        .post_subscriptions(
+            json!({"clientId": s.client_id, "subscriptions": ["t"]}),
+            &[],
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    for garbage in ["garbage", "9.9.9.9:x", "1.2.3.4, ???"] {
+        let res = node
+            .http
+            .get(format!("{}/api/realtime", node.base))
+            .header("x-forwarded-for", garbage)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::BAD_REQUEST, "{garbage}");
+        let (status, _) = node
+            .post_subscriptions(
+                json!({"clientId": s.client_id, "subscriptions": ["t"]}),
+                &[("x-forwarded-for", garbage)],
+            )
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{garbage}");
+    }
+}
+
+#[tokio::test]
+async fn a_request_pipelined_behind_a_realtime_get_is_refused_with_400() {
+    let node = start().await;
+    let mut sock = raw(
+        &node,
+        b"GET /api/realtime HTTP/1.1\r\nHost: x\r\n\r\nGET /api/health HTTP/1.1\r\nHost: x\r\n\r\n",
+    )
+    .await;
+    let answer = read_until(&mut sock, "}").await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("pipelined"), "{answer}");
+    assert_eq!(node.server.broker().hub().total_clients(), 0);
+}
+
+#[tokio::test]
+async fn library_calls_refuse_line_breaks_in_release_builds_too() {
+    let node = start().await;
+    let broker = node.server.broker();
+    for (topic, data) in [("a\nb", "1"), ("t", "{\"a\":\n1}"), ("t\r", "1")] {
+        let e = broker
+            .publish(vec![fanout::Publication {
+                topic: topic.into(),
+                data: bytes::Bytes::copy_from_slice(data.as_bytes()),
+                audience: Audience::All,
+            }])
+            .await
+            .unwrap_err();
+        assert_eq!(e, PublishError::NotLineSafe { index: 0 });
+    }
+    let client = broker.hub().register("127.0.0.1".parse().unwrap());
+    assert_eq!(
+        broker.hub().subscribe(&client, &["ok", "x\r\nevent:y"]),
+        Err(fanout::hub::SubscribeError::NotLineSafe)
+    );
+    assert!(!client.has_subscription("ok"));
+    // A message whose data has a line break is not dispatched at all.
+    broker.hub().subscribe(&client, &["t"]).unwrap();
+    assert_eq!(broker.hub().dispatch("t", b"1\n2", &Audience::All), 0);
+}
