@@ -202,10 +202,36 @@ impl Broker {
     /// back and the answer is 503, so no client keeps a subscription it was
     /// told failed.
     pub async fn subscribe_local(&self, req: SubscribeRequest) -> Result<(), ApiError> {
+        self.subscribe_local_until(req, None).await
+    }
+
+    /// [`Broker::subscribe_local`] for a request whose sender gives up at
+    /// `deadline`: past it the request has no effect (a change already
+    /// made is rolled back, as after a relay failure), so that a request
+    /// the sender answered 503 is never applied later.
+    pub async fn subscribe_local_until(
+        &self,
+        req: SubscribeRequest,
+        deadline: Option<tokio::time::Instant>,
+    ) -> Result<(), ApiError> {
+        let late = || ApiError::unavailable("The request expired before it could be applied.");
+        let until = |d: Option<tokio::time::Instant>| async move {
+            match d {
+                Some(d) => tokio::time::sleep_until(d).await,
+                None => std::future::pending().await,
+            }
+        };
         let client = self
             .hub
             .client_by_id(&req.client_id)
             .ok_or_else(missing_client)?;
+        // One request of a client at a time, in arrival order: the auth
+        // check, the change and its rollback cannot interleave with
+        // another request's.
+        let _serial = tokio::select! {
+            g = client.changes.lock() => g,
+            _ = until(deadline) => return Err(late()),
+        };
         if client.ip() != req.ip {
             return Err(ApiError::bad_request("Invalid realtime client."));
         }
@@ -223,11 +249,25 @@ impl Broker {
             .hub
             .replace_subscriptions(&client, &req.subscriptions, auth.map(Arc::new))
             .map_err(subscribe_error)?;
-        if changes.added.is_empty() && changes.removed.is_empty() {
+        // Every topic of the new set, not only the new ones: a topic
+        // another client just added may still be subscribing, and this
+        // answer must wait for it too.
+        let mut topics = changes.removed;
+        let mut seen = std::collections::HashSet::new();
+        for key in &req.subscriptions {
+            let base = protocol::base_topic(key);
+            if !key.is_empty() && seen.insert(base) {
+                topics.push(Arc::from(base));
+            }
+        }
+        if topics.is_empty() {
             return Ok(());
         }
-        let topics = changes.all();
-        match self.relay.sync_topics(topics.clone()).await {
+        let synced = tokio::select! {
+            r = self.relay.sync_topics(topics.clone()) => r,
+            _ = until(deadline) => Err(RelayError::Unavailable(late().message)),
+        };
+        match synced {
             Ok(()) => Ok(()),
             Err(e) => {
                 tracing::warn!(client = client.id(), error = %e, "subscription failed; reverting");

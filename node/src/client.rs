@@ -104,6 +104,9 @@ pub enum CloseReason {
     Overloaded,
     /// Discarded through the library API or unregistered.
     Discarded,
+    /// It missed a message (the relay lost it): the stream is closed so the
+    /// client reconnects and re-fetches.
+    Gap,
     /// The server is shutting down.
     Shutdown,
 }
@@ -155,6 +158,10 @@ pub struct Client {
     /// The stream's waker: woken when the queue becomes non-empty or closes.
     waker: AtomicWaker,
     pub(crate) state: Mutex<ClientState>,
+    /// Held for the whole of a subscription request (checks, change, relay
+    /// confirmation, rollback), so one client's requests apply one at a
+    /// time, in arrival order (tokio's mutex is fair).
+    pub(crate) changes: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for Client {
@@ -186,6 +193,7 @@ impl Client {
                 registered: true,
                 ..Default::default()
             }),
+            changes: tokio::sync::Mutex::new(()),
         }
     }
 

@@ -685,7 +685,14 @@ async fn health(State(state): State<AppState>) -> Response {
         .into_response()
 }
 
-async fn cluster(State(state): State<AppState>) -> Result<Response, ApiError> {
+/// The cluster's members. It names every node's address, so it takes the
+/// same credentials as publishing.
+async fn cluster(
+    State(state): State<AppState>,
+    ConnectInfo(PeerAddr(peer)): ConnectInfo<PeerAddr>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    authorize_publisher(&state.inner.config, peer.ip(), &headers)?;
     let nodes =
         state.inner.streams.broker.nodes().await.map_err(|e| {
             ApiError::unavailable(format!("Cluster membership is unavailable: {e}"))

@@ -533,6 +533,33 @@ impl Hub {
         changes
     }
 
+    /// Close and unregister every local subscriber of the base topic
+    /// `base`; how many there were.
+    pub fn close_topic(&self, base: &str, reason: CloseReason) -> usize {
+        let ids: Vec<Arc<str>> = {
+            let index = self.inner.index.read();
+            let Some(topic) = index.topics.get(base) else {
+                return 0;
+            };
+            let mut ids: Vec<Arc<str>> = topic
+                .keys
+                .values()
+                .flat_map(|s| s.members.values().map(|c| c.id_arc().clone()))
+                .collect();
+            ids.sort();
+            ids.dedup();
+            ids
+        };
+        let mut changes = TopicChanges::default();
+        for id in &ids {
+            changes
+                .removed
+                .extend(self.unregister_quiet(id, reason).removed);
+        }
+        self.topics_changed(changes);
+        ids.len()
+    }
+
     /// Close every stream (server shutdown). Clients stay registered until
     /// their streams end.
     pub fn close_all(&self, reason: CloseReason) {

@@ -58,6 +58,17 @@ pub const CONNECTIONS_REFUSED: &str = "fanout_connections_refused_total";
 /// Gauge: open connections that are not SSE streams.
 pub const HTTP_CONNECTIONS: &str = "fanout_http_connections";
 
+/// Forwarded subscription requests dropped unapplied because they arrived
+/// after their deadline.
+pub const FORWARDS_EXPIRED: &str = "fanout_forwards_expired_total";
+/// Publishes that Redis delivered to no subscriber of a topic this node had
+/// confirmed subscribed (its local subscribers were disconnected).
+pub const RELAY_LOST_PUBLISHES: &str = "fanout_relay_lost_publishes_total";
+/// How long each loss of the Redis subscriber lasted, until every topic was
+/// re-subscribed (seconds). While it lasts, publishes here answer 503;
+/// other nodes' publishes are lost for this node's clients.
+pub const RELAY_OUTAGE_SECONDS: &str = "fanout_relay_outage_seconds";
+
 /// Gauge: open SSE streams.
 pub const CONNECTIONS: &str = "fanout_connections";
 /// Gauge: distinct topics with at least one local subscriber.

@@ -6,9 +6,13 @@
 //!   at least one local subscriber of that topic, and only then.
 //! * `<prefix>n:<node tag>`: one channel per node, for subscription requests
 //!   forwarded to the node holding a client, and their replies.
-//! * `<prefix>node:<node tag>`: a key, not a channel. It is the node's
-//!   heartbeat, rewritten every heartbeat interval with a TTL of three
-//!   intervals. `/api/cluster` lists these keys.
+//! * `<prefix>{nodes}` (a hash: node tag → its `/api/cluster` entry) and
+//!   `<prefix>{nodes}:alive` (a sorted set: node tag → the Unix time in ms
+//!   until which it counts as alive): the membership. Each node refreshes
+//!   both every heartbeat interval, for three intervals, and removes the
+//!   entries of nodes past their time. `/api/cluster` reads them directly
+//!   (no keyspace scan); both keys share one hash tag, so they live in one
+//!   slot on a Redis Cluster too.
 //!
 //! ## Envelope on a topic channel
 //! The same JSON as one message of `POST /api/publish`:
@@ -33,7 +37,26 @@
 //! back empty; the hub is the source of truth. While the subscriber is
 //! down the relay reports unhealthy, publishes fail (503), and subscription
 //! requests that need a new channel fail (503) instead of being acknowledged
-//! without a subscription behind them.
+//! without a subscription behind them. Reconnecting retries every few
+//! hundred milliseconds at most, so the node is back as soon as Redis is.
+//!
+//! A PUBLISH that Redis reports as received by nobody, for a topic this node
+//! has confirmed subscribed, shows the subscriber connection is gone before
+//! the node noticed. The node's subscribers of that topic would miss the
+//! message: their streams are closed (they reconnect and re-fetch, as after
+//! any gap), the loss is counted, and the subscriber reconnects.
+//!
+//! ## Acknowledgements
+//! A subscription request is answered only once every base topic of the
+//! client's new set is confirmed subscribed on Redis, whichever request
+//! started the SUBSCRIBE: the subscriber task serves requests one at a
+//! time, in order, so a request that needs a topic another request is
+//! subscribing is answered after that SUBSCRIBE returned.
+//!
+//! A request forwarded to the node holding a client carries a deadline;
+//! the owner drops it unapplied once the deadline has passed, and the
+//! sender answers 503 when the owner does not answer in time. 404 is for a
+//! node that is not a live member of the cluster.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -57,6 +80,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     broker::{SubscribeRequest, missing_client},
+    client::CloseReason,
     error::ApiError,
     hub::{Audience, Hub},
     metrics as m, protocol,
@@ -82,7 +106,9 @@ pub struct RedisConfig {
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(3);
 /// Channels per SUBSCRIBE command when re-subscribing everything.
 const SUBSCRIBE_BATCH: usize = 1000;
-const MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// Longest wait between reconnect attempts: a refused connection costs
+/// little, and the node must be back as soon as Redis is.
+const MAX_BACKOFF: Duration = Duration::from_millis(250);
 
 struct SyncRequest {
     topics: Vec<Arc<str>>,
@@ -96,6 +122,9 @@ enum NodeMessage {
     Subscribe {
         id: u64,
         from: String,
+        /// Unix time (ms) after which the sender has given up: the owner
+        /// must not apply the request any more.
+        deadline: u64,
         request: SubscribeRequest,
     },
     Reply {
@@ -134,7 +163,8 @@ struct Shared {
     commands: ConnectionManager,
     topic_prefix: String,
     node_channel: String,
-    heartbeat_key: String,
+    members_key: String,
+    alive_key: String,
     control: mpsc::UnboundedSender<SyncRequest>,
     incoming: mpsc::Sender<Incoming>,
     pending: Mutex<HashMap<u64, oneshot::Sender<Result<(), ApiError>>>>,
@@ -143,6 +173,11 @@ struct Shared {
     subscriber: Mutex<Result<(), String>>,
     /// `Err(reason)` while commands (heartbeat, publish) fail.
     command_health: Mutex<Result<(), String>>,
+    /// Base topics confirmed subscribed on the current connection.
+    confirmed: Mutex<HashSet<Arc<str>>>,
+    /// Cancelled to make the subscriber reconnect now.
+    reconnect: Mutex<CancellationToken>,
+    heartbeat: Mutex<Option<tokio::task::JoinHandle<()>>>,
     started_at: SystemTime,
     stop: CancellationToken,
 }
@@ -172,7 +207,8 @@ impl RedisRelay {
         let shared = Arc::new(Shared {
             topic_prefix: format!("{}t:", config.prefix),
             node_channel: node_channel(&config.prefix, &tag),
-            heartbeat_key: format!("{}node:{tag}", config.prefix),
+            members_key: format!("{}{{nodes}}", config.prefix),
+            alive_key: format!("{}{{nodes}}:alive", config.prefix),
             hub,
             config,
             client,
@@ -183,12 +219,15 @@ impl RedisRelay {
             next_request: AtomicU64::new(1),
             subscriber: Mutex::new(Err("connecting to Redis".into())),
             command_health: Mutex::new(Ok(())),
+            confirmed: Mutex::new(HashSet::new()),
+            reconnect: Mutex::new(CancellationToken::new()),
+            heartbeat: Mutex::new(None),
             started_at: SystemTime::now(),
             stop: CancellationToken::new(),
         });
         shared.report_health();
         tokio::spawn(run_subscriber(shared.clone(), control_rx));
-        tokio::spawn(run_heartbeat(shared.clone()));
+        *shared.heartbeat.lock() = Some(tokio::spawn(run_heartbeat(shared.clone())));
         Ok(Arc::new(Self {
             shared,
             incoming: Mutex::new(Some(incoming_rx)),
@@ -271,6 +310,45 @@ impl Shared {
         }
     }
 
+    /// Whether the node with tag `tag` is a live member of the cluster.
+    async fn is_alive(&self, tag: &str) -> Result<bool, RelayError> {
+        let mut conn = self.commands.clone();
+        let until: Option<f64> = self
+            .command("ZSCORE", conn.zscore(&self.alive_key, tag))
+            .await?;
+        Ok(until.is_some_and(|t| t as u64 > unix_ms()))
+    }
+
+    /// After a PUBLISH: a topic this node has confirmed subscribed that
+    /// reached nobody shows the subscriber connection is gone. Its local
+    /// subscribers missed the message: close their streams (they
+    /// reconnect), count it, and reconnect the subscriber.
+    fn check_receivers(&self, batch: &[Publication], receivers: &[i64]) {
+        let lost: HashSet<&str> = {
+            let confirmed = self.confirmed.lock();
+            batch
+                .iter()
+                .zip(receivers)
+                .filter(|(_, n)| **n == 0)
+                .map(|(p, _)| protocol::base_topic(&p.topic))
+                .filter(|t| confirmed.contains(*t))
+                .collect()
+        };
+        if lost.is_empty() {
+            return;
+        }
+        for topic in &lost {
+            let closed = self.hub.close_topic(topic, CloseReason::Gap);
+            metrics::counter!(m::RELAY_LOST_PUBLISHES).increment(1);
+            tracing::warn!(
+                topic,
+                closed,
+                "a publish reached no subscriber of this node; its local subscribers were disconnected"
+            );
+        }
+        self.reconnect.lock().cancel();
+    }
+
     /// A message from a topic channel.
     fn deliver(&self, base: &str, payload: &[u8]) {
         let Ok(env) = serde_json::from_slice::<Envelope>(payload) else {
@@ -305,14 +383,33 @@ impl Shared {
                     let _ = waiter.send(answer);
                 }
             }
-            Ok(NodeMessage::Subscribe { id, from, request }) => {
+            Ok(NodeMessage::Subscribe {
+                id,
+                from,
+                deadline,
+                request,
+            }) => {
+                if unix_ms() > deadline {
+                    // The sender has answered 503 already.
+                    metrics::counter!(m::FORWARDS_EXPIRED).increment(1);
+                    return;
+                }
+                // Queued here, in the order the channel delivered them, so
+                // one client's requests are applied in order.
+                let (reply, answer) = oneshot::channel();
+                let queued = self.incoming.try_send(Incoming {
+                    request,
+                    deadline,
+                    reply,
+                });
                 let shared = self.clone();
                 tokio::spawn(async move {
-                    let (reply, answer) = oneshot::channel();
-                    let result = match shared.incoming.try_send(Incoming { request, reply }) {
-                        Ok(()) => answer.await.unwrap_or_else(|_| {
-                            Err(ApiError::unavailable("The node is shutting down."))
-                        }),
+                    let result = match queued {
+                        Ok(()) => match answer.await {
+                            Ok(r) => r,
+                            // Dropped past its deadline: nobody waits.
+                            Err(_) => return,
+                        },
                         Err(_) => Err(ApiError::unavailable("The node is overloaded.")),
                     };
                     let msg = match result {
@@ -380,21 +477,22 @@ impl Relay for RedisRelay {
     fn publish(&self, batch: Vec<Publication>) -> BoxFuture<'_, Result<(), RelayError>> {
         Box::pin(async move {
             let s = &self.shared;
-            let mut conn = s.commands.clone();
-            if let [one] = &batch[..] {
-                let channel = s.topic_channel(protocol::base_topic(&one.topic));
-                s.command("PUBLISH", conn.publish::<_, _, i64>(channel, envelope(one)))
-                    .await?;
-            } else {
-                // One round trip; Redis runs the pipeline in order.
-                let mut pipe = redis::pipe();
-                for p in &batch {
-                    pipe.publish(s.topic_channel(protocol::base_topic(&p.topic)), envelope(p))
-                        .ignore();
-                }
-                s.command("PUBLISH", pipe.query_async::<()>(&mut conn))
-                    .await?;
+            // Only a node that would itself receive what it publishes may
+            // acknowledge it: with the subscriber down, its own clients
+            // would miss the message.
+            if let Some(reason) = s.subscriber.lock().clone().err() {
+                return Err(RelayError::Unavailable(reason));
             }
+            let mut conn = s.commands.clone();
+            // One round trip; Redis runs the pipeline in order.
+            let mut pipe = redis::pipe();
+            for p in &batch {
+                pipe.publish(s.topic_channel(protocol::base_topic(&p.topic)), envelope(p));
+            }
+            let receivers: Vec<i64> = s
+                .command("PUBLISH", pipe.query_async(&mut conn))
+                .await?;
+            s.check_receivers(&batch, &receivers);
             Ok(())
         })
     }
@@ -420,9 +518,13 @@ impl Relay for RedisRelay {
             let id = s.next_request.fetch_add(1, Ordering::Relaxed);
             let (tx, rx) = oneshot::channel();
             s.pending.lock().insert(id, tx);
+            // Removes the waiter however this ends, the HTTP request being
+            // dropped mid-forward included.
+            let _waiter = Waiter { shared: s, id };
             let msg = NodeMessage::Subscribe {
                 id,
                 from: s.hub.node_tag().to_owned(),
+                deadline: unix_ms() + s.config.forward_timeout.as_millis() as u64,
                 request,
             };
             let body = serde_json::to_vec(&msg).expect("node message serialises");
@@ -433,20 +535,28 @@ impl Relay for RedisRelay {
                     conn.publish::<_, _, i64>(s.node_channel_of(&node), body),
                 )
                 .await;
-            let answer = match receivers {
-                Err(e) => Err(e),
-                // Nobody listens on that node's channel: it is gone.
-                Ok(0) => Ok(Err(missing_client())),
-                Ok(_) => match tokio::time::timeout(s.config.forward_timeout, rx).await {
-                    Ok(Ok(answer)) => Ok(answer),
-                    _ => {
-                        tracing::warn!(node, "forwarded request got no answer in time");
-                        Ok(Err(missing_client()))
-                    }
-                },
+            let answered = match receivers {
+                Err(e) => return Err(e),
+                Ok(0) => None,
+                Ok(_) => tokio::time::timeout(s.config.forward_timeout, rx)
+                    .await
+                    .ok()
+                    .and_then(Result::ok),
             };
-            s.pending.lock().remove(&id);
-            answer
+            if let Some(answer) = answered {
+                return Ok(answer);
+            }
+            // Nobody listened, or nobody answered in time: a node that is
+            // not a live member holds no client (404); a live one is
+            // reconnecting, frozen or overloaded (503, try again).
+            if s.is_alive(&node).await? {
+                tracing::warn!(node, "forwarded request got no answer in time");
+                Err(RelayError::Unavailable(format!(
+                    "node {node} did not answer in time"
+                )))
+            } else {
+                Ok(Err(missing_client()))
+            }
         })
     }
 
@@ -458,33 +568,27 @@ impl Relay for RedisRelay {
         Box::pin(async move {
             let s = &self.shared;
             let mut conn = s.commands.clone();
-            let pattern = format!("{}node:*", s.config.prefix);
-            let mut cursor: u64 = 0;
-            let mut keys: Vec<String> = Vec::new();
-            loop {
-                let (next, batch): (u64, Vec<String>) = s
-                    .command(
-                        "SCAN",
-                        redis::cmd("SCAN")
-                            .arg(cursor)
-                            .arg("MATCH")
-                            .arg(&pattern)
-                            .arg("COUNT")
-                            .arg(1000)
-                            .query_async(&mut conn),
-                    )
-                    .await?;
-                keys.extend(batch);
-                cursor = next;
-                if cursor == 0 {
-                    break;
-                }
-            }
-            if keys.is_empty() {
+            let tags: Vec<String> = s
+                .command(
+                    "ZRANGEBYSCORE",
+                    redis::cmd("ZRANGEBYSCORE")
+                        .arg(&s.alive_key)
+                        .arg(unix_ms())
+                        .arg("+inf")
+                        .query_async(&mut conn),
+                )
+                .await?;
+            if tags.is_empty() {
                 return Ok(Vec::new());
             }
             let values: Vec<Option<String>> = s
-                .command("MGET", redis::cmd("MGET").arg(&keys).query_async(&mut conn))
+                .command(
+                    "HMGET",
+                    redis::cmd("HMGET")
+                        .arg(&s.members_key)
+                        .arg(&tags)
+                        .query_async(&mut conn),
+                )
                 .await?;
             let mut nodes: Vec<NodeInfo> = values
                 .into_iter()
@@ -504,8 +608,18 @@ impl Relay for RedisRelay {
         Box::pin(async move {
             let s = &self.shared;
             s.stop.cancel();
+            // A heartbeat in flight must land before the entry is removed,
+            // or it would list this node again.
+            let heartbeat = s.heartbeat.lock().take();
+            if let Some(h) = heartbeat {
+                let _ = h.await;
+            }
+            let tag = s.hub.node_tag();
             let mut conn = s.commands.clone();
-            let _ = s.command("DEL", conn.del::<_, i64>(&s.heartbeat_key)).await;
+            let mut pipe = redis::pipe();
+            pipe.zrem(&s.alive_key, tag).ignore();
+            pipe.hdel(&s.members_key, tag).ignore();
+            let _ = s.command("ZREM", pipe.query_async::<()>(&mut conn)).await;
         })
     }
 }
@@ -530,6 +644,7 @@ async fn run_subscriber(shared: Arc<Shared>, mut control: mpsc::UnboundedReceive
                         tracing::info!(node = shared.hub.node_tag(), "connected to Redis");
                     } else {
                         metrics::gauge!(m::RELAY_RECOVERY_SECONDS).set(took.as_secs_f64());
+                        metrics::histogram!(m::RELAY_OUTAGE_SECONDS).record(took.as_secs_f64());
                         tracing::info!(
                             recovery_ms = took.as_millis() as u64,
                             topics = subscribed.len(),
@@ -540,9 +655,14 @@ async fn run_subscriber(shared: Arc<Shared>, mut control: mpsc::UnboundedReceive
                 first = false;
                 let mut dispatcher = tokio::spawn(dispatch(shared.clone(), stream));
                 let reason = serve(&shared, sink, subscribed, &mut control, &mut dispatcher).await;
-                // Make sure the old connection is gone before a new one
-                // subscribes, or messages would arrive twice.
+                shared.confirmed.lock().clear();
+                // Make sure the old connection's dispatcher has stopped
+                // before a new one subscribes, or messages would arrive
+                // twice or out of order.
                 dispatcher.abort();
+                if !dispatcher.is_finished() {
+                    let _ = dispatcher.await;
+                }
                 if shared.stop.is_cancelled() {
                     return;
                 }
@@ -605,7 +725,10 @@ async fn connect(shared: &Shared) -> Result<(PubSubSink, PubSubStream, HashSet<A
         let names = chunk.iter().map(|t| shared.topic_channel(t)).collect();
         subscribe(&mut sink, names).await?;
     }
-    Ok((sink, stream, topics.into_iter().collect()))
+    let subscribed: HashSet<Arc<str>> = topics.into_iter().collect();
+    *shared.confirmed.lock() = subscribed.clone();
+    *shared.reconnect.lock() = CancellationToken::new();
+    Ok((sink, stream, subscribed))
 }
 
 async fn subscribe(sink: &mut PubSubSink, channels: Vec<String>) -> Result<(), String> {
@@ -638,9 +761,11 @@ async fn serve(
             .max(Duration::from_millis(100)),
     );
     ping.tick().await;
+    let kicked = shared.reconnect.lock().clone();
     loop {
         tokio::select! {
             _ = shared.stop.cancelled() => return "stopped".into(),
+            _ = kicked.cancelled() => return "a publish reached no subscriber of this node".into(),
             _ = &mut *dispatcher => return "connection closed by Redis".into(),
             _ = ping.tick() => {
                 let pong = tokio::time::timeout(COMMAND_TIMEOUT, sink.ping::<redis::Value>()).await;
@@ -668,14 +793,17 @@ async fn serve(
                 if !add.is_empty() {
                     result = subscribe(&mut sink, add.iter().map(|t| shared.topic_channel(t)).collect()).await;
                     if result.is_ok() {
+                        shared.confirmed.lock().extend(add.iter().cloned());
                         subscribed.extend(add);
                     }
                 }
                 if result.is_ok() && !remove.is_empty() {
                     result = unsubscribe(&mut sink, remove.iter().map(|t| shared.topic_channel(t)).collect()).await;
                     if result.is_ok() {
+                        let mut confirmed = shared.confirmed.lock();
                         for t in &remove {
                             subscribed.remove(t);
+                            confirmed.remove(t);
                         }
                     }
                 }
@@ -721,19 +849,50 @@ async fn run_heartbeat(shared: Arc<Shared>) {
         }
         let info = NodeInfo::of(&shared.hub, shared.config.address, shared.started_at);
         let body = serde_json::to_string(&info).expect("node info serialises");
+        let tag = shared.hub.node_tag();
+        let now = unix_ms();
         let mut conn = shared.commands.clone();
-        let _ = shared
-            .command(
-                "SET",
-                redis::cmd("SET")
-                    .arg(&shared.heartbeat_key)
-                    .arg(body)
-                    .arg("PX")
-                    .arg(ttl)
-                    .query_async::<()>(&mut conn),
-            )
-            .await;
+        let mut pipe = redis::pipe();
+        pipe.hset(&shared.members_key, tag, body).ignore();
+        pipe.zadd(&shared.alive_key, tag, now + ttl).ignore();
+        pipe.cmd("ZRANGEBYSCORE")
+            .arg(&shared.alive_key)
+            .arg("-inf")
+            .arg(format!("({now}"));
+        let Ok((dead,)) = shared
+            .command("HSET", pipe.query_async::<(Vec<String>,)>(&mut conn))
+            .await
+        else {
+            continue;
+        };
+        if !dead.is_empty() {
+            // Forget members past their time.
+            let mut pipe = redis::pipe();
+            pipe.zrem(&shared.alive_key, &dead).ignore();
+            pipe.hdel(&shared.members_key, &dead).ignore();
+            let _ = shared
+                .command("ZREM", pipe.query_async::<()>(&mut conn))
+                .await;
+        }
     }
+}
+
+/// Removes a forwarded request's waiter when the forward ends, however.
+struct Waiter<'a> {
+    shared: &'a Shared,
+    id: u64,
+}
+
+impl Drop for Waiter<'_> {
+    fn drop(&mut self) {
+        self.shared.pending.lock().remove(&self.id);
+    }
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 #[cfg(test)]
@@ -762,6 +921,7 @@ mod tests {
         let m = NodeMessage::Subscribe {
             id: 7,
             from: "AbCdEfGh".into(),
+            deadline: 1,
             request: SubscribeRequest {
                 client_id: "c".into(),
                 subscriptions: vec!["t".into()],

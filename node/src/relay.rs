@@ -96,6 +96,9 @@ impl NodeInfo {
 #[derive(Debug)]
 pub struct Incoming {
     pub request: SubscribeRequest,
+    /// Unix time (ms) after which the sender gave up: past it, the request
+    /// must be dropped unapplied (and `reply` dropped unanswered).
+    pub deadline: u64,
     pub reply: oneshot::Sender<Result<(), ApiError>>,
 }
 
@@ -108,13 +111,16 @@ pub trait Relay: Send + Sync + 'static {
 
     /// Make the relay's interest in these base topics match the hub
     /// (subscribe where the hub has local subscribers, unsubscribe where it
-    /// has none). Resolves once the backend acknowledged it, so a publish
-    /// that starts afterwards reaches this node.
+    /// has none). Resolves once every one of them that the hub needs is
+    /// confirmed subscribed by the backend, whichever call started the
+    /// subscription, so a publish that starts afterwards reaches this node.
     fn sync_topics(&self, topics: Vec<Arc<str>>) -> BoxFuture<'static, Result<(), RelayError>>;
 
     /// Apply a subscription request on the node with tag `node`, which holds
-    /// the client. The inner result is the owner's answer; a node that is
-    /// unknown, gone, or silent past the forward timeout answers 404.
+    /// the client. The inner result is the owner's answer, or 404 when no
+    /// live node has that tag; `Err` when the owner is alive but cannot be
+    /// reached or does not answer within the forward timeout (then it will
+    /// not apply the request later either).
     fn forward(
         &self,
         node: &str,

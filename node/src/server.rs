@@ -40,24 +40,56 @@ fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     socket.listen(BACKLOG)
 }
 
+/// Lanes that apply forwarded requests: one client's requests always take
+/// the same lane, which applies them one at a time, in arrival order.
+const FORWARD_LANES: usize = 16;
+
 /// Answers subscription requests that other nodes forwarded to this one.
 async fn serve_forwarded(
     broker: Broker,
     mut incoming: tokio::sync::mpsc::Receiver<crate::relay::Incoming>,
     shutdown: CancellationToken,
 ) {
+    let lanes: Vec<_> = (0..FORWARD_LANES)
+        .map(|_| {
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<crate::relay::Incoming>();
+            let broker = broker.clone();
+            tokio::spawn(async move {
+                while let Some(crate::relay::Incoming {
+                    request,
+                    deadline,
+                    reply,
+                }) = rx.recv().await
+                {
+                    let now = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_millis() as u64);
+                    if now > deadline {
+                        // The sender answered 503 already; dropping `reply`
+                        // sends nothing.
+                        metrics::counter!(crate::metrics::FORWARDS_EXPIRED).increment(1);
+                        continue;
+                    }
+                    let until = tokio::time::Instant::now()
+                        + std::time::Duration::from_millis(deadline - now);
+                    let _ = reply.send(broker.subscribe_local_until(request, Some(until)).await);
+                }
+            });
+            tx
+        })
+        .collect();
     loop {
         let next = tokio::select! {
             next = incoming.recv() => next,
             _ = shutdown.cancelled() => return,
         };
-        let Some(crate::relay::Incoming { request, reply }) = next else {
-            return;
-        };
-        let broker = broker.clone();
-        tokio::spawn(async move {
-            let _ = reply.send(broker.subscribe_local(request).await);
-        });
+        let Some(req) = next else { return };
+        let lane = req
+            .request
+            .client_id
+            .bytes()
+            .fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(b as usize));
+        let _ = lanes[lane % FORWARD_LANES].send(req);
     }
 }
 

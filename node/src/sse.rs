@@ -179,6 +179,7 @@ impl ClientStream {
                     self.finish(match reason {
                         CloseReason::Slow => "slow",
                         CloseReason::Overloaded => "overloaded",
+                        CloseReason::Gap => "gap",
                         CloseReason::Discarded => "discarded",
                         CloseReason::Shutdown => "shutdown",
                     });

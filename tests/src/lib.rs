@@ -232,6 +232,23 @@ impl Api {
         assert_eq!(status, StatusCode::OK, "{body}");
     }
 
+    /// Publish, retrying while the node answers 503 ("try again"), and
+    /// insist on 200 in the end.
+    pub async fn publish_retrying(&self, topic: &str, data: Value) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let (status, body) = self
+                .publish_raw(json!({"topic": topic, "data": data}), &[])
+                .await;
+            if status == StatusCode::OK {
+                return;
+            }
+            assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+            assert!(tokio::time::Instant::now() < deadline, "still 503: {body}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// The Prometheus text of `/metrics`.
     pub async fn metrics(&self) -> String {
         self.http
