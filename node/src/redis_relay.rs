@@ -489,9 +489,7 @@ impl Relay for RedisRelay {
             for p in &batch {
                 pipe.publish(s.topic_channel(protocol::base_topic(&p.topic)), envelope(p));
             }
-            let receivers: Vec<i64> = s
-                .command("PUBLISH", pipe.query_async(&mut conn))
-                .await?;
+            let receivers: Vec<i64> = s.command("PUBLISH", pipe.query_async(&mut conn)).await?;
             s.check_receivers(&batch, &receivers);
             Ok(())
         })
@@ -535,21 +533,20 @@ impl Relay for RedisRelay {
                     conn.publish::<_, _, i64>(s.node_channel_of(&node), body),
                 )
                 .await;
-            let answered = match receivers {
+            let listened = match receivers {
                 Err(e) => return Err(e),
-                Ok(0) => None,
-                Ok(_) => tokio::time::timeout(s.config.forward_timeout, rx)
-                    .await
-                    .ok()
-                    .and_then(Result::ok),
+                Ok(n) => n > 0,
             };
-            if let Some(answer) = answered {
+            if listened
+                && let Ok(Ok(answer)) = tokio::time::timeout(s.config.forward_timeout, rx).await
+            {
                 return Ok(answer);
             }
-            // Nobody listened, or nobody answered in time: a node that is
-            // not a live member holds no client (404); a live one is
-            // reconnecting, frozen or overloaded (503, try again).
-            if s.is_alive(&node).await? {
+            // No answer. A node whose channel has a listener is connected
+            // (frozen or overloaded), and one still in the membership may
+            // be reconnecting: 503, try again. Otherwise no live node holds
+            // the client: 404.
+            if listened || s.is_alive(&node).await? {
                 tracing::warn!(node, "forwarded request got no answer in time");
                 Err(RelayError::Unavailable(format!(
                     "node {node} did not answer in time"

@@ -505,3 +505,99 @@ unsafe extern "C" {
 
 pub const SIGSTOP: i32 = 19;
 pub const SIGCONT: i32 = 18;
+
+/// A TCP proxy on loopback that can delay what the client sends and cut
+/// every connection: a slow or broken network between a node and Redis.
+pub struct TcpProxy {
+    pub port: u16,
+    delay_ms: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    cut: tokio::sync::watch::Sender<u64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl TcpProxy {
+    /// Forward a free loopback port to `target`.
+    pub async fn start(target: u16) -> Self {
+        use std::sync::{Arc, atomic::AtomicU64};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let delay_ms = Arc::new(AtomicU64::new(0));
+        let (cut, cuts) = tokio::sync::watch::channel(0u64);
+        let delay = delay_ms.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await else {
+                    continue;
+                };
+                let _ = client.set_nodelay(true);
+                let _ = server.set_nodelay(true);
+                let (cr, cw) = client.into_split();
+                let (sr, sw) = server.into_split();
+                let mut cut = cuts.clone();
+                cut.mark_unchanged();
+                let mut cut2 = cut.clone();
+                let delay = delay.clone();
+                tokio::spawn(async move {
+                    tokio::select! {
+                        _ = pump(cr, sw, Some(delay)) => {}
+                        _ = cut.changed() => {}
+                    }
+                });
+                tokio::spawn(async move {
+                    tokio::select! {
+                        _ = pump(sr, cw, None) => {}
+                        _ = cut2.changed() => {}
+                    }
+                });
+            }
+        });
+        Self {
+            port,
+            delay_ms,
+            cut,
+            task,
+        }
+    }
+
+    /// Delay everything the client sends by `d` from now on.
+    pub fn set_delay(&self, d: Duration) {
+        self.delay_ms
+            .store(d.as_millis() as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Close every connection open now.
+    pub fn cut(&self) {
+        self.cut.send_modify(|g| *g += 1);
+    }
+}
+
+impl Drop for TcpProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+        self.cut();
+    }
+}
+
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    delay: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0; 64 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if let Some(d) = &delay {
+            let ms = d.load(std::sync::atomic::Ordering::Relaxed);
+            if ms > 0 {
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+            }
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}

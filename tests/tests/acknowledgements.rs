@@ -1,0 +1,265 @@
+//! Every answer tells the truth: 204, 200, 404 and 503 against real Redis
+//! and real nodes, with faults injected by a TCP proxy, by stopping Redis,
+//! and by freezing a node.
+
+use std::time::{Duration, Instant};
+
+use fanout_testkit::*;
+use serde_json::json;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpSocket, TcpStream},
+    task::JoinSet,
+};
+
+const SECRET: &str = "ack-secret";
+
+fn env<'a>(url: &'a str, extra: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
+    let mut env = vec![
+        ("FANOUT_REDIS_URL", url),
+        ("FANOUT_HEARTBEAT_INTERVAL", "300ms"),
+        ("FANOUT_FORWARD_TIMEOUT", "1s"),
+        ("FANOUT_JWT_SECRET", SECRET),
+    ];
+    env.extend_from_slice(extra);
+    env
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_204_waits_for_the_subscribe_another_client_started() {
+    let redis = RedisServer::start().await;
+    let proxy = TcpProxy::start(redis.port).await;
+    let slow_url = format!("redis://127.0.0.1:{}", proxy.port);
+    let slow = NodeProcess::start(&env(&slow_url, &[])).await;
+    let url = redis.url();
+    let publisher = NodeProcess::start(&env(&url, &[])).await;
+    let first = slow.connect().await;
+    let mut second = slow.connect().await;
+    proxy.set_delay(Duration::from_millis(400));
+    // The first client's POST starts the SUBSCRIBE; the second asks for
+    // the same topic while it is in flight.
+    let api = slow.api.clone();
+    let id = first.client_id.clone();
+    let starter = tokio::spawn(async move { api.subscribe(&id, &["t"]).await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let asked = Instant::now();
+    slow.subscribe(&second.client_id, &["t"]).await;
+    let waited = asked.elapsed();
+    // Acknowledged: a publish from anywhere now reaches it.
+    publisher.publish("t", json!("now")).await;
+    assert_eq!(second.next_json().await, ("t".into(), json!("now")));
+    assert!(waited >= Duration::from_millis(200), "204 after {waited:?}");
+    starter.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_the_subscriber_reconnects_publishes_get_503_and_none_acknowledged_is_lost() {
+    let mut redis = RedisServer::start().await;
+    let url = redis.url();
+    let node = NodeProcess::start(&env(&url, &[])).await;
+    let mut sse = node.connect().await;
+    node.subscribe(&sse.client_id, &["n"]).await;
+    let api = node.api.clone();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stopping = stop.clone();
+    let publisher = tokio::spawn(async move {
+        let (mut acked, mut refused) = (Vec::new(), 0);
+        let mut n = 0u64;
+        while !stopping.load(std::sync::atomic::Ordering::Relaxed) {
+            let (status, body) = api.publish_raw(json!({"topic": "n", "data": n}), &[]).await;
+            match status {
+                StatusCode::OK => acked.push(n),
+                StatusCode::SERVICE_UNAVAILABLE => refused += 1,
+                s => panic!("{s}: {body}"),
+            }
+            n += 1;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        (acked, refused)
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let port = redis.port;
+    redis.stop().await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    redis = RedisServer::start_on(port).await;
+    wait_for("node healthy again", || async {
+        node.get_json("/api/health").await.0 == StatusCode::OK
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (acked, refused) = publisher.await.unwrap();
+    let mut got = std::collections::HashSet::new();
+    while let Some(e) = sse.next_within(Duration::from_millis(500)).await {
+        got.insert(e.data.parse::<u64>().unwrap());
+    }
+    let lost: Vec<u64> = acked.iter().copied().filter(|n| !got.contains(n)).collect();
+    eprintln!(
+        "{} acknowledged, {refused} refused, lost {lost:?}",
+        acked.len()
+    );
+    assert!(refused > 0, "the outage must be answered 503");
+    assert!(lost.is_empty(), "acknowledged but lost: {lost:?}");
+    assert!(node.metric("fanout_relay_outage_seconds_count").await >= 1.0);
+    drop(redis);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forward_to_a_frozen_owner_gets_503_and_is_never_applied_later() {
+    let redis = RedisServer::start().await;
+    let url = redis.url();
+    let owner = NodeProcess::start(&env(&url, &[])).await;
+    let other = NodeProcess::start(&env(&url, &[])).await;
+    let mut sse = owner.connect().await;
+    owner.subscribe(&sse.client_id, &["early"]).await;
+    owner.signal(SIGSTOP);
+    let started = Instant::now();
+    let (status, body) = other
+        .post_subscriptions(
+            json!({"clientId": sse.client_id, "subscriptions": ["late"]}),
+            &[],
+        )
+        .await;
+    owner.signal(SIGCONT);
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(started.elapsed() < Duration::from_secs(3));
+    // Once it runs again, the owner drops the expired request.
+    wait_for("owner healthy", || async {
+        owner.get_json("/api/health").await.0 == StatusCode::OK
+    })
+    .await;
+    wait_for("the expired request counted", || async {
+        owner.metric("fanout_forwards_expired_total").await >= 1.0
+    })
+    .await;
+    other.publish("late", json!("must not arrive")).await;
+    other.publish("early", json!("still subscribed")).await;
+    assert_eq!(
+        sse.next_json().await,
+        ("early".into(), json!("still subscribed"))
+    );
+}
+
+/// A stream whose client reads PB_CONNECT, then nothing.
+async fn stalled_stream(node: &NodeProcess) -> (TcpStream, String) {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut sock = socket.connect(node.addr()).await.unwrap();
+    sock.write_all(b"GET /api/realtime HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut all = String::new();
+    let mut buf = vec![0; 4096];
+    while !all.contains("\"}\n\n") {
+        let n = sock.read(&mut buf).await.unwrap();
+        assert!(n > 0);
+        all.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    let id = all.split("\"clientId\":\"").nth(1).unwrap()[..40].to_owned();
+    (sock, id)
+}
+
+async fn numsub(redis: &RedisServer, channel: &str) -> i64 {
+    let v: Vec<redis::Value> = redis.cmd(&["PUBSUB", "NUMSUB", channel]).await;
+    match &v[1] {
+        redis::Value::Int(n) => *n,
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_dropped_as_slow_releases_its_redis_channel() {
+    let redis = RedisServer::start().await;
+    let url = redis.url();
+    let node = NodeProcess::start(&env(&url, &[("FANOUT_CLIENT_QUEUE_BYTES", "1000000")])).await;
+    let (sock, id) = stalled_stream(&node).await;
+    node.subscribe(&id, &["leak"]).await;
+    assert_eq!(numsub(&redis, "fanout:t:leak").await, 1);
+    // More than the kernel's socket buffers and the queue bound together.
+    let big = "x".repeat(200_000);
+    for _ in 0..60 {
+        node.publish("leak", json!(big)).await;
+    }
+    wait_for("the slow client is dropped", || async {
+        node.metric("fanout_slow_client_disconnects_total").await >= 1.0
+    })
+    .await;
+    wait_for("its channel is released", || async {
+        numsub(&redis, "fanout:t:leak").await == 0
+    })
+    .await;
+    drop(sock);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_posts_of_one_guest_with_two_users_never_both_bind() {
+    let redis = RedisServer::start().await;
+    let url = redis.url();
+    let node = NodeProcess::start(&env(&url, &[])).await;
+    let (x, y) = (user_token(SECRET, "X"), user_token(SECRET, "Y"));
+    for round in 0..20 {
+        let sse = node.connect().await;
+        let mut posts = JoinSet::new();
+        for (token, topic) in [(x.clone(), "a"), (y.clone(), "b")] {
+            let api = node.api.clone();
+            let id = sse.client_id.clone();
+            posts.spawn(async move {
+                api.post_subscriptions(
+                    json!({"clientId": id, "subscriptions": [topic]}),
+                    &[("authorization", token.as_str())],
+                )
+                .await
+                .0
+            });
+        }
+        let statuses = posts.join_all().await;
+        let bound = statuses
+            .iter()
+            .filter(|s| **s == StatusCode::NO_CONTENT)
+            .count();
+        assert_eq!(bound, 1, "round {round}: {statuses:?}");
+        assert!(statuses.contains(&StatusCode::FORBIDDEN), "{statuses:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_node_leaves_the_cluster_list_at_once_and_the_list_needs_the_publish_key() {
+    let redis = RedisServer::start().await;
+    let url = redis.url();
+    let extra = [
+        ("FANOUT_HEARTBEAT_INTERVAL", "5s"),
+        ("FANOUT_PUBLISH_KEY", "pk"),
+    ];
+    let a = NodeProcess::start(&env(&url, &extra)).await;
+    let mut b = NodeProcess::start(&env(&url, &extra)).await;
+    let list = |api: Api| async move {
+        let res = api
+            .http
+            .get(format!("{}/api/cluster", api.base))
+            .bearer_auth("pk")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        res.json::<serde_json::Value>().await.unwrap()["nodes"]
+            .as_array()
+            .unwrap()
+            .len()
+    };
+    wait_for("both listed", || list(a.api.clone()).map_eq(2)).await;
+    let (status, _) = a.get_json("/api/cluster").await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert!(b.stop().await.success());
+    // Not after three 5 s heartbeats: now.
+    assert_eq!(list(a.api.clone()).await, 1);
+}
+
+trait MapEq {
+    fn map_eq(self, n: usize) -> impl std::future::Future<Output = bool>;
+}
+
+impl<F: std::future::Future<Output = usize>> MapEq for F {
+    async fn map_eq(self, n: usize) -> bool {
+        self.await == n
+    }
+}
