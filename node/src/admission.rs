@@ -108,20 +108,9 @@ impl Tracker {
     pub(crate) fn admit(self: &Arc<Self>, streams: usize) -> Option<Slot> {
         let mut conns = self.conns.lock();
         while conns.len() >= self.max_http || streams + conns.len() >= self.fd_budget {
-            let oldest = conns
-                .iter()
-                .filter_map(|(id, e)| {
-                    let since = e.waiting_since.load(Ordering::Relaxed);
-                    (since > 0).then_some((since, *id))
-                })
-                .min();
-            let Some((_, id)) = oldest else {
+            if !evict_oldest(&mut conns) {
                 metrics::counter!(m::CONNECTIONS_REFUSED).increment(1);
                 return None;
-            };
-            if let Some(e) = conns.remove(&id) {
-                e.evict.cancel();
-                metrics::counter!(m::CONNECTIONS_EVICTED).increment(1);
             }
         }
         let id = self.next.fetch_add(1, Ordering::Relaxed);
@@ -140,22 +129,27 @@ impl Tracker {
     /// Close the connection waiting longest, if any (the process ran out of
     /// descriptors despite the budget).
     pub(crate) fn evict_one(&self) -> bool {
-        let mut conns = self.conns.lock();
-        let oldest = conns
-            .iter()
-            .filter_map(|(id, e)| {
-                let since = e.waiting_since.load(Ordering::Relaxed);
-                (since > 0).then_some((since, *id))
-            })
-            .min();
-        match oldest.and_then(|(_, id)| conns.remove(&id)) {
-            Some(e) => {
-                e.evict.cancel();
-                metrics::counter!(m::CONNECTIONS_EVICTED).increment(1);
-                true
-            }
-            None => false,
+        evict_oldest(&mut self.conns.lock())
+    }
+}
+
+/// Close the connection that has waited longest on its client; false when
+/// none is waiting.
+fn evict_oldest(conns: &mut HashMap<u64, Arc<Entry>>) -> bool {
+    let oldest = conns
+        .iter()
+        .filter_map(|(id, e)| {
+            let since = e.waiting_since.load(Ordering::Relaxed);
+            (since > 0).then_some((since, *id))
+        })
+        .min();
+    match oldest.and_then(|(_, id)| conns.remove(&id)) {
+        Some(e) => {
+            e.evict.cancel();
+            metrics::counter!(m::CONNECTIONS_EVICTED).increment(1);
+            true
         }
+        None => false,
     }
 }
 

@@ -474,6 +474,37 @@ impl NodeProcess {
         ([127, 0, 0, 1], self.port).into()
     }
 
+    /// A stream whose client reads PB_CONNECT and then nothing more, with
+    /// a small receive buffer: a stalled reader. The socket and the client
+    /// id.
+    pub async fn stalled_stream(&self) -> (tokio::net::TcpStream, String) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let mut sock = socket.connect(self.addr()).await.unwrap();
+        sock.write_all(b"GET /api/realtime HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut all = String::new();
+        let mut buf = vec![0; 4096];
+        tokio::time::timeout(WAIT, async {
+            while !all.contains("\"}\n\n") {
+                let n = sock.read(&mut buf).await.unwrap();
+                assert!(n > 0, "closed before PB_CONNECT: {all}");
+                all.push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        })
+        .await
+        .expect("PB_CONNECT in time");
+        let id = all
+            .split("\"clientId\":\"")
+            .nth(1)
+            .and_then(|r| r.split('"').next())
+            .expect("PB_CONNECT data")
+            .to_owned();
+        (sock, id)
+    }
+
     /// Send a signal (e.g. SIGSTOP 19, SIGCONT 18).
     pub fn signal(&self, sig: i32) {
         // SAFETY: kill(2) on our own child's pid.

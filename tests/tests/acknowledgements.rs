@@ -6,11 +6,7 @@ use std::time::{Duration, Instant};
 
 use fanout_testkit::*;
 use serde_json::json;
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpSocket, TcpStream},
-    task::JoinSet,
-};
+use tokio::task::JoinSet;
 
 const SECRET: &str = "ack-secret";
 
@@ -140,25 +136,6 @@ async fn a_forward_to_a_frozen_owner_gets_503_and_is_never_applied_later() {
     );
 }
 
-/// A stream whose client reads PB_CONNECT, then nothing.
-async fn stalled_stream(node: &NodeProcess) -> (TcpStream, String) {
-    let socket = TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let mut sock = socket.connect(node.addr()).await.unwrap();
-    sock.write_all(b"GET /api/realtime HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
-    let mut all = String::new();
-    let mut buf = vec![0; 4096];
-    while !all.contains("\"}\n\n") {
-        let n = sock.read(&mut buf).await.unwrap();
-        assert!(n > 0);
-        all.push_str(&String::from_utf8_lossy(&buf[..n]));
-    }
-    let id = all.split("\"clientId\":\"").nth(1).unwrap()[..40].to_owned();
-    (sock, id)
-}
-
 async fn numsub(redis: &RedisServer, channel: &str) -> i64 {
     let v: Vec<redis::Value> = redis.cmd(&["PUBSUB", "NUMSUB", channel]).await;
     match &v[1] {
@@ -172,7 +149,7 @@ async fn a_client_dropped_as_slow_releases_its_redis_channel() {
     let redis = RedisServer::start().await;
     let url = redis.url();
     let node = NodeProcess::start(&env(&url, &[("FANOUT_CLIENT_QUEUE_BYTES", "1000000")])).await;
-    let (sock, id) = stalled_stream(&node).await;
+    let (sock, id) = node.stalled_stream().await;
     node.subscribe(&id, &["leak"]).await;
     assert_eq!(numsub(&redis, "fanout:t:leak").await, 1);
     // More than the kernel's socket buffers and the queue bound together.

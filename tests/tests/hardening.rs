@@ -3,11 +3,11 @@
 
 use std::time::{Duration, Instant};
 
-use fanout_testkit::{Api, NodeProcess, StatusCode, WAIT, wait_for};
+use fanout_testkit::{Api, NodeProcess, StatusCode, wait_for};
 use serde_json::{Value, json};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpSocket, TcpStream},
+    net::TcpStream,
     task::JoinSet,
 };
 
@@ -53,25 +53,6 @@ async fn closed_within(sock: &mut TcpStream, within: Duration) -> bool {
     })
     .await
     .is_ok()
-}
-
-/// A stream whose client reads PB_CONNECT and then nothing more, with a
-/// small receive buffer; its client id.
-async fn stalled_stream(node: &NodeProcess) -> (TcpStream, String) {
-    let socket = TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let mut sock = socket.connect(node.addr()).await.unwrap();
-    sock.write_all(b"GET /api/realtime HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
-    let head = read_until(&mut sock, "\"}\n\n", WAIT).await;
-    let id = head
-        .split("\"clientId\":\"")
-        .nth(1)
-        .and_then(|r| r.split('"').next())
-        .expect("PB_CONNECT data")
-        .to_owned();
-    (sock, id)
 }
 
 async fn wait_connections(api: &Api, n: u64) {
@@ -158,7 +139,7 @@ async fn one_large_publish_matching_1000_keys_of_stalled_clients_stays_within_a_
     let keys: Vec<String> = (0..1000).map(|i| format!("amp?k={i}")).collect();
     let mut stalled = Vec::new();
     for _ in 0..4 {
-        let (sock, id) = stalled_stream(&node).await;
+        let (sock, id) = node.stalled_stream().await;
         let (status, body) = node
             .post_subscriptions(json!({"clientId": id, "subscriptions": keys}), &[])
             .await;
@@ -230,7 +211,7 @@ async fn a_flood_on_one_topic_is_refused_503_while_another_topic_stays_prompt_an
     // 1,000 subscribers of the flood, each read by a task that drains it.
     let mut readers = JoinSet::new();
     for _ in 0..1000 {
-        let (mut sock, id) = stalled_stream(&node).await;
+        let (mut sock, id) = node.stalled_stream().await;
         api.subscribe(&id, &["flood"]).await;
         readers.spawn(async move {
             let mut buf = vec![0; 64 * 1024];
