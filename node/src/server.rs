@@ -52,7 +52,9 @@ async fn serve_forwarded(
 ) {
     let lanes: Vec<_> = (0..FORWARD_LANES)
         .map(|_| {
-            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<crate::relay::Incoming>();
+            // Bounded: a full lane holds the relay's bounded queue back, and
+            // past that the sender is told the node is overloaded (503).
+            let (tx, mut rx) = tokio::sync::mpsc::channel::<crate::relay::Incoming>(64);
             let broker = broker.clone();
             tokio::spawn(async move {
                 while let Some(crate::relay::Incoming {
@@ -89,7 +91,7 @@ async fn serve_forwarded(
             .client_id
             .bytes()
             .fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(b as usize));
-        let _ = lanes[lane % FORWARD_LANES].send(req);
+        let _ = lanes[lane % FORWARD_LANES].send(req).await;
     }
 }
 

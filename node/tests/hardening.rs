@@ -166,3 +166,33 @@ async fn library_calls_refuse_line_breaks_in_release_builds_too() {
     broker.hub().subscribe(&client, &["t"]).unwrap();
     assert_eq!(broker.hub().dispatch("t", b"1\n2", &Audience::All), 0);
 }
+
+#[tokio::test]
+async fn library_subscription_changes_follow_on_redis() {
+    let redis = fanout_testkit::RedisServer::start().await;
+    let node = start_with(|c| c.redis_url = Some(redis.url())).await;
+    let hub = node.server.broker().hub().clone();
+    let numsub = |channel: &'static str| {
+        let redis = &redis;
+        async move {
+            let v: Vec<redis::Value> = redis.cmd(&["PUBSUB", "NUMSUB", channel]).await;
+            matches!(v[1], redis::Value::Int(1))
+        }
+    };
+    let client = hub.register("127.0.0.1".parse().unwrap());
+    hub.subscribe(&client, &["lib"]).unwrap();
+    fanout_testkit::wait_for("subscribe reaches Redis", || numsub("fanout:t:lib")).await;
+    hub.unsubscribe(&client, &["lib"]);
+    fanout_testkit::wait_for("unsubscribe reaches Redis", || async {
+        !numsub("fanout:t:lib").await
+    })
+    .await;
+    hub.set_subscriptions(&client, &["set".into()], None)
+        .unwrap();
+    fanout_testkit::wait_for("a replaced set reaches Redis", || numsub("fanout:t:set")).await;
+    hub.unregister(client.id());
+    fanout_testkit::wait_for("unregister reaches Redis", || async {
+        !numsub("fanout:t:set").await
+    })
+    .await;
+}
