@@ -240,3 +240,84 @@ impl<F: std::future::Future<Output = usize>> MapEq for F {
         self.await == n
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_posts_rollback_never_undoes_a_later_post_that_got_204() {
+    let redis = RedisServer::start().await;
+    let proxy = TcpProxy::start(redis.port).await;
+    let slow_url = format!("redis://127.0.0.1:{}", proxy.port);
+    let node = NodeProcess::start(&env(&slow_url, &[])).await;
+    let direct = redis.url();
+    let publisher = NodeProcess::start(&env(&direct, &[])).await;
+    let mut sse = node.connect().await;
+    // The first POST's SUBSCRIBE is slow, then its connection is cut: it
+    // fails and rolls back. The second POST arrives while it is in flight.
+    proxy.set_delay(Duration::from_millis(400));
+    let api = node.api.clone();
+    let id = sse.client_id.clone();
+    let first = tokio::spawn(async move {
+        api.post_subscriptions(json!({"clientId": id, "subscriptions": ["a"]}), &[])
+            .await
+            .0
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let api = node.api.clone();
+    let id = sse.client_id.clone();
+    let second = tokio::spawn(async move {
+        api.post_subscriptions(json!({"clientId": id, "subscriptions": ["b"]}), &[])
+            .await
+            .0
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    proxy.set_delay(Duration::ZERO);
+    proxy.cut();
+    assert_eq!(first.await.unwrap(), StatusCode::SERVICE_UNAVAILABLE);
+    let second = second.await.unwrap();
+    eprintln!("the second POST got {second}");
+    if second == StatusCode::NO_CONTENT {
+        // Acknowledged: it must hold.
+        publisher.publish_retrying("b", json!("kept")).await;
+        assert_eq!(sse.next_json().await, ("b".into(), json!("kept")));
+    } else {
+        assert_eq!(second, StatusCode::SERVICE_UNAVAILABLE);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnect_after_an_unanswered_ping_delivers_no_duplicate_and_keeps_order() {
+    let redis = RedisServer::start().await;
+    let proxy = TcpProxy::start(redis.port).await;
+    let slow_url = format!("redis://127.0.0.1:{}", proxy.port);
+    let node = NodeProcess::start(&env(&slow_url, &[])).await;
+    let direct = redis.url();
+    let publisher = NodeProcess::start(&env(&direct, &[])).await;
+    let mut sse = node.connect().await;
+    node.subscribe(&sse.client_id, &["d"]).await;
+    let api = publisher.api.clone();
+    let publishing = tokio::spawn(async move {
+        for n in 0..600u64 {
+            api.publish_retrying("d", json!(n)).await;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    });
+    // What the node sends stalls past the command timeout: its PING goes
+    // unanswered while the old connection still receives messages.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    proxy.set_delay(Duration::from_secs(4));
+    wait_for("the node notices", || async {
+        node.get_json("/api/health").await.0 == StatusCode::SERVICE_UNAVAILABLE
+    })
+    .await;
+    proxy.set_delay(Duration::ZERO);
+    publishing.await.unwrap();
+    let mut seen: Vec<u64> = Vec::new();
+    while let Some(e) = sse.next_within(Duration::from_secs(2)).await {
+        seen.push(e.data.parse().unwrap());
+    }
+    assert!(
+        seen.windows(2).all(|w| w[0] < w[1]),
+        "duplicated or out of order around the reconnect"
+    );
+    assert_eq!(seen.last(), Some(&599), "delivery resumed");
+    assert!(node.metric("fanout_relay_reconnects_total").await >= 1.0);
+}
