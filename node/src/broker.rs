@@ -38,6 +38,8 @@ use crate::{
     relay::{NodeInfo, Publication, Relay, RelayError, RelayHealth},
 };
 
+pub use crate::relay::{SubscribeRequest, missing_client};
+
 /// Why a publish was not accepted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PublishError {
@@ -51,18 +53,6 @@ pub enum PublishError {
     /// A message's topic or data contains CR or LF; nothing was published.
     #[error("message {index}: the topic and data must not contain CR or LF")]
     NotLineSafe { index: usize },
-}
-
-/// A realtime subscription request, as the node owning the client applies it.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "camelCase")]
-pub struct SubscribeRequest {
-    pub client_id: String,
-    pub subscriptions: Vec<String>,
-    /// The real IP of the request.
-    pub ip: IpAddr,
-    /// The raw `Authorization` header, if any.
-    pub authorization: Option<String>,
 }
 
 /// The hub, the relay and the token verifier of one node. Cheap to clone.
@@ -320,9 +310,4 @@ fn subscribe_error(e: SubscribeError) -> ApiError {
             .collect(),
         ),
     }
-}
-
-/// PocketBase's answer for an unknown client id.
-pub fn missing_client() -> ApiError {
-    ApiError::not_found("Missing or invalid client id.")
 }

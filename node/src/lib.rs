@@ -5,8 +5,8 @@
 //! * [`protocol`]: the wire format (ids, SSE frames, topic keys and options);
 //! * [`hub`]: this node's client registry, topic index and fan-out;
 //! * [`client`]: one client's queue, subscriptions, store and auth;
-//! * [`relay`]: how publications reach every node's hub, and the
-//!   in-process relay; [`redis_relay`]: the cluster relay over Redis;
+//! * [`relay`]: how publications reach every node's hub: the in-process
+//!   relay, and the cluster relay over Redis (`relay::redis`);
 //! * [`broker`]: hub + relay, the library's entry point;
 //! * [`http`] and [`sse`]: the HTTP routes and the stream body;
 //! * [`server`]: listener, startup and graceful shutdown; `conn`: each
@@ -24,7 +24,6 @@ pub mod hub;
 pub mod metrics;
 pub mod protocol;
 pub mod realip;
-pub mod redis_relay;
 pub mod relay;
 pub mod server;
 pub mod sse;

@@ -20,8 +20,7 @@ use crate::{
     hub::{Hub, HubConfig},
     protocol,
     realip::RealIp,
-    redis_relay::{RedisConfig, RedisRelay},
-    relay::{LocalRelay, Relay},
+    relay::{LocalRelay, RedisConfig, RedisRelay, Relay},
     sse::{Streams, Timeouts},
 };
 

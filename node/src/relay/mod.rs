@@ -5,16 +5,22 @@
 //! deployments: a node's hub receives messages from exactly one relay loop,
 //! in the relay's order, and dispatches them one at a time.
 //!
-//! * [`LocalRelay`]: the embedded default. An in-process queue; the node is
-//!   the whole broker.
-//! * [`crate::redis_relay::RedisRelay`]: cluster mode. One Redis channel per
-//!   topic, subscribed on demand, plus a channel per node for requests
-//!   addressed to a client id held elsewhere.
+//! * [`LocalRelay`] (`local.rs`): the embedded default; the node is the
+//!   whole broker.
+//! * [`RedisRelay`] (`redis/`): cluster mode. One Redis channel per topic,
+//!   subscribed on demand, plus a channel per node for requests addressed
+//!   to a client id held elsewhere.
+//!
+//! The types both the relays and the broker above them use live here, so
+//! imports flow one way: `broker` → `relay` → `hub`.
 //!
 //! Nothing outside the relays and [`crate::server`] knows which one runs.
 
+mod local;
+pub mod redis;
+
 use std::{
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     sync::Arc,
     time::{SystemTime, UNIX_EPOCH},
 };
@@ -24,10 +30,29 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{
-    broker::SubscribeRequest,
     error::ApiError,
     hub::{Audience, Hub},
 };
+
+pub use local::LocalRelay;
+pub use redis::{RedisConfig, RedisRelay};
+
+/// A realtime subscription request, as the node owning the client applies it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct SubscribeRequest {
+    pub client_id: String,
+    pub subscriptions: Vec<String>,
+    /// The real IP of the request.
+    pub ip: IpAddr,
+    /// The raw `Authorization` header, if any.
+    pub authorization: Option<String>,
+}
+
+/// PocketBase's answer for an unknown client id.
+pub fn missing_client() -> ApiError {
+    ApiError::not_found("Missing or invalid client id.")
+}
 
 /// One message on its way to the hubs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -137,73 +162,4 @@ pub trait Relay: Send + Sync + 'static {
 
     /// Leave the cluster (shutdown).
     fn close(&self) -> BoxFuture<'_, ()>;
-}
-
-/// The in-process relay of a single node.
-///
-/// A publish is dispatched into the hub before it returns: the hub's
-/// fan-out workers are the only queue, and the broker admits publishers
-/// only while their backlog is under its bounds. A batch is dispatched
-/// under one lock, so concurrent publishes do not interleave inside it.
-pub struct LocalRelay {
-    hub: Hub,
-    order: parking_lot::Mutex<()>,
-    address: SocketAddr,
-    started_at: SystemTime,
-}
-
-impl LocalRelay {
-    pub fn start(hub: Hub, address: SocketAddr) -> Arc<Self> {
-        Arc::new(Self {
-            hub,
-            order: parking_lot::Mutex::new(()),
-            address,
-            started_at: SystemTime::now(),
-        })
-    }
-}
-
-impl Relay for LocalRelay {
-    fn publish(&self, batch: Vec<Publication>) -> BoxFuture<'_, Result<(), RelayError>> {
-        let _order = self.order.lock();
-        for p in &batch {
-            self.hub.dispatch(&p.topic, &p.data, &p.audience);
-        }
-        Box::pin(async { Ok(()) })
-    }
-
-    fn sync_topics(&self, _topics: Vec<Arc<str>>) -> BoxFuture<'static, Result<(), RelayError>> {
-        // Every publish already passes through this node's hub.
-        Box::pin(async { Ok(()) })
-    }
-
-    fn forward(
-        &self,
-        _node: &str,
-        _request: SubscribeRequest,
-    ) -> BoxFuture<'_, Result<Result<(), ApiError>, RelayError>> {
-        // A single node holds every client; an id of another node is unknown.
-        Box::pin(async { Ok(Err(crate::broker::missing_client())) })
-    }
-
-    fn take_incoming(&self) -> Option<mpsc::Receiver<Incoming>> {
-        None
-    }
-
-    fn nodes(&self) -> BoxFuture<'_, Result<Vec<NodeInfo>, RelayError>> {
-        let me = NodeInfo::of(&self.hub, self.address, self.started_at);
-        Box::pin(async move { Ok(vec![me]) })
-    }
-
-    fn health(&self) -> RelayHealth {
-        RelayHealth {
-            kind: "local",
-            healthy: true,
-            reason: None,
-        }
-    }
-
-    fn close(&self) -> BoxFuture<'_, ()> {
-        Box::pin(async {})
-    }
 }

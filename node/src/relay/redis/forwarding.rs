@@ -1,0 +1,213 @@
+//! Subscription requests for a client held by another node: sent on that
+//! node's channel with a deadline, answered on the sender's channel.
+
+use std::sync::{Arc, atomic::Ordering};
+
+use redis::AsyncCommands;
+use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
+
+use super::{Shared, unix_ms};
+use crate::{
+    error::ApiError,
+    metrics as m,
+    relay::{Incoming, RelayError, SubscribeRequest, missing_client},
+};
+
+/// Messages on a node channel.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+enum NodeMessage {
+    Subscribe {
+        id: u64,
+        from: String,
+        /// Unix time (ms) after which the sender has given up: the owner
+        /// must not apply the request any more.
+        deadline: u64,
+        request: SubscribeRequest,
+    },
+    Reply {
+        id: u64,
+        status: u16,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<ErrorBody>,
+    },
+}
+
+/// An [`ApiError`] on the wire.
+#[derive(Debug, Serialize, Deserialize)]
+struct ErrorBody {
+    message: String,
+    #[serde(default)]
+    data: serde_json::Map<String, serde_json::Value>,
+}
+
+/// The channel of the node with tag `tag`.
+pub(super) fn node_channel(prefix: &str, tag: &str) -> String {
+    format!("{prefix}n:{tag}")
+}
+
+impl Shared {
+    /// A message on this node's own channel.
+    pub(super) fn on_node_message(self: &Arc<Self>, payload: &[u8]) {
+        match serde_json::from_slice::<NodeMessage>(payload) {
+            Ok(NodeMessage::Reply { id, status, error }) => {
+                let answer = match error {
+                    None => Ok(()),
+                    Some(e) => Err(ApiError {
+                        status: axum::http::StatusCode::from_u16(status)
+                            .unwrap_or(axum::http::StatusCode::BAD_GATEWAY),
+                        message: e.message,
+                        data: e.data,
+                    }),
+                };
+                if let Some(waiter) = self.pending.lock().remove(&id) {
+                    let _ = waiter.send(answer);
+                }
+            }
+            Ok(NodeMessage::Subscribe {
+                id,
+                from,
+                deadline,
+                request,
+            }) => {
+                if unix_ms() > deadline {
+                    // The sender has answered 503 already.
+                    metrics::counter!(m::FORWARDS_EXPIRED).increment(1);
+                    return;
+                }
+                // Queued here, in the order the channel delivered them, so
+                // one client's requests are applied in order.
+                let (reply, answer) = oneshot::channel();
+                let queued = self.incoming.try_send(Incoming {
+                    request,
+                    deadline,
+                    reply,
+                });
+                let shared = self.clone();
+                tokio::spawn(async move {
+                    let result = match queued {
+                        Ok(()) => match answer.await {
+                            Ok(r) => r,
+                            // Dropped past its deadline: nobody waits.
+                            Err(_) => return,
+                        },
+                        Err(_) => Err(ApiError::unavailable("The node is overloaded.")),
+                    };
+                    let msg = match result {
+                        Ok(()) => NodeMessage::Reply {
+                            id,
+                            status: 204,
+                            error: None,
+                        },
+                        Err(e) => NodeMessage::Reply {
+                            id,
+                            status: e.status.as_u16(),
+                            error: Some(ErrorBody {
+                                message: e.message,
+                                data: e.data,
+                            }),
+                        },
+                    };
+                    let body = serde_json::to_vec(&msg).expect("node message serialises");
+                    let channel = shared.node_channel_of(&from);
+                    let mut conn = shared.commands.clone();
+                    if let Err(e) = shared
+                        .command("PUBLISH", conn.publish::<_, _, i64>(channel, body))
+                        .await
+                    {
+                        tracing::warn!(error = %e, "could not answer a forwarded request");
+                    }
+                });
+            }
+            Err(e) => {
+                metrics::counter!(m::RELAY_BAD_MESSAGES).increment(1);
+                tracing::warn!(error = %e, "undecodable message on node channel");
+            }
+        }
+    }
+
+    /// Apply a subscription request on the node with tag `node` (see
+    /// [`Relay::forward`]).
+    pub(super) async fn forward(
+        &self,
+        node: String,
+        request: SubscribeRequest,
+    ) -> Result<Result<(), ApiError>, RelayError> {
+        let s = self;
+        let id = s.next_request.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        s.pending.lock().insert(id, tx);
+        // Removes the waiter however this ends, the HTTP request being
+        // dropped mid-forward included.
+        let _waiter = Waiter { shared: s, id };
+        let msg = NodeMessage::Subscribe {
+            id,
+            from: s.hub.node_tag().to_owned(),
+            deadline: unix_ms() + s.config.forward_timeout.as_millis() as u64,
+            request,
+        };
+        let body = serde_json::to_vec(&msg).expect("node message serialises");
+        let mut conn = s.commands.clone();
+        let receivers = s
+            .command(
+                "PUBLISH",
+                conn.publish::<_, _, i64>(s.node_channel_of(&node), body),
+            )
+            .await;
+        let listened = match receivers {
+            Err(e) => return Err(e),
+            Ok(n) => n > 0,
+        };
+        if listened && let Ok(Ok(answer)) = tokio::time::timeout(s.config.forward_timeout, rx).await
+        {
+            return Ok(answer);
+        }
+        // No answer. A node whose channel has a listener is connected
+        // (frozen or overloaded), and one still in the membership may
+        // be reconnecting: 503, try again. Otherwise no live node holds
+        // the client: 404.
+        if listened || s.is_alive(&node).await? {
+            tracing::warn!(node, "forwarded request got no answer in time");
+            Err(RelayError::Unavailable(format!(
+                "node {node} did not answer in time"
+            )))
+        } else {
+            Ok(Err(missing_client()))
+        }
+    }
+}
+
+/// Removes a forwarded request's waiter when the forward ends, however.
+struct Waiter<'a> {
+    shared: &'a Shared,
+    id: u64,
+}
+
+impl Drop for Waiter<'_> {
+    fn drop(&mut self) {
+        self.shared.pending.lock().remove(&self.id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_messages_round_trip() {
+        let m = NodeMessage::Subscribe {
+            id: 7,
+            from: "AbCdEfGh".into(),
+            deadline: 1,
+            request: SubscribeRequest {
+                client_id: "c".into(),
+                subscriptions: vec!["t".into()],
+                ip: "127.0.0.1".parse().unwrap(),
+                authorization: None,
+            },
+        };
+        let back: NodeMessage = serde_json::from_slice(&serde_json::to_vec(&m).unwrap()).unwrap();
+        assert!(matches!(back, NodeMessage::Subscribe { id: 7, .. }));
+    }
+}
