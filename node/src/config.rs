@@ -134,11 +134,19 @@ pub struct Config {
     #[arg(long, env = "FANOUT_DRAIN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
 
-    /// Redis URL (`redis://host:port`). With it, nodes form a cluster that
-    /// relays every publish through Redis; without it, this node is a
-    /// complete broker on its own.
+    /// Redis URL: `redis://[user:password@]host:port` for a standalone
+    /// Redis (a cluster node is detected), or
+    /// `redis+cluster://[user:password@]h1:p1,h2:p2` for a Redis Cluster.
+    /// With it, nodes form a cluster that relays every publish through
+    /// Redis; without it, this node is a complete broker on its own.
     #[arg(long, env = "FANOUT_REDIS_URL", hide_env_values = true)]
     pub redis_url: Option<String>,
+
+    /// Partitions of the channels on a Redis Cluster: each node keeps one
+    /// subscriber connection per partition. Every node of a deployment must
+    /// use the same number.
+    #[arg(long, env = "FANOUT_REDIS_PARTITIONS", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub redis_partitions: u16,
 
     /// Prefix of every Redis channel and key Fanout uses.
     #[arg(long, env = "FANOUT_REDIS_PREFIX", default_value = "fanout:")]

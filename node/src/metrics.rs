@@ -69,6 +69,15 @@ pub const RELAY_LOST_PUBLISHES: &str = "fanout_relay_lost_publishes_total";
 /// other nodes' publishes are lost for this node's clients.
 pub const RELAY_OUTAGE_SECONDS: &str = "fanout_relay_outage_seconds";
 
+/// Messages received from Redis, by subscriber link (`partition`; 0 on a
+/// standalone Redis).
+pub const RELAY_MESSAGES_IN: &str = "fanout_relay_messages_in_total";
+/// Reconnects of each subscriber link, by `partition`.
+pub const RELAY_LINK_RECONNECTS: &str = "fanout_relay_link_reconnects_total";
+/// Gauge: how long each link took, the last time, to connect and
+/// re-subscribe everything, by `partition` (seconds).
+pub const RELAY_RESUBSCRIBE_SECONDS: &str = "fanout_relay_resubscribe_seconds";
+
 /// Gauge: open SSE streams.
 pub const CONNECTIONS: &str = "fanout_connections";
 /// Gauge: distinct topics with at least one local subscriber.

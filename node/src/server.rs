@@ -125,6 +125,7 @@ impl Server {
                 RedisConfig {
                     url: url.clone(),
                     prefix: config.redis_prefix.clone(),
+                    partitions: config.redis_partitions,
                     forward_timeout: config.forward_timeout,
                     heartbeat_interval: config.heartbeat_interval,
                     address: addr,

@@ -67,8 +67,10 @@ impl Relay for LocalRelay {
     fn health(&self) -> RelayHealth {
         RelayHealth {
             kind: "local",
+            mode: None,
             healthy: true,
             reason: None,
+            shards: Vec::new(),
         }
     }
 

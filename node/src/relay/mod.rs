@@ -78,8 +78,25 @@ pub enum RelayError {
 pub struct RelayHealth {
     /// `local` or `redis`.
     pub kind: &'static str,
+    /// For Redis: `connecting`, `standalone` or `cluster`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mode: Option<&'static str>,
     pub healthy: bool,
     /// Why it is unhealthy, when it is.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// On a Redis Cluster: each partition's subscriber link.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub shards: Vec<ShardHealth>,
+}
+
+/// One partition's subscriber link on a Redis Cluster.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct ShardHealth {
+    pub partition: u16,
+    /// The primary it is connected to.
+    pub primary: Option<String>,
+    pub healthy: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
 }

@@ -3,7 +3,6 @@
 
 use std::sync::{Arc, atomic::Ordering};
 
-use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
@@ -40,11 +39,6 @@ struct ErrorBody {
     message: String,
     #[serde(default)]
     data: serde_json::Map<String, serde_json::Value>,
-}
-
-/// The channel of the node with tag `tag`.
-pub(super) fn node_channel(prefix: &str, tag: &str) -> String {
-    format!("{prefix}n:{tag}")
 }
 
 impl Shared {
@@ -111,11 +105,18 @@ impl Shared {
                     };
                     let body = serde_json::to_vec(&msg).expect("node message serialises");
                     let channel = shared.node_channel_of(&from);
-                    let mut conn = shared.commands.clone();
-                    if let Err(e) = shared
-                        .command("PUBLISH", conn.publish::<_, _, i64>(channel, body))
-                        .await
-                    {
+                    let answer = async {
+                        let mut conn = shared.commands()?;
+                        shared
+                            .command(
+                                "PUBLISH",
+                                shared
+                                    .publish_cmd(channel, body)
+                                    .query_async::<i64>(&mut conn),
+                            )
+                            .await
+                    };
+                    if let Err(e) = answer.await {
                         tracing::warn!(error = %e, "could not answer a forwarded request");
                     }
                 });
@@ -148,11 +149,12 @@ impl Shared {
             request,
         };
         let body = serde_json::to_vec(&msg).expect("node message serialises");
-        let mut conn = s.commands.clone();
+        let mut conn = s.commands()?;
         let receivers = s
             .command(
                 "PUBLISH",
-                conn.publish::<_, _, i64>(s.node_channel_of(&node), body),
+                s.publish_cmd(s.node_channel_of(&node), body)
+                    .query_async::<i64>(&mut conn),
             )
             .await;
         let listened = match receivers {

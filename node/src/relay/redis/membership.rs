@@ -11,7 +11,7 @@ use crate::relay::{NodeInfo, RelayError};
 impl Shared {
     /// Whether the node with tag `tag` is a live member of the cluster.
     pub(super) async fn is_alive(&self, tag: &str) -> Result<bool, RelayError> {
-        let mut conn = self.commands.clone();
+        let mut conn = self.commands()?;
         let until: Option<f64> = self
             .command("ZSCORE", conn.zscore(&self.alive_key, tag))
             .await?;
@@ -21,7 +21,7 @@ impl Shared {
     /// The live members of the cluster.
     pub(super) async fn nodes(&self) -> Result<Vec<NodeInfo>, RelayError> {
         let s = self;
-        let mut conn = s.commands.clone();
+        let mut conn = s.commands()?;
         let tags: Vec<String> = s
             .command(
                 "ZRANGEBYSCORE",
@@ -64,7 +64,7 @@ impl Shared {
             let _ = h.await;
         }
         let tag = s.hub.node_tag();
-        let mut conn = s.commands.clone();
+        let Ok(mut conn) = s.commands() else { return };
         let mut pipe = redis::pipe();
         pipe.zrem(&s.alive_key, tag).ignore();
         pipe.hdel(&s.members_key, tag).ignore();
@@ -90,7 +90,9 @@ pub(super) async fn run_heartbeat(shared: Arc<Shared>) {
         let body = serde_json::to_string(&info).expect("node info serialises");
         let tag = shared.hub.node_tag();
         let now = unix_ms();
-        let mut conn = shared.commands.clone();
+        let Ok(mut conn) = shared.commands() else {
+            continue;
+        };
         let mut pipe = redis::pipe();
         pipe.hset(&shared.members_key, tag, body).ignore();
         pipe.zadd(&shared.alive_key, tag, now + ttl).ignore();

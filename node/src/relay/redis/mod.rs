@@ -1,11 +1,22 @@
 //! Cluster mode: the relay over Redis pub/sub.
 //!
+//! The same code serves a standalone Redis and a Redis Cluster
+//! (`topology.rs` says which one `--redis-url` names).
+//!
 //! ## Channels (all names start with the configured prefix, `fanout:` by default)
 //! * `<prefix>t:<topic>`: one channel per base topic (the part of a
 //!   subscription key before its first `?`). A node subscribes while it has
 //!   at least one local subscriber of that topic, and only then.
 //! * `<prefix>n:<node tag>`: one channel per node, for subscription requests
 //!   forwarded to the node holding a client, and their replies.
+//! * On a Redis Cluster, both are sharded channels (`SPUBLISH` and
+//!   `SSUBSCRIBE`) grouped into `--redis-partitions` partitions by a hash
+//!   tag: `<prefix>{p<k>}:t:<topic>` and `<prefix>{p<k>}:n:<node tag>`, with
+//!   `k` the partition of the topic or node tag ([`partition_of`]: FNV-1a,
+//!   32 bits, of its bytes, modulo the partition count). A history key for a
+//!   topic can share the tag. Each partition also has a service channel,
+//!   `<prefix>{p<k>}:svc`, so a node notices when the partition's slot moves
+//!   even if it has no topic there.
 //! * `<prefix>{nodes}` (a hash: node tag → its `/api/cluster` entry) and
 //!   `<prefix>{nodes}:alive` (a sorted set: node tag → the Unix time in ms
 //!   until which it counts as alive): the membership. Each node refreshes
@@ -62,16 +73,16 @@ mod envelope;
 mod forwarding;
 mod membership;
 mod subscriber;
+mod topology;
 
 use std::{
     collections::{HashMap, HashSet},
-    sync::{Arc, atomic::AtomicU64},
+    sync::{Arc, OnceLock, atomic::AtomicU64},
     time::{Duration, SystemTime},
 };
 
-use futures_util::future::BoxFuture;
+use futures_util::future::{BoxFuture, join_all};
 use parking_lot::Mutex;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
@@ -80,21 +91,25 @@ use crate::{
     error::ApiError,
     hub::Hub,
     metrics as m, protocol,
-    relay::{Incoming, NodeInfo, Publication, Relay, RelayError, RelayHealth, SubscribeRequest},
+    relay::{
+        Incoming, NodeInfo, Publication, Relay, RelayError, RelayHealth, ShardHealth,
+        SubscribeRequest,
+    },
 };
 
 use envelope::envelope;
-use forwarding::node_channel;
-use membership::run_heartbeat;
-use subscriber::run_subscriber;
+use topology::{Backend, Commands, Target};
 
 /// Settings of the Redis relay.
 #[derive(Debug, Clone)]
 pub struct RedisConfig {
-    /// `redis://[:password@]host:port[/db]`.
+    /// `redis://[user:password@]host:port[/db]` or
+    /// `redis+cluster://[user:password@]h1:p1,h2:p2,...`.
     pub url: String,
     /// Prefix of every channel and key.
     pub prefix: String,
+    /// Partitions of the channels on a Redis Cluster.
+    pub partitions: u16,
     /// How long a forwarded request waits for the owner's answer.
     pub forward_timeout: Duration,
     /// How often the node refreshes its heartbeat (TTL: three times this).
@@ -111,32 +126,51 @@ const SUBSCRIBE_BATCH: usize = 1000;
 /// little, and the node must be back as soon as Redis is.
 const MAX_BACKOFF: Duration = Duration::from_millis(250);
 
+/// The partition of a topic or node tag on a Redis Cluster: FNV-1a (32
+/// bits) of its bytes, modulo the partition count. Stable across versions
+/// and nodes, since every node must agree on it.
+pub fn partition_of(name: &str, partitions: u16) -> u16 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in name.as_bytes() {
+        h ^= u32::from(*b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    (h % u32::from(partitions.max(1))) as u16
+}
+
 struct SyncRequest {
     topics: Vec<Arc<str>>,
     done: oneshot::Sender<Result<(), RelayError>>,
 }
 
+/// One subscriber link (the only one standalone; one per partition on a
+/// cluster).
+struct Link {
+    /// `Err(reason)` while it is down.
+    state: Mutex<Result<(), String>>,
+    /// The Redis node it is connected to (cluster).
+    primary: Mutex<Option<String>>,
+    /// Cancelled to make the link reconnect now.
+    reconnect: Mutex<CancellationToken>,
+}
+
 struct Shared {
     hub: Hub,
     config: RedisConfig,
-    client: redis::Client,
-    commands: ConnectionManager,
-    topic_prefix: String,
-    node_channel: String,
+    target: Target,
+    /// Set once Redis has been reached and its kind is known.
+    backend: OnceLock<Backend>,
+    controls: Vec<mpsc::UnboundedSender<SyncRequest>>,
+    links: Vec<Link>,
     members_key: String,
     alive_key: String,
-    control: mpsc::UnboundedSender<SyncRequest>,
     incoming: mpsc::Sender<Incoming>,
     pending: Mutex<HashMap<u64, oneshot::Sender<Result<(), ApiError>>>>,
     next_request: AtomicU64,
-    /// `Err(reason)` while the subscriber connection is down.
-    subscriber: Mutex<Result<(), String>>,
     /// `Err(reason)` while commands (heartbeat, publish) fail.
     command_health: Mutex<Result<(), String>>,
-    /// Base topics confirmed subscribed on the current connection.
+    /// Base topics confirmed subscribed on the current connections.
     confirmed: Mutex<HashSet<Arc<str>>>,
-    /// Cancelled to make the subscriber reconnect now.
-    reconnect: Mutex<CancellationToken>,
     heartbeat: Mutex<Option<tokio::task::JoinHandle<()>>>,
     started_at: SystemTime,
     stop: CancellationToken,
@@ -149,45 +183,41 @@ pub struct RedisRelay {
 }
 
 impl RedisRelay {
-    /// Start the subscriber and heartbeat tasks. Returns at once: a node
-    /// whose Redis is down starts unhealthy and connects when it can.
+    /// Start connecting. Returns at once: a node whose Redis is down starts
+    /// unhealthy and connects when it can. Fails only for a URL that names
+    /// no usable topology.
     pub fn start(hub: Hub, config: RedisConfig) -> anyhow::Result<Arc<Self>> {
-        let client = redis::Client::open(config.url.as_str())?;
-        let commands = ConnectionManager::new_lazy_with_config(
-            client.clone(),
-            ConnectionManagerConfig::new()
-                .set_connection_timeout(Some(Duration::from_secs(1)))
-                .set_response_timeout(Some(COMMAND_TIMEOUT))
-                .set_number_of_retries(2)
-                .set_max_delay(Duration::from_millis(500)),
-        )?;
-        let (control, control_rx) = mpsc::unbounded_channel();
+        let target = Target::parse(&config.url)?;
+        let links = config.partitions.max(1) as usize;
+        let (controls, control_rxs): (Vec<_>, Vec<_>) =
+            (0..links).map(|_| mpsc::unbounded_channel()).unzip();
         let (incoming_tx, incoming_rx) = mpsc::channel(1024);
-        let tag = hub.node_tag().to_owned();
         let shared = Arc::new(Shared {
-            topic_prefix: format!("{}t:", config.prefix),
-            node_channel: node_channel(&config.prefix, &tag),
             members_key: format!("{}{{nodes}}", config.prefix),
             alive_key: format!("{}{{nodes}}:alive", config.prefix),
             hub,
             config,
-            client,
-            commands,
-            control,
+            target,
+            backend: OnceLock::new(),
+            controls,
+            links: (0..links)
+                .map(|_| Link {
+                    state: Mutex::new(Err("connecting to Redis".into())),
+                    primary: Mutex::new(None),
+                    reconnect: Mutex::new(CancellationToken::new()),
+                })
+                .collect(),
             incoming: incoming_tx,
             pending: Mutex::new(HashMap::new()),
             next_request: AtomicU64::new(1),
-            subscriber: Mutex::new(Err("connecting to Redis".into())),
             command_health: Mutex::new(Ok(())),
             confirmed: Mutex::new(HashSet::new()),
-            reconnect: Mutex::new(CancellationToken::new()),
             heartbeat: Mutex::new(None),
             started_at: SystemTime::now(),
             stop: CancellationToken::new(),
         });
         shared.report_health();
-        tokio::spawn(run_subscriber(shared.clone(), control_rx));
-        *shared.heartbeat.lock() = Some(tokio::spawn(run_heartbeat(shared.clone())));
+        tokio::spawn(subscriber::run(shared.clone(), control_rxs));
         Ok(Arc::new(Self {
             shared,
             incoming: Mutex::new(Some(incoming_rx)),
@@ -202,17 +232,113 @@ impl Drop for RedisRelay {
 }
 
 impl Shared {
+    /// The command connection, once Redis has been reached.
+    fn commands(&self) -> Result<Commands, RelayError> {
+        self.backend
+            .get()
+            .map(Backend::commands)
+            .ok_or_else(|| RelayError::Unavailable("connecting to Redis".into()))
+    }
+
+    fn partitions(&self) -> Option<u16> {
+        self.backend.get().and_then(Backend::partitions)
+    }
+
+    /// The link that carries the channel of `name` (a topic or node tag).
+    fn link_of(&self, name: &str) -> usize {
+        self.partitions()
+            .map_or(0, |n| partition_of(name, n) as usize)
+    }
+
+    /// A key with partition `k`'s hash tag.
+    fn partition_tag(&self, k: usize) -> String {
+        format!("{}{{p{k}}}", self.config.prefix)
+    }
+
+    /// What every topic channel of link `k` starts with.
+    fn topic_prefix(&self, k: usize) -> String {
+        match self.partitions() {
+            Some(_) => format!("{}:t:", self.partition_tag(k)),
+            None => format!("{}t:", self.config.prefix),
+        }
+    }
+
     fn topic_channel(&self, base: &str) -> String {
-        format!("{}{base}", self.topic_prefix)
+        format!("{}{base}", self.topic_prefix(self.link_of(base)))
     }
 
     fn node_channel_of(&self, tag: &str) -> String {
-        node_channel(&self.config.prefix, tag)
+        match self.partitions() {
+            Some(_) => format!("{}:n:{tag}", self.partition_tag(self.link_of(tag))),
+            None => format!("{}n:{tag}", self.config.prefix),
+        }
     }
 
-    fn set_subscriber(&self, state: Result<(), String>) {
-        *self.subscriber.lock() = state;
+    /// The channels link `k` always listens on: this node's own channel
+    /// (on its link), and the partition's service channel (cluster).
+    fn fixed_channels(&self, k: usize) -> Vec<String> {
+        let tag = self.hub.node_tag();
+        let mut v = Vec::new();
+        if self.link_of(tag) == k {
+            v.push(self.node_channel_of(tag));
+        }
+        if self.partitions().is_some() {
+            v.push(format!("{}:svc", self.partition_tag(k)));
+        }
+        v
+    }
+
+    /// `PUBLISH`, or `SPUBLISH` on a cluster.
+    fn publish_cmd(&self, channel: String, payload: Vec<u8>) -> redis::Cmd {
+        let verb = if self.partitions().is_some() {
+            "SPUBLISH"
+        } else {
+            "PUBLISH"
+        };
+        let mut c = redis::cmd(verb);
+        c.arg(channel).arg(payload);
+        c
+    }
+
+    /// What arrived on link `k`.
+    fn on_message(self: &Arc<Self>, k: usize, channel: &str, payload: &[u8]) {
+        metrics::counter!(m::RELAY_MESSAGES_IN, "partition" => k.to_string()).increment(1);
+        if let Some(base) = channel.strip_prefix(self.topic_prefix(k).as_str()) {
+            self.deliver(base, payload);
+        } else if channel == self.node_channel_of(self.hub.node_tag()) {
+            self.on_node_message(payload);
+        }
+    }
+
+    /// Forget what link `k` had confirmed (it lost its connection).
+    fn unconfirm(&self, k: usize) {
+        self.confirmed.lock().retain(|t| self.link_of(t) != k);
+    }
+
+    fn set_link(&self, k: usize, state: Result<(), String>) {
+        *self.links[k].state.lock() = state;
         self.report_health();
+    }
+
+    /// The links in use (all until Redis has been reached).
+    fn active_links(&self) -> &[Link] {
+        match self.partitions() {
+            Some(n) => &self.links[..n as usize],
+            None => &self.links[..1],
+        }
+    }
+
+    /// `Err(reason)` while any link is down.
+    fn subscriber_health(&self) -> Result<(), String> {
+        for (k, link) in self.active_links().iter().enumerate() {
+            if let Err(e) = &*link.state.lock() {
+                return Err(match self.partitions() {
+                    Some(_) => format!("partition {k}: {e}"),
+                    None => e.clone(),
+                });
+            }
+        }
+        Ok(())
     }
 
     fn set_commands(&self, state: Result<(), String>) {
@@ -228,16 +354,39 @@ impl Shared {
     }
 
     fn health(&self) -> RelayHealth {
-        let sub = self.subscriber.lock().clone();
+        let sub = self.subscriber_health();
         let cmd = self.command_health.lock().clone();
         let reason = match (sub, cmd) {
             (Ok(()), Ok(())) => None,
             (Err(e), _) | (_, Err(e)) => Some(e),
         };
+        let shards = match self.partitions() {
+            Some(_) => self
+                .active_links()
+                .iter()
+                .enumerate()
+                .map(|(k, l)| {
+                    let state = l.state.lock().clone();
+                    ShardHealth {
+                        partition: k as u16,
+                        primary: l.primary.lock().clone(),
+                        healthy: state.is_ok(),
+                        reason: state.err(),
+                    }
+                })
+                .collect(),
+            None => Vec::new(),
+        };
         RelayHealth {
             kind: "redis",
+            mode: match self.backend.get() {
+                None => Some("connecting"),
+                Some(Backend::Standalone { .. }) => Some("standalone"),
+                Some(Backend::Cluster { .. }) => Some("cluster"),
+            },
             healthy: reason.is_none(),
             reason,
+            shards,
         }
     }
 
@@ -289,6 +438,7 @@ impl Shared {
             return;
         }
         for topic in &lost {
+            self.links[self.link_of(topic)].reconnect.lock().cancel();
             let closed = self.hub.close_topic(topic, CloseReason::Gap);
             metrics::counter!(m::RELAY_LOST_PUBLISHES).increment(1);
             tracing::warn!(
@@ -297,7 +447,37 @@ impl Shared {
                 "a publish reached no subscriber of this node; its local subscribers were disconnected"
             );
         }
-        self.reconnect.lock().cancel();
+    }
+
+    /// Publish a batch and return each message's receiver count. On a
+    /// cluster, the messages of one partition go in one pipeline, and the
+    /// partitions' pipelines run concurrently: one round trip in all.
+    async fn publish_batch(&self, batch: &[Publication]) -> Result<Vec<i64>, RelayError> {
+        let conn = self.commands()?;
+        let mut groups: HashMap<usize, (redis::Pipeline, Vec<usize>)> = HashMap::new();
+        for (i, p) in batch.iter().enumerate() {
+            let base = protocol::base_topic(&p.topic);
+            let (pipe, idx) = groups
+                .entry(self.link_of(base))
+                .or_insert_with(|| (redis::pipe(), Vec::new()));
+            pipe.add_command(self.publish_cmd(self.topic_channel(base), envelope(p)));
+            idx.push(i);
+        }
+        let runs = groups.into_values().map(|(pipe, idx)| {
+            let mut conn = conn.clone();
+            async move {
+                let counts: Vec<i64> = self.command("PUBLISH", pipe.query_async(&mut conn)).await?;
+                Ok::<_, RelayError>((idx, counts))
+            }
+        });
+        let mut receivers = vec![0; batch.len()];
+        for run in join_all(runs).await {
+            let (idx, counts) = run?;
+            for (i, n) in idx.into_iter().zip(counts) {
+                receivers[i] = n;
+            }
+        }
+        Ok(receivers)
     }
 }
 
@@ -306,30 +486,38 @@ impl Relay for RedisRelay {
         Box::pin(async move {
             let s = &self.shared;
             // Only a node that would itself receive what it publishes may
-            // acknowledge it: with the subscriber down, its own clients
+            // acknowledge it: with a subscriber link down, its own clients
             // would miss the message.
-            if let Some(reason) = s.subscriber.lock().clone().err() {
+            if let Err(reason) = s.subscriber_health() {
                 return Err(RelayError::Unavailable(reason));
             }
-            let mut conn = s.commands.clone();
-            // One round trip; Redis runs the pipeline in order.
-            let mut pipe = redis::pipe();
-            for p in &batch {
-                pipe.publish(s.topic_channel(protocol::base_topic(&p.topic)), envelope(p));
-            }
-            let receivers: Vec<i64> = s.command("PUBLISH", pipe.query_async(&mut conn)).await?;
+            let receivers = s.publish_batch(&batch).await?;
             s.check_receivers(&batch, &receivers);
             Ok(())
         })
     }
 
     fn sync_topics(&self, topics: Vec<Arc<str>>) -> BoxFuture<'static, Result<(), RelayError>> {
-        let (done, rx) = oneshot::channel();
-        let sent = self.shared.control.send(SyncRequest { topics, done });
+        let s = &self.shared;
+        let mut by_link: HashMap<usize, Vec<Arc<str>>> = HashMap::new();
+        for t in topics {
+            by_link.entry(s.link_of(&t)).or_default().push(t);
+        }
+        let waits: Vec<_> = by_link
+            .into_iter()
+            .map(|(k, topics)| {
+                let (done, rx) = oneshot::channel();
+                let sent = s.controls[k].send(SyncRequest { topics, done });
+                (sent, rx)
+            })
+            .collect();
         Box::pin(async move {
-            sent.map_err(|_| RelayError::Unavailable("relay stopped".into()))?;
-            rx.await
-                .unwrap_or_else(|_| Err(RelayError::Unavailable("relay stopped".into())))
+            for (sent, rx) in waits {
+                sent.map_err(|_| RelayError::Unavailable("relay stopped".into()))?;
+                rx.await
+                    .unwrap_or_else(|_| Err(RelayError::Unavailable("relay stopped".into())))?;
+            }
+            Ok(())
         })
     }
 

@@ -1,5 +1,17 @@
-//! The subscriber connection: one task owns it, serves subscription
-//! changes in order, delivers what arrives, and reconnects.
+//! The subscriber side: links to Redis that carry the channels this node
+//! listens on. One task owns each link: it connects, subscribes what the hub
+//! needs, serves subscription changes in order, delivers what arrives, and
+//! reconnects.
+//!
+//! * Standalone: one link, `SUBSCRIBE` on a RESP2 pub/sub connection.
+//! * Cluster: one link per partition, `SSUBSCRIBE` on a RESP3 connection to
+//!   the primary that owns the partition's slot. Every channel of a link
+//!   shares the partition's hash tag, so one `SSUBSCRIBE` never spans two
+//!   slots. Each link also listens on its partition's service channel:
+//!   when the slot moves (a reshard, a failover), Redis sends an unsolicited
+//!   `sunsubscribe`, and the link reconnects to the new owner and
+//!   re-subscribes everything. A `MOVED` reply while subscribing does the
+//!   same.
 
 use std::{
     collections::HashSet,
@@ -8,48 +20,132 @@ use std::{
 };
 
 use futures_util::StreamExt;
-use redis::aio::{PubSubSink, PubSubStream};
-use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
+use redis::{
+    AsyncConnectionConfig, ConnectionAddr, ProtocolVersion, PushKind, Value,
+    aio::{MultiplexedConnection, PubSubSink},
+};
+use tokio::{sync::mpsc, task::JoinHandle};
 
-use super::{COMMAND_TIMEOUT, MAX_BACKOFF, SUBSCRIBE_BATCH, Shared, SyncRequest};
+use super::{
+    COMMAND_TIMEOUT, MAX_BACKOFF, SUBSCRIBE_BATCH, Shared, SyncRequest,
+    topology::{self, Backend},
+};
 use crate::{metrics as m, relay::RelayError};
 
-/// Owns the subscriber connection: connects, re-subscribes, serves
-/// subscription changes, and starts over when the connection is lost.
-pub(super) async fn run_subscriber(
+/// Reach Redis, find out what it is, then run its links.
+pub(super) async fn run(
     shared: Arc<Shared>,
+    mut controls: Vec<mpsc::UnboundedReceiver<SyncRequest>>,
+) {
+    let mut backoff = Duration::from_millis(100);
+    let backend = loop {
+        if shared.stop.is_cancelled() {
+            return;
+        }
+        match topology::connect(&shared.target, shared.config.partitions).await {
+            Ok(b) => break b,
+            Err(e) => {
+                shared.set_link(0, Err(format!("cannot reach Redis: {e}")));
+                tracing::debug!(error = %e, "Redis connect failed");
+                if !wait_answering(&shared, &mut controls[0], backoff).await {
+                    return;
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+        }
+    };
+    let links = backend.partitions().unwrap_or(1) as usize;
+    let _ = shared.backend.set(backend);
+    shared.report_health();
+    *shared.heartbeat.lock() = Some(tokio::spawn(super::membership::run_heartbeat(
+        shared.clone(),
+    )));
+    for (k, control) in controls.into_iter().enumerate().take(links) {
+        tokio::spawn(run_link(shared.clone(), k, control));
+    }
+}
+
+/// Wait `d`, answering subscription requests as a link that is down must.
+/// False when the relay stopped.
+async fn wait_answering(
+    shared: &Shared,
+    control: &mut mpsc::UnboundedReceiver<SyncRequest>,
+    d: Duration,
+) -> bool {
+    let wait = tokio::time::sleep(d);
+    tokio::pin!(wait);
+    loop {
+        tokio::select! {
+            _ = &mut wait => return true,
+            _ = shared.stop.cancelled() => return false,
+            req = control.recv() => match req {
+                Some(req) => answer_while_down(shared, req),
+                None => return false,
+            },
+        }
+    }
+}
+
+/// Owns link `k`: connects, re-subscribes, serves subscription changes,
+/// and starts over when the connection is lost or its slot moves.
+async fn run_link(
+    shared: Arc<Shared>,
+    k: usize,
     mut control: mpsc::UnboundedReceiver<SyncRequest>,
 ) {
     let mut backoff = Duration::from_millis(100);
     let mut down_since: Option<Instant> = Some(Instant::now());
     let mut first = true;
+    let partition = k.to_string();
     loop {
         if shared.stop.is_cancelled() {
             return;
         }
-        match connect(&shared).await {
-            Ok((sink, stream, subscribed)) => {
+        match connect(&shared, k).await {
+            Ok(conn) => {
                 backoff = Duration::from_millis(100);
-                shared.set_subscriber(Ok(()));
+                shared.set_link(k, Ok(()));
                 if let Some(since) = down_since.take() {
                     let took = since.elapsed();
+                    metrics::gauge!(m::RELAY_RESUBSCRIBE_SECONDS, "partition" => partition.clone())
+                        .set(took.as_secs_f64());
                     if first {
-                        tracing::info!(node = shared.hub.node_tag(), "connected to Redis");
+                        tracing::info!(
+                            node = shared.hub.node_tag(),
+                            link = k,
+                            "connected to Redis"
+                        );
                     } else {
                         metrics::gauge!(m::RELAY_RECOVERY_SECONDS).set(took.as_secs_f64());
                         metrics::histogram!(m::RELAY_OUTAGE_SECONDS).record(took.as_secs_f64());
                         tracing::info!(
+                            link = k,
+                            primary = conn.primary.as_deref().unwrap_or("-"),
                             recovery_ms = took.as_millis() as u64,
-                            topics = subscribed.len(),
+                            topics = conn.subscribed.len(),
                             "Redis relay recovered: every topic re-subscribed"
                         );
                     }
                 }
                 first = false;
-                let mut dispatcher = tokio::spawn(dispatch(shared.clone(), stream));
-                let reason = serve(&shared, sink, subscribed, &mut control, &mut dispatcher).await;
-                shared.confirmed.lock().clear();
+                let Connected {
+                    sink,
+                    mut dispatcher,
+                    moved,
+                    subscribed,
+                    ..
+                } = conn;
+                let reason = serve(
+                    &shared,
+                    k,
+                    sink,
+                    subscribed,
+                    moved,
+                    &mut control,
+                    &mut dispatcher,
+                )
+                .await;
+                shared.unconfirm(k);
                 // Make sure the old connection's dispatcher has stopped
                 // before a new one subscribes, or messages would arrive
                 // twice or out of order.
@@ -61,24 +157,17 @@ pub(super) async fn run_subscriber(
                     return;
                 }
                 metrics::counter!(m::RELAY_RECONNECTS).increment(1);
-                tracing::warn!(%reason, "Redis subscriber connection lost; reconnecting");
-                shared.set_subscriber(Err(format!("Redis subscriber down: {reason}")));
+                metrics::counter!(m::RELAY_LINK_RECONNECTS, "partition" => partition.clone())
+                    .increment(1);
+                tracing::warn!(link = k, %reason, "Redis subscriber connection lost; reconnecting");
+                shared.set_link(k, Err(format!("Redis subscriber down: {reason}")));
                 down_since = Some(Instant::now());
             }
             Err(e) => {
-                shared.set_subscriber(Err(format!("cannot reach Redis: {e}")));
-                tracing::debug!(error = %e, ?backoff, "Redis connect failed");
-                let wait = tokio::time::sleep(backoff);
-                tokio::pin!(wait);
-                loop {
-                    tokio::select! {
-                        _ = &mut wait => break,
-                        _ = shared.stop.cancelled() => return,
-                        req = control.recv() => match req {
-                            Some(req) => answer_while_down(&shared, req),
-                            None => return,
-                        },
-                    }
+                shared.set_link(k, Err(format!("cannot reach Redis: {e}")));
+                tracing::debug!(link = k, error = %e, ?backoff, "Redis connect failed");
+                if !wait_answering(&shared, &mut control, backoff).await {
+                    return;
                 }
                 backoff = (backoff * 2).min(MAX_BACKOFF);
             }
@@ -94,9 +183,7 @@ fn answer_while_down(shared: &Shared, req: SyncRequest) {
     let _ = req.done.send(if needs {
         Err(RelayError::Unavailable(
             shared
-                .subscriber
-                .lock()
-                .clone()
+                .subscriber_health()
                 .err()
                 .unwrap_or_else(|| "Redis unavailable".into()),
         ))
@@ -105,48 +192,216 @@ fn answer_while_down(shared: &Shared, req: SyncRequest) {
     });
 }
 
-/// A new subscriber connection, subscribed to this node's channel and to
-/// every topic the hub has now.
-async fn connect(shared: &Shared) -> Result<(PubSubSink, PubSubStream, HashSet<Arc<str>>), String> {
-    let pubsub = tokio::time::timeout(COMMAND_TIMEOUT, shared.client.get_async_pubsub())
-        .await
-        .map_err(|_| "connect timed out".to_owned())?
-        .map_err(|e| e.to_string())?;
-    let (mut sink, stream) = pubsub.split();
-    subscribe(&mut sink, vec![shared.node_channel.clone()]).await?;
-    let topics = shared.hub.topics();
+/// Where a link's subscriptions are sent.
+enum Sink {
+    Plain(PubSubSink),
+    Sharded(MultiplexedConnection),
+}
+
+impl Sink {
+    async fn run(&mut self, verb: Verb, channels: Vec<String>) -> Result<(), String> {
+        let what = match (&*self, verb) {
+            (Self::Plain(_), Verb::Subscribe) => "SUBSCRIBE",
+            (Self::Plain(_), Verb::Unsubscribe) => "UNSUBSCRIBE",
+            (Self::Sharded(_), Verb::Subscribe) => "SSUBSCRIBE",
+            (Self::Sharded(_), Verb::Unsubscribe) => "SUNSUBSCRIBE",
+        };
+        let done = match self {
+            Self::Plain(sink) => match verb {
+                Verb::Subscribe => {
+                    tokio::time::timeout(COMMAND_TIMEOUT, sink.subscribe(channels)).await
+                }
+                Verb::Unsubscribe => {
+                    tokio::time::timeout(COMMAND_TIMEOUT, sink.unsubscribe(channels)).await
+                }
+            },
+            Self::Sharded(conn) => {
+                tokio::time::timeout(
+                    COMMAND_TIMEOUT,
+                    redis::cmd(what).arg(channels).query_async::<()>(conn),
+                )
+                .await
+            }
+        };
+        done.map_err(|_| format!("{what} timed out"))?
+            .map_err(|e| format!("{what} failed: {e}"))
+    }
+
+    async fn ping(&mut self) -> bool {
+        let pong = match self {
+            Self::Plain(sink) => tokio::time::timeout(COMMAND_TIMEOUT, sink.ping::<Value>()).await,
+            Self::Sharded(conn) => {
+                tokio::time::timeout(
+                    COMMAND_TIMEOUT,
+                    redis::cmd("PING").query_async::<Value>(conn),
+                )
+                .await
+            }
+        };
+        matches!(pong, Ok(Ok(_)))
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Verb {
+    Subscribe,
+    Unsubscribe,
+}
+
+/// A live link.
+struct Connected {
+    sink: Sink,
+    dispatcher: JoinHandle<()>,
+    /// Channels Redis unsubscribed this link from on its own.
+    moved: mpsc::UnboundedReceiver<String>,
+    subscribed: HashSet<Arc<str>>,
+    primary: Option<String>,
+}
+
+/// A new connection for link `k`, subscribed to its fixed channels and to
+/// every topic of the hub that belongs to it.
+async fn connect(shared: &Arc<Shared>, k: usize) -> Result<Connected, String> {
+    let backend = shared.backend.get().ok_or("not connected")?;
+    let (moved_tx, moved) = mpsc::unbounded_channel();
+    let (mut sink, dispatcher, primary) = match backend {
+        Backend::Standalone { client, .. } => {
+            let pubsub = tokio::time::timeout(COMMAND_TIMEOUT, client.get_async_pubsub())
+                .await
+                .map_err(|_| "connect timed out".to_owned())?
+                .map_err(|e| e.to_string())?;
+            let (sink, mut stream) = pubsub.split();
+            let s = shared.clone();
+            let dispatcher = tokio::spawn(async move {
+                while let Some(msg) = stream.next().await {
+                    s.on_message(0, msg.get_channel_name(), msg.get_payload_bytes());
+                }
+            });
+            (Sink::Plain(sink), dispatcher, None)
+        }
+        Backend::Cluster { template, .. } => {
+            let (host, port) = owner(shared, k).await?;
+            let info = template
+                .clone()
+                .set_addr(ConnectionAddr::Tcp(host.clone(), port))
+                .set_redis_settings(
+                    template
+                        .redis_settings()
+                        .clone()
+                        .set_protocol(ProtocolVersion::RESP3),
+                );
+            let client = redis::Client::open(info).map_err(|e| e.to_string())?;
+            let (tx, mut rx) = mpsc::unbounded_channel();
+            let conn = tokio::time::timeout(
+                COMMAND_TIMEOUT,
+                client.get_multiplexed_async_connection_with_config(
+                    &AsyncConnectionConfig::new()
+                        .set_response_timeout(Some(COMMAND_TIMEOUT))
+                        .set_push_sender(tx),
+                ),
+            )
+            .await
+            .map_err(|_| "connect timed out".to_owned())?
+            .map_err(|e| e.to_string())?;
+            let s = shared.clone();
+            let dispatcher = tokio::spawn(async move {
+                while let Some(push) = rx.recv().await {
+                    match push.kind {
+                        PushKind::SMessage | PushKind::Message => {
+                            if let [Value::BulkString(ch), Value::BulkString(payload), ..] =
+                                &push.data[..]
+                            {
+                                s.on_message(k, &String::from_utf8_lossy(ch), payload);
+                            }
+                        }
+                        PushKind::SUnsubscribe => {
+                            if let Some(Value::BulkString(ch)) = push.data.first() {
+                                let _ = moved_tx.send(String::from_utf8_lossy(ch).into_owned());
+                            }
+                        }
+                        PushKind::Disconnection => return,
+                        _ => {}
+                    }
+                }
+            });
+            (
+                Sink::Sharded(conn),
+                dispatcher,
+                Some(format!("{host}:{port}")),
+            )
+        }
+    };
+    *shared.links[k].primary.lock() = primary.clone();
+    sink.run(Verb::Subscribe, shared.fixed_channels(k)).await?;
+    let topics: Vec<Arc<str>> = shared
+        .hub
+        .topics()
+        .into_iter()
+        .filter(|t| shared.link_of(t) == k)
+        .collect();
     for chunk in topics.chunks(SUBSCRIBE_BATCH) {
         let names = chunk.iter().map(|t| shared.topic_channel(t)).collect();
-        subscribe(&mut sink, names).await?;
+        sink.run(Verb::Subscribe, names).await?;
     }
     let subscribed: HashSet<Arc<str>> = topics.into_iter().collect();
-    *shared.confirmed.lock() = subscribed.clone();
-    *shared.reconnect.lock() = CancellationToken::new();
-    Ok((sink, stream, subscribed))
+    shared.confirmed.lock().extend(subscribed.iter().cloned());
+    *shared.links[k].reconnect.lock() = tokio_util::sync::CancellationToken::new();
+    Ok(Connected {
+        sink,
+        dispatcher,
+        moved,
+        subscribed,
+        primary,
+    })
 }
 
-async fn subscribe(sink: &mut PubSubSink, channels: Vec<String>) -> Result<(), String> {
-    tokio::time::timeout(COMMAND_TIMEOUT, sink.subscribe(channels))
-        .await
-        .map_err(|_| "SUBSCRIBE timed out".to_owned())?
-        .map_err(|e| e.to_string())
+/// The primary that owns partition `k`'s slot, from `CLUSTER SLOTS`.
+async fn owner(shared: &Shared, k: usize) -> Result<(String, u16), String> {
+    let mut conn = shared.commands().map_err(|e| e.to_string())?;
+    let tag = shared.partition_tag(k);
+    let slot: i64 = tokio::time::timeout(
+        COMMAND_TIMEOUT,
+        redis::cmd("CLUSTER")
+            .arg("KEYSLOT")
+            .arg(&tag)
+            .query_async(&mut conn),
+    )
+    .await
+    .map_err(|_| "CLUSTER KEYSLOT timed out".to_owned())?
+    .map_err(|e| e.to_string())?;
+    let ranges: Vec<Value> = tokio::time::timeout(
+        COMMAND_TIMEOUT,
+        redis::cmd("CLUSTER").arg("SLOTS").query_async(&mut conn),
+    )
+    .await
+    .map_err(|_| "CLUSTER SLOTS timed out".to_owned())?
+    .map_err(|e| e.to_string())?;
+    for range in ranges {
+        let Value::Array(items) = range else { continue };
+        let (Some(Value::Int(start)), Some(Value::Int(end)), Some(Value::Array(primary))) =
+            (items.first(), items.get(1), items.get(2))
+        else {
+            continue;
+        };
+        if (*start..=*end).contains(&slot)
+            && let (Some(Value::BulkString(host)), Some(Value::Int(port))) =
+                (primary.first(), primary.get(1))
+        {
+            return Ok((String::from_utf8_lossy(host).into_owned(), *port as u16));
+        }
+    }
+    Err(format!("no primary owns slot {slot} (partition {k})"))
 }
 
-async fn unsubscribe(sink: &mut PubSubSink, channels: Vec<String>) -> Result<(), String> {
-    tokio::time::timeout(COMMAND_TIMEOUT, sink.unsubscribe(channels))
-        .await
-        .map_err(|_| "UNSUBSCRIBE timed out".to_owned())?
-        .map_err(|e| e.to_string())
-}
-
-/// Serve subscription changes on a live connection until it is lost.
-/// Returns why it ended.
+/// Serve subscription changes on a live link until it is lost. Returns
+/// why it ended.
 async fn serve(
     shared: &Shared,
-    mut sink: PubSubSink,
+    k: usize,
+    mut sink: Sink,
     mut subscribed: HashSet<Arc<str>>,
+    mut moved: mpsc::UnboundedReceiver<String>,
     control: &mut mpsc::UnboundedReceiver<SyncRequest>,
-    dispatcher: &mut tokio::task::JoinHandle<()>,
+    dispatcher: &mut JoinHandle<()>,
 ) -> String {
     let mut ping = tokio::time::interval(
         shared
@@ -155,15 +410,24 @@ async fn serve(
             .max(Duration::from_millis(100)),
     );
     ping.tick().await;
-    let kicked = shared.reconnect.lock().clone();
+    let kicked = shared.links[k].reconnect.lock().clone();
+    let fixed: HashSet<String> = shared.fixed_channels(k).into_iter().collect();
     loop {
         tokio::select! {
             _ = shared.stop.cancelled() => return "stopped".into(),
             _ = kicked.cancelled() => return "a publish reached no subscriber of this node".into(),
             _ = &mut *dispatcher => return "connection closed by Redis".into(),
+            Some(channel) = moved.recv() => {
+                // Redis dropped a channel this link still wants: its slot
+                // moved. Reconnect to the new owner.
+                let wanted = fixed.contains(&channel)
+                    || subscribed.iter().any(|t| shared.topic_channel(t) == channel);
+                if wanted {
+                    return format!("Redis unsubscribed {channel} (slot moved)");
+                }
+            }
             _ = ping.tick() => {
-                let pong = tokio::time::timeout(COMMAND_TIMEOUT, sink.ping::<redis::Value>()).await;
-                if !matches!(pong, Ok(Ok(_))) {
+                if !sink.ping().await {
                     return "PING unanswered".into();
                 }
             }
@@ -185,21 +449,23 @@ async fn serve(
                     .partition(|t| shared.hub.has_topic(t));
                 let mut result = Ok(());
                 if !add.is_empty() {
-                    result = subscribe(&mut sink, add.iter().map(|t| shared.topic_channel(t)).collect()).await;
+                    result = sink.run(Verb::Subscribe, add.iter().map(|t| shared.topic_channel(t)).collect()).await;
                     if result.is_ok() {
                         shared.confirmed.lock().extend(add.iter().cloned());
                         subscribed.extend(add);
                     }
                 }
                 if result.is_ok() && !remove.is_empty() {
-                    result = unsubscribe(&mut sink, remove.iter().map(|t| shared.topic_channel(t)).collect()).await;
-                    if result.is_ok() {
+                    // Not wanted any more, before Redis confirms: its
+                    // confirmation must not look like a moved slot.
+                    {
                         let mut confirmed = shared.confirmed.lock();
                         for t in &remove {
                             subscribed.remove(t);
                             confirmed.remove(t);
                         }
                     }
+                    result = sink.run(Verb::Unsubscribe, remove.iter().map(|t| shared.topic_channel(t)).collect()).await;
                 }
                 for r in reqs {
                     let _ = r.done.send(
@@ -210,19 +476,6 @@ async fn serve(
                     return e;
                 }
             }
-        }
-    }
-}
-
-/// Delivers what arrives on one subscriber connection, in order. Ends when
-/// the connection does.
-async fn dispatch(shared: Arc<Shared>, mut stream: PubSubStream) {
-    while let Some(msg) = stream.next().await {
-        let channel = msg.get_channel_name();
-        if let Some(base) = channel.strip_prefix(shared.topic_prefix.as_str()) {
-            shared.deliver(base, msg.get_payload_bytes());
-        } else if channel == shared.node_channel {
-            shared.on_node_message(msg.get_payload_bytes());
         }
     }
 }

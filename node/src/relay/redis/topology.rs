@@ -1,0 +1,240 @@
+//! Which Redis the relay talks to, and how: one setting, `--redis-url`,
+//! names a standalone Redis or a Redis Cluster.
+//!
+//! * `redis://[user:password@]host:port[/db]`: a standalone Redis. If that
+//!   address turns out to be a cluster node (`cluster_enabled:1`), the relay
+//!   switches to cluster mode, with that node as the seed, and logs it.
+//! * `redis+cluster://[user:password@]h1:p1,h2:p2,...`: a Redis Cluster,
+//!   found through any of the seeds.
+//!
+//! In cluster mode, commands go through the crate's cluster connection,
+//! which routes each by its key's slot and follows `MOVED`/failovers;
+//! publishing uses `SPUBLISH`, and the subscriber keeps its own connection
+//! per partition (see `partition.rs` and `subscriber.rs`).
+
+use redis::{
+    Cmd, IntoConnectionInfo, Pipeline, RedisFuture, Value,
+    aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig},
+    cluster::ClusterClientBuilder,
+    cluster_async::ClusterConnection,
+};
+
+use super::COMMAND_TIMEOUT;
+
+/// What `--redis-url` names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Target {
+    /// A standalone Redis (or a cluster node, found out on connect).
+    Plain(String),
+    /// Seeds of a Redis Cluster, each as a `redis://` URL.
+    Cluster(Vec<String>),
+}
+
+impl Target {
+    pub(super) fn parse(url: &str) -> anyhow::Result<Self> {
+        let url = url.trim();
+        if let Some(rest) = url.strip_prefix("redis+cluster://") {
+            return Ok(Self::Cluster(seeds("redis", rest)?));
+        }
+        if let Some(rest) = url.strip_prefix("rediss+cluster://") {
+            return Ok(Self::Cluster(seeds("rediss", rest)?));
+        }
+        if url.starts_with("redis+sentinel://") || url.starts_with("rediss+sentinel://") {
+            anyhow::bail!("Redis Sentinel URLs are not supported yet");
+        }
+        // Let the crate judge the plain form (and refuse what it cannot do,
+        // such as TLS without the feature).
+        url.into_connection_info()?;
+        Ok(Self::Plain(url.to_owned()))
+    }
+}
+
+/// `user:pass@h1:p1,h2:p2/...` into one URL per host.
+fn seeds(scheme: &str, rest: &str) -> anyhow::Result<Vec<String>> {
+    let rest = rest.split(['/', '?']).next().unwrap_or_default();
+    let (auth, hosts) = match rest.rsplit_once('@') {
+        Some((a, h)) => (format!("{a}@"), h),
+        None => (String::new(), rest),
+    };
+    let urls: Vec<String> = hosts
+        .split(',')
+        .map(str::trim)
+        .filter(|h| !h.is_empty())
+        .map(|h| format!("{scheme}://{auth}{h}"))
+        .collect();
+    anyhow::ensure!(
+        !urls.is_empty(),
+        "a redis+cluster:// URL needs at least one host"
+    );
+    for u in &urls {
+        u.as_str().into_connection_info()?;
+    }
+    Ok(urls)
+}
+
+/// The connection commands (publish, membership) go through.
+#[derive(Clone)]
+pub(super) enum Commands {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Commands {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Self::Single(c) => c.req_packed_command(cmd),
+            Self::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Self::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Self::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Self::Single(c) => c.get_db(),
+            Self::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// The relay's view of Redis, once it has been reached.
+pub(super) enum Backend {
+    Standalone {
+        client: redis::Client,
+        commands: Commands,
+    },
+    Cluster {
+        /// Credentials and options for connections to single cluster nodes.
+        template: redis::ConnectionInfo,
+        commands: Commands,
+        partitions: u16,
+    },
+}
+
+impl Backend {
+    pub(super) fn commands(&self) -> Commands {
+        match self {
+            Self::Standalone { commands, .. } | Self::Cluster { commands, .. } => commands.clone(),
+        }
+    }
+
+    pub(super) fn partitions(&self) -> Option<u16> {
+        match self {
+            Self::Standalone { .. } => None,
+            Self::Cluster { partitions, .. } => Some(*partitions),
+        }
+    }
+}
+
+/// Reach Redis and find out what it is.
+pub(super) async fn connect(target: &Target, partitions: u16) -> Result<Backend, String> {
+    match target {
+        Target::Cluster(seeds) => cluster(seeds, partitions).await,
+        Target::Plain(url) => {
+            let client = redis::Client::open(url.as_str()).map_err(|e| e.to_string())?;
+            let mut probe =
+                tokio::time::timeout(COMMAND_TIMEOUT, client.get_multiplexed_async_connection())
+                    .await
+                    .map_err(|_| "connect timed out".to_owned())?
+                    .map_err(|e| e.to_string())?;
+            let info: String = tokio::time::timeout(
+                COMMAND_TIMEOUT,
+                redis::cmd("INFO").arg("cluster").query_async(&mut probe),
+            )
+            .await
+            .map_err(|_| "INFO timed out".to_owned())?
+            .map_err(|e| e.to_string())?;
+            if info.contains("cluster_enabled:1") {
+                tracing::warn!(
+                    url = %redact(url),
+                    "this Redis is a cluster node: switching to cluster mode (name the cluster as redis+cluster://h1:p1,h2:p2 to say so)"
+                );
+                return cluster(std::slice::from_ref(url), partitions).await;
+            }
+            let commands = ConnectionManager::new_lazy_with_config(
+                client.clone(),
+                ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(std::time::Duration::from_secs(1)))
+                    .set_response_timeout(Some(COMMAND_TIMEOUT))
+                    .set_number_of_retries(2)
+                    .set_max_delay(std::time::Duration::from_millis(500)),
+            )
+            .map_err(|e| e.to_string())?;
+            Ok(Backend::Standalone {
+                client,
+                commands: Commands::Single(commands),
+            })
+        }
+    }
+}
+
+async fn cluster(seeds: &[String], partitions: u16) -> Result<Backend, String> {
+    let template = seeds[0]
+        .as_str()
+        .into_connection_info()
+        .map_err(|e| e.to_string())?;
+    let mut builder = ClusterClientBuilder::new(seeds.iter().map(String::as_str))
+        .connection_timeout(std::time::Duration::from_secs(1))
+        .response_timeout(COMMAND_TIMEOUT)
+        .retries(3);
+    let redis = template.redis_settings();
+    if let Some(user) = redis.username() {
+        builder = builder.username(user);
+    }
+    if let Some(password) = redis.password() {
+        builder = builder.password(password);
+    }
+    let client = builder.build().map_err(|e| e.to_string())?;
+    let conn = tokio::time::timeout(COMMAND_TIMEOUT, client.get_async_connection())
+        .await
+        .map_err(|_| "cluster connect timed out".to_owned())?
+        .map_err(|e| e.to_string())?;
+    tracing::info!(partitions, "connected to the Redis Cluster");
+    Ok(Backend::Cluster {
+        template,
+        commands: Commands::Cluster(conn),
+        partitions,
+    })
+}
+
+/// A URL without its password, for logs.
+pub(super) fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => format!("{}://***@{}", &url[..s], &url[at + 1..]),
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_name_a_topology() {
+        assert_eq!(
+            Target::parse("redis://127.0.0.1:6379").unwrap(),
+            Target::Plain("redis://127.0.0.1:6379".into())
+        );
+        assert_eq!(
+            Target::parse("redis+cluster://u:p@h1:7000,h2:7001").unwrap(),
+            Target::Cluster(vec![
+                "redis://u:p@h1:7000".into(),
+                "redis://u:p@h2:7001".into()
+            ])
+        );
+        assert!(Target::parse("redis+cluster://").is_err());
+        assert!(Target::parse("redis+sentinel://s1:26379/mymaster").is_err());
+        assert!(Target::parse("nope://x").is_err());
+        assert_eq!(redact("redis://u:secret@h:1"), "redis://***@h:1");
+    }
+}
