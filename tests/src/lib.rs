@@ -287,6 +287,7 @@ impl Api {
 /// A private `redis-server` process.
 pub struct RedisServer {
     pub port: u16,
+    password: Option<String>,
     child: Option<Child>,
 }
 
@@ -298,6 +299,21 @@ impl RedisServer {
 
     /// Start one on `port` (e.g. again, after [`RedisServer::stop`]).
     pub async fn start_on(port: u16) -> Self {
+        Self::spawn(port, &[]).await
+    }
+
+    /// Start one on a free port with extra arguments (`--requirepass` is
+    /// honoured by [`RedisServer::url`]).
+    pub async fn start_with(extra: &[&str]) -> Self {
+        Self::spawn(free_port(), extra).await
+    }
+
+    async fn spawn(port: u16, extra: &[&str]) -> Self {
+        let password = extra
+            .iter()
+            .position(|a| *a == "--requirepass")
+            .and_then(|i| extra.get(i + 1))
+            .map(|p| p.to_string());
         let child = Command::new("redis-server")
             .args([
                 "--port",
@@ -311,12 +327,14 @@ impl RedisServer {
                 "--protected-mode",
                 "no",
             ])
+            .args(extra)
             .stdout(Stdio::null())
             .kill_on_drop(true)
             .spawn()
             .expect("redis-server is installed (scripts/test installs it)");
         let server = Self {
             port,
+            password,
             child: Some(child),
         };
         wait_for("redis-server to answer", || async {
@@ -327,7 +345,10 @@ impl RedisServer {
     }
 
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        match &self.password {
+            Some(pw) => format!("redis://:{pw}@127.0.0.1:{}", self.port),
+            None => format!("redis://127.0.0.1:{}", self.port),
+        }
     }
 
     pub async fn connection(&self) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
@@ -629,6 +650,240 @@ async fn pump(
         }
         if to.write_all(&buf[..n]).await.is_err() {
             return;
+        }
+    }
+}
+
+/// A port that is free, and whose cluster-bus port (+10000) is free too.
+fn free_cluster_port() -> u16 {
+    loop {
+        let p = free_port();
+        if p < 55_000 && std::net::TcpListener::bind(("127.0.0.1", p + 10_000)).is_ok() {
+            return p;
+        }
+    }
+}
+
+/// A private Redis Cluster: six `redis-server` processes (three primaries,
+/// three replicas) on loopback, each in its own directory.
+pub struct RedisCluster {
+    pub ports: Vec<u16>,
+    pub password: Option<String>,
+    children: std::collections::HashMap<u16, Child>,
+    _dir: TempDir,
+}
+
+/// A directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(name: &str) -> Self {
+        let dir =
+            std::env::temp_dir().join(format!("{name}-{}-{}", std::process::id(), free_port()));
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+impl RedisCluster {
+    /// Start six nodes, create the cluster, and wait until it is ok.
+    pub async fn start(password: Option<&str>) -> Self {
+        let dir = TempDir::new("fanout-redis-cluster");
+        let mut ports = Vec::new();
+        let mut children = std::collections::HashMap::new();
+        for _ in 0..6 {
+            let port = free_cluster_port();
+            let node_dir = dir.0.join(port.to_string());
+            std::fs::create_dir_all(&node_dir).unwrap();
+            let mut args: Vec<String> = [
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+                "--cluster-node-timeout",
+                "1000",
+                // A replica may take over however long it has been cut
+                // off: the tests kill primaries on purpose.
+                "--cluster-replica-validity-factor",
+                "0",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--protected-mode",
+                "no",
+                "--dir",
+                node_dir.to_str().unwrap(),
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+            if let Some(pw) = password {
+                args.extend(["--requirepass", pw, "--masterauth", pw].map(String::from));
+            }
+            let child = Command::new("redis-server")
+                .args(&args)
+                .stdout(Stdio::null())
+                .kill_on_drop(true)
+                .spawn()
+                .expect("redis-server is installed");
+            children.insert(port, child);
+            ports.push(port);
+        }
+        let cluster = Self {
+            ports,
+            password: password.map(str::to_owned),
+            children,
+            _dir: dir,
+        };
+        for &p in &cluster.ports {
+            wait_for("cluster node answers", || async {
+                cluster.try_cmd::<String>(p, &["PING"]).await.is_ok()
+            })
+            .await;
+        }
+        let mut create = Command::new("redis-cli");
+        create.arg("--cluster").arg("create");
+        for p in &cluster.ports {
+            create.arg(format!("127.0.0.1:{p}"));
+        }
+        create.args(["--cluster-replicas", "1", "--cluster-yes"]);
+        if let Some(pw) = password {
+            create.args(["-a", pw, "--no-auth-warning"]);
+        }
+        let out = create.output().await.expect("redis-cli runs");
+        assert!(
+            out.status.success(),
+            "cluster create failed: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        cluster.wait_ok().await;
+        // Every replica in sync, so that a failover can happen at once.
+        for &p in &cluster.ports {
+            wait_for("replica in sync", || async {
+                match cluster.try_cmd::<String>(p, &["INFO", "replication"]).await {
+                    Ok(info) => {
+                        info.contains("role:master") || info.contains("master_link_status:up")
+                    }
+                    Err(_) => false,
+                }
+            })
+            .await;
+        }
+        cluster
+    }
+
+    /// Wait until every live node reports `cluster_state:ok` and agrees on
+    /// three primaries that cover every slot.
+    pub async fn wait_ok(&self) {
+        wait_for("cluster_state:ok everywhere", || async {
+            for &p in self.children.keys() {
+                match self.try_cmd::<String>(p, &["CLUSTER", "INFO"]).await {
+                    Ok(info) if info.contains("cluster_state:ok") => {}
+                    _ => return false,
+                }
+            }
+            true
+        })
+        .await;
+    }
+
+    /// `redis://[:password@]127.0.0.1:<port>`.
+    pub fn url_of(&self, port: u16) -> String {
+        match &self.password {
+            Some(pw) => format!("redis://:{pw}@127.0.0.1:{port}"),
+            None => format!("redis://127.0.0.1:{port}"),
+        }
+    }
+
+    /// `redis+cluster://…` naming every node.
+    pub fn cluster_url(&self) -> String {
+        let hosts: Vec<String> = self
+            .ports
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect();
+        match &self.password {
+            Some(pw) => format!("redis+cluster://:{pw}@{}", hosts.join(",")),
+            None => format!("redis+cluster://{}", hosts.join(",")),
+        }
+    }
+
+    /// Run one command on the node at `port`.
+    pub async fn try_cmd<T: redis::FromRedisValue>(
+        &self,
+        port: u16,
+        args: &[&str],
+    ) -> redis::RedisResult<T> {
+        let client = redis::Client::open(self.url_of(port))?;
+        let mut conn = tokio::time::timeout(
+            Duration::from_secs(2),
+            client.get_multiplexed_async_connection(),
+        )
+        .await
+        .map_err(|_| {
+            redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut))
+        })??;
+        let mut c = redis::cmd(args[0]);
+        for a in &args[1..] {
+            c.arg(*a);
+        }
+        c.query_async(&mut conn).await
+    }
+
+    pub async fn cmd<T: redis::FromRedisValue>(&self, port: u16, args: &[&str]) -> T {
+        self.try_cmd(port, args).await.expect("redis command")
+    }
+
+    /// `(node id, port)` of each live primary, from `CLUSTER NODES`.
+    pub async fn primaries(&self) -> Vec<(String, u16)> {
+        let live = *self.children.keys().next().expect("a live node");
+        let nodes: String = self.cmd(live, &["CLUSTER", "NODES"]).await;
+        nodes
+            .lines()
+            .filter(|l| l.contains("master") && !l.contains("fail"))
+            .filter_map(|l| {
+                let mut f = l.split_whitespace();
+                let id = f.next()?.to_owned();
+                let port = f.next()?.split(['@', ':']).nth(1)?.parse().ok()?;
+                Some((id, port))
+            })
+            .collect()
+    }
+
+    /// The port of the primary that owns the slot of `key`.
+    pub async fn owner_of(&self, key: &str) -> u16 {
+        let live = *self.children.keys().next().expect("a live node");
+        let slot: i64 = self.cmd(live, &["CLUSTER", "KEYSLOT", key]).await;
+        let ranges: Vec<redis::Value> = self.cmd(live, &["CLUSTER", "SLOTS"]).await;
+        for r in ranges {
+            if let redis::Value::Array(items) = r
+                && let (Some(redis::Value::Int(a)), Some(redis::Value::Int(b))) =
+                    (items.first(), items.get(1))
+                && (*a..=*b).contains(&slot)
+                && let Some(redis::Value::Array(primary)) = items.get(2)
+                && let Some(redis::Value::Int(port)) = primary.get(1)
+            {
+                return *port as u16;
+            }
+        }
+        panic!("no owner for slot {slot}");
+    }
+
+    /// SIGKILL the node at `port`.
+    pub async fn kill(&mut self, port: u16) {
+        if let Some(mut c) = self.children.remove(&port) {
+            let _ = c.kill().await;
         }
     }
 }

@@ -171,6 +171,9 @@ struct Shared {
     command_health: Mutex<Result<(), String>>,
     /// Base topics confirmed subscribed on the current connections.
     confirmed: Mutex<HashSet<Arc<str>>>,
+    /// Cluster nodes to ask where a partition lives: the seeds, then every
+    /// node `CLUSTER SLOTS` has named.
+    known_nodes: Mutex<Vec<(String, u16)>>,
     heartbeat: Mutex<Option<tokio::task::JoinHandle<()>>>,
     started_at: SystemTime,
     stop: CancellationToken,
@@ -197,7 +200,7 @@ impl RedisRelay {
             alive_key: format!("{}{{nodes}}:alive", config.prefix),
             hub,
             config,
-            target,
+            target: target.clone(),
             backend: OnceLock::new(),
             controls,
             links: (0..links)
@@ -212,6 +215,7 @@ impl RedisRelay {
             next_request: AtomicU64::new(1),
             command_health: Mutex::new(Ok(())),
             confirmed: Mutex::new(HashSet::new()),
+            known_nodes: Mutex::new(target.addresses()),
             heartbeat: Mutex::new(None),
             started_at: SystemTime::now(),
             stop: CancellationToken::new(),

@@ -279,7 +279,7 @@ async fn connect(shared: &Arc<Shared>, k: usize) -> Result<Connected, String> {
             (Sink::Plain(sink), dispatcher, None)
         }
         Backend::Cluster { template, .. } => {
-            let (host, port) = owner(shared, k).await?;
+            let (host, port) = owner(shared, k, template).await?;
             let info = template
                 .clone()
                 .set_addr(ConnectionAddr::Tcp(host.clone(), port))
@@ -300,8 +300,8 @@ async fn connect(shared: &Arc<Shared>, k: usize) -> Result<Connected, String> {
                 ),
             )
             .await
-            .map_err(|_| "connect timed out".to_owned())?
-            .map_err(|e| e.to_string())?;
+            .map_err(|_| format!("{host}:{port}: connect timed out"))?
+            .map_err(|e| format!("{host}:{port}: {e}"))?;
             let s = shared.clone();
             let dispatcher = tokio::spawn(async move {
                 while let Some(push) = rx.recv().await {
@@ -355,41 +355,92 @@ async fn connect(shared: &Arc<Shared>, k: usize) -> Result<Connected, String> {
 }
 
 /// The primary that owns partition `k`'s slot, from `CLUSTER SLOTS`.
-async fn owner(shared: &Shared, k: usize) -> Result<(String, u16), String> {
-    let mut conn = shared.commands().map_err(|e| e.to_string())?;
+///
+/// Asked of the cluster's nodes one at a time, on short-lived connections,
+/// starting from a different one on each attempt: after a failover the
+/// cluster connection may still route a keyless command to the dead node,
+/// and a node may briefly hold a stale view (then `SSUBSCRIBE` answers
+/// `MOVED`, and the next attempt asks another node).
+async fn owner(
+    shared: &Shared,
+    k: usize,
+    template: &redis::ConnectionInfo,
+) -> Result<(String, u16), String> {
     let tag = shared.partition_tag(k);
-    let slot: i64 = tokio::time::timeout(
-        COMMAND_TIMEOUT,
-        redis::cmd("CLUSTER")
-            .arg("KEYSLOT")
-            .arg(&tag)
-            .query_async(&mut conn),
-    )
-    .await
-    .map_err(|_| "CLUSTER KEYSLOT timed out".to_owned())?
-    .map_err(|e| e.to_string())?;
-    let ranges: Vec<Value> = tokio::time::timeout(
-        COMMAND_TIMEOUT,
-        redis::cmd("CLUSTER").arg("SLOTS").query_async(&mut conn),
-    )
-    .await
-    .map_err(|_| "CLUSTER SLOTS timed out".to_owned())?
-    .map_err(|e| e.to_string())?;
-    for range in ranges {
-        let Value::Array(items) = range else { continue };
-        let (Some(Value::Int(start)), Some(Value::Int(end)), Some(Value::Array(primary))) =
-            (items.first(), items.get(1), items.get(2))
-        else {
-            continue;
-        };
-        if (*start..=*end).contains(&slot)
-            && let (Some(Value::BulkString(host)), Some(Value::Int(port))) =
-                (primary.first(), primary.get(1))
-        {
-            return Ok((String::from_utf8_lossy(host).into_owned(), *port as u16));
+    let candidates = shared.known_nodes.lock().clone();
+    let start = shared
+        .next_request
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed) as usize;
+    let mut last = String::from("no cluster node known");
+    for i in 0..candidates.len() {
+        let (host, port) = &candidates[(start + i) % candidates.len()];
+        match slots_from(template, host, *port, &tag).await {
+            Ok((owner, nodes)) => {
+                let mut known = shared.known_nodes.lock();
+                for n in nodes {
+                    if !known.contains(&n) {
+                        known.push(n);
+                    }
+                }
+                return owner.ok_or_else(|| format!("no primary owns partition {k}"));
+            }
+            Err(e) => last = format!("{host}:{port}: {e}"),
         }
     }
-    Err(format!("no primary owns slot {slot} (partition {k})"))
+    Err(last)
+}
+
+/// Ask the node at `host:port` which primary owns the slot of `tag`, and
+/// which nodes it knows.
+#[allow(clippy::type_complexity)]
+async fn slots_from(
+    template: &redis::ConnectionInfo,
+    host: &str,
+    port: u16,
+    tag: &str,
+) -> Result<(Option<(String, u16)>, Vec<(String, u16)>), String> {
+    let info = template
+        .clone()
+        .set_addr(ConnectionAddr::Tcp(host.to_owned(), port));
+    let client = redis::Client::open(info).map_err(|e| e.to_string())?;
+    let query = async {
+        let mut conn = client.get_multiplexed_async_connection().await?;
+        let slot: i64 = redis::cmd("CLUSTER")
+            .arg("KEYSLOT")
+            .arg(tag)
+            .query_async(&mut conn)
+            .await?;
+        let ranges: Vec<Value> = redis::cmd("CLUSTER")
+            .arg("SLOTS")
+            .query_async(&mut conn)
+            .await?;
+        Ok::<_, redis::RedisError>((slot, ranges))
+    };
+    let (slot, ranges) = tokio::time::timeout(Duration::from_secs(1), query)
+        .await
+        .map_err(|_| "timed out".to_owned())?
+        .map_err(|e| e.to_string())?;
+    let addr = |v: &Value| match v {
+        Value::Array(node) => match (node.first(), node.get(1)) {
+            (Some(Value::BulkString(h)), Some(Value::Int(p))) => {
+                Some((String::from_utf8_lossy(h).into_owned(), *p as u16))
+            }
+            _ => None,
+        },
+        _ => None,
+    };
+    let mut owner = None;
+    let mut nodes = Vec::new();
+    for range in ranges {
+        let Value::Array(items) = range else { continue };
+        nodes.extend(items.iter().skip(2).filter_map(addr));
+        if let (Some(Value::Int(start)), Some(Value::Int(end))) = (items.first(), items.get(1))
+            && (*start..=*end).contains(&slot)
+        {
+            owner = items.get(2).and_then(addr);
+        }
+    }
+    Ok((owner, nodes))
 }
 
 /// Serve subscription changes on a live link until it is lost. Returns

@@ -49,6 +49,25 @@ impl Target {
     }
 }
 
+impl Target {
+    /// The `host:port` of every address it names.
+    pub(super) fn addresses(&self) -> Vec<(String, u16)> {
+        let urls = match self {
+            Self::Plain(u) => std::slice::from_ref(u),
+            Self::Cluster(seeds) => &seeds[..],
+        };
+        urls.iter()
+            .filter_map(|u| match u.as_str().into_connection_info().ok()?.addr() {
+                redis::ConnectionAddr::Tcp(h, p)
+                | redis::ConnectionAddr::TcpTls {
+                    host: h, port: p, ..
+                } => Some((h.clone(), *p)),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
 /// `user:pass@h1:p1,h2:p2/...` into one URL per host.
 fn seeds(scheme: &str, rest: &str) -> anyhow::Result<Vec<String>> {
     let rest = rest.split(['/', '?']).next().unwrap_or_default();

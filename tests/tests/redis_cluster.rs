@@ -1,0 +1,287 @@
+//! Fanout on a real Redis Cluster: six `redis-server` processes (three
+//! primaries, three replicas) started by each test, and `fanout` nodes
+//! pointed at different primaries.
+
+use std::time::{Duration, Instant};
+
+use fanout_testkit::*;
+use serde_json::{Value, json};
+
+/// The documented partition of a topic or node tag: FNV-1a (32 bits) of
+/// its bytes, modulo the partition count. Pinned here so that a change of
+/// the hash, which would split a deployment, fails a test.
+fn partition_of(name: &str, partitions: u32) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in name.as_bytes() {
+        h ^= u32::from(*b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    h % partitions
+}
+
+fn topic_channel(topic: &str) -> String {
+    format!("fanout:{{p{}}}:t:{topic}", partition_of(topic, 16))
+}
+
+fn env(url: &str) -> Vec<(&str, &str)> {
+    vec![
+        ("FANOUT_REDIS_URL", url),
+        ("FANOUT_HEARTBEAT_INTERVAL", "300ms"),
+        ("FANOUT_FORWARD_TIMEOUT", "2s"),
+        ("FANOUT_TRUSTED_PROXIES", "127.0.0.1"),
+    ]
+}
+
+async fn healthy(node: &NodeProcess) -> Value {
+    wait_for("node healthy", || async {
+        node.get_json("/api/health").await.0 == StatusCode::OK
+    })
+    .await;
+    node.get_json("/api/health").await.1
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_on_different_primaries_relay_everything_over_sharded_channels() {
+    let redis = RedisCluster::start(None).await;
+    let primaries = redis.primaries().await;
+    assert_eq!(primaries.len(), 3);
+    // One node names a single primary with a plain URL (detected), the
+    // other the whole cluster.
+    let url_a = redis.url_of(primaries[0].1);
+    let url_b = redis.cluster_url();
+    let a = NodeProcess::start(&env(&url_a)).await;
+    let b = NodeProcess::start(&env(&url_b)).await;
+    let health = healthy(&a).await;
+    assert_eq!(health["data"]["relay"]["mode"], "cluster", "{health}");
+    let shards = health["data"]["relay"]["shards"].as_array().unwrap();
+    assert_eq!(shards.len(), 16);
+    assert!(shards.iter().all(|s| s["healthy"] == true), "{health}");
+    assert!(a.logs().contains("switching to cluster mode"));
+    healthy(&b).await;
+
+    // Topics spread over partitions, hence over primaries.
+    let topics: Vec<String> = (0..12).map(|i| format!("topic-{i}")).collect();
+    let topic_refs: Vec<&str> = topics.iter().map(String::as_str).collect();
+    let mut on_a = a.connect().await;
+    let mut on_b = b.connect().await;
+    a.subscribe(&on_a.client_id, &topic_refs).await;
+    // Through the other node: the owner answers (forwarded on a sharded
+    // node channel).
+    a.subscribe(&on_b.client_id, &topic_refs).await;
+    for (i, t) in topics.iter().enumerate() {
+        let from = if i % 2 == 0 { &a } else { &b };
+        from.publish(t, json!({"i": i})).await;
+    }
+    for sse in [&mut on_a, &mut on_b] {
+        let mut got: Vec<(String, Value)> = Vec::new();
+        for _ in 0..topics.len() {
+            got.push(sse.next_json().await);
+        }
+        got.sort_by_key(|(_, v)| v["i"].as_u64());
+        for (i, (event, data)) in got.iter().enumerate() {
+            assert_eq!(
+                (event.as_str(), data["i"].as_u64()),
+                (topics[i].as_str(), Some(i as u64))
+            );
+        }
+    }
+    // Sharded channels only: no classic channel anywhere, and the owner of
+    // each topic's partition has both nodes on it.
+    for (_, port) in &primaries {
+        let classic: Vec<String> = redis.cmd(*port, &["PUBSUB", "CHANNELS"]).await;
+        assert!(classic.is_empty(), "classic channels: {classic:?}");
+    }
+    for t in &topics {
+        let ch = topic_channel(t);
+        let owner = redis.owner_of(&ch).await;
+        let v: Vec<Value> = redis
+            .cmd::<Vec<redis::Value>>(owner, &["PUBSUB", "SHARDNUMSUB", &ch])
+            .await
+            .into_iter()
+            .map(|v| match v {
+                redis::Value::Int(n) => json!(n),
+                _ => Value::Null,
+            })
+            .collect();
+        assert_eq!(v[1], json!(2), "{ch} on {owner}");
+    }
+    // Membership works across shards, and a forward to a missing client
+    // gets the owner's 404.
+    let (_, list) = a.get_json("/api/cluster").await;
+    assert_eq!(list["nodes"].as_array().unwrap().len(), 2, "{list}");
+    let missing = format!("{}{}", &on_b.client_id[..8], "x".repeat(32));
+    let (status, _) = a
+        .post_subscriptions(json!({"clientId": missing, "subscriptions": ["t"]}), &[])
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_password_protected_cluster_works_through_the_url() {
+    let redis = RedisCluster::start(Some("s3cret")).await;
+    let url = redis.cluster_url();
+    assert!(url.contains(":s3cret@"));
+    let a = NodeProcess::start(&env(&url)).await;
+    let b = NodeProcess::start(&env(&url)).await;
+    let mut sse = a.connect().await;
+    a.subscribe(&sse.client_id, &["secure"]).await;
+    b.publish("secure", json!("ok")).await;
+    assert_eq!(sse.next_json().await, ("secure".into(), json!("ok")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standalone_redis_with_a_password_works_through_the_url() {
+    let redis = RedisServer::start_with(&["--requirepass", "pw"]).await;
+    let url = format!("redis://:pw@127.0.0.1:{}", redis.port);
+    let a = NodeProcess::start(&env(&url)).await;
+    let b = NodeProcess::start(&env(&url)).await;
+    let health = healthy(&a).await;
+    assert_eq!(health["data"]["relay"]["mode"], "standalone");
+    let mut sse = a.connect().await;
+    a.subscribe(&sse.client_id, &["secure"]).await;
+    b.publish("secure", json!("ok")).await;
+    assert_eq!(sse.next_json().await, ("secure".into(), json!("ok")));
+}
+
+/// Publish `n, n+1, …` to `topic` every 10 ms until `stop`; the numbers
+/// answered 200 and those answered 503.
+fn steady_publisher(
+    api: Api,
+    topic: &'static str,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<(Vec<u64>, Vec<u64>)> {
+    tokio::spawn(async move {
+        let (mut ok, mut refused) = (Vec::new(), Vec::new());
+        let mut n = 0;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let (status, body) = api
+                .publish_raw(json!({"topic": topic, "data": n}), &[])
+                .await;
+            match status {
+                StatusCode::OK => ok.push(n),
+                StatusCode::SERVICE_UNAVAILABLE => refused.push(n),
+                s => panic!("{s}: {body}"),
+            }
+            n += 1;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        (ok, refused)
+    })
+}
+
+/// Everything `sse` receives until it is quiet for a second.
+async fn drain(sse: &mut Sse) -> Vec<u64> {
+    let mut seen = Vec::new();
+    while let Some(e) = sse.next_within(Duration::from_secs(1)).await {
+        seen.push(e.data.parse().unwrap());
+    }
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_primary_fails_over_and_delivery_resumes_in_order() {
+    let mut redis = RedisCluster::start(None).await;
+    let url = redis.cluster_url();
+    let a = NodeProcess::start(&env(&url)).await;
+    let b = NodeProcess::start(&env(&url)).await;
+    let mut sse = a.connect().await;
+    a.subscribe(&sse.client_id, &["busy"]).await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let publisher = steady_publisher(b.api.clone(), "busy", stop.clone());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let owner = redis.owner_of(&topic_channel("busy")).await;
+    let killed_at = Instant::now();
+    redis.kill(owner).await;
+    redis.wait_ok().await;
+    // Both nodes follow the new primary by themselves.
+    healthy(&a).await;
+    healthy(&b).await;
+    let recovered = killed_at.elapsed();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, refused) = publisher.await.unwrap();
+    let seen = drain(&mut sse).await;
+    assert!(
+        seen.windows(2).all(|w| w[0] < w[1]),
+        "order kept, no duplicate"
+    );
+    let got: std::collections::HashSet<u64> = seen.iter().copied().collect();
+    let lost: Vec<u64> = ok.iter().copied().filter(|n| !got.contains(n)).collect();
+    eprintln!(
+        "failover: {} answered 200, {} answered 503, {} acknowledged but missed ({lost:?}); both nodes healthy {recovered:?} after the kill",
+        ok.len(),
+        refused.len(),
+        lost.len()
+    );
+    assert_eq!(
+        seen.last(),
+        ok.last(),
+        "the last acknowledged message arrived"
+    );
+    assert!(recovered < Duration::from_secs(15));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_moved_to_another_primary_is_followed_and_delivery_continues_in_order() {
+    let redis = RedisCluster::start(None).await;
+    let url = redis.cluster_url();
+    let a = NodeProcess::start(&env(&url)).await;
+    let b = NodeProcess::start(&env(&url)).await;
+    let mut sse = a.connect().await;
+    a.subscribe(&sse.client_id, &["moving"]).await;
+    let channel = topic_channel("moving");
+    let from = redis.owner_of(&channel).await;
+    let primaries = redis.primaries().await;
+    let (from_id, _) = primaries.iter().find(|(_, p)| *p == from).unwrap().clone();
+    let (to_id, to) = primaries.iter().find(|(_, p)| *p != from).unwrap().clone();
+    let slot: i64 = redis.cmd(from, &["CLUSTER", "KEYSLOT", &channel]).await;
+    let slot = slot.to_string();
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let publisher = steady_publisher(b.api.clone(), "moving", stop.clone());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // A live slot migration (the slot holds no keys, only channels).
+    let _: () = redis
+        .cmd(to, &["CLUSTER", "SETSLOT", &slot, "IMPORTING", &from_id])
+        .await;
+    let _: () = redis
+        .cmd(from, &["CLUSTER", "SETSLOT", &slot, "MIGRATING", &to_id])
+        .await;
+    for (_, p) in &primaries {
+        let _: () = redis
+            .cmd(*p, &["CLUSTER", "SETSLOT", &slot, "NODE", &to_id])
+            .await;
+    }
+    wait_for("the slot has moved", || async {
+        redis.owner_of(&channel).await == to
+    })
+    .await;
+    // Node a re-subscribes on the new owner.
+    wait_for("subscribed on the new owner", || async {
+        let v: Vec<redis::Value> = redis.cmd(to, &["PUBSUB", "SHARDNUMSUB", &channel]).await;
+        matches!(v.get(1), Some(redis::Value::Int(n)) if *n >= 1)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, refused) = publisher.await.unwrap();
+    let seen = drain(&mut sse).await;
+    assert!(
+        seen.windows(2).all(|w| w[0] < w[1]),
+        "order kept, no duplicate"
+    );
+    let got: std::collections::HashSet<u64> = seen.iter().copied().collect();
+    let lost: Vec<u64> = ok.iter().copied().filter(|n| !got.contains(n)).collect();
+    eprintln!(
+        "slot move: {} answered 200, {} answered 503, {} acknowledged but missed ({lost:?})",
+        ok.len(),
+        refused.len(),
+        lost.len()
+    );
+    assert_eq!(
+        seen.last(),
+        ok.last(),
+        "the last acknowledged message arrived"
+    );
+    assert!(a.metric("fanout_relay_reconnects_total").await >= 1.0);
+}
