@@ -887,3 +887,182 @@ impl RedisCluster {
         }
     }
 }
+
+/// A private Sentinel group: a primary, a replica and three Sentinels
+/// (`redis-server --sentinel`), on loopback.
+pub struct RedisSentinels {
+    pub sentinel_ports: Vec<u16>,
+    pub data_ports: Vec<u16>,
+    children: std::collections::HashMap<u16, Child>,
+    dir: TempDir,
+}
+
+pub const SENTINEL_MASTER: &str = "mymaster";
+
+impl RedisSentinels {
+    pub async fn start() -> Self {
+        let dir = TempDir::new("fanout-sentinel");
+        let mut children = std::collections::HashMap::new();
+        let primary = free_port();
+        let replica = free_port();
+        for (port, extra) in [
+            (primary, vec![]),
+            (
+                replica,
+                vec!["--replicaof".to_owned(), format!("127.0.0.1 {primary}")],
+            ),
+        ] {
+            let child = Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+                .args(&extra)
+                .stdout(Stdio::null())
+                .kill_on_drop(true)
+                .spawn()
+                .expect("redis-server is installed");
+            children.insert(port, child);
+        }
+        let mut group = Self {
+            sentinel_ports: Vec::new(),
+            data_ports: vec![primary, replica],
+            children,
+            dir,
+        };
+        wait_for("the replica is in sync", || async {
+            group
+                .try_cmd::<String>(replica, &["INFO", "replication"])
+                .await
+                .is_ok_and(|i| i.contains("master_link_status:up"))
+        })
+        .await;
+        for _ in 0..3 {
+            let port = free_port();
+            let conf = group.dir.0.join(format!("sentinel-{port}.conf"));
+            std::fs::write(
+                &conf,
+                format!(
+                    "port {port}\nbind 127.0.0.1\nprotected-mode no\ndir {dir}\n\
+                     sentinel monitor {SENTINEL_MASTER} 127.0.0.1 {primary} 2\n\
+                     sentinel down-after-milliseconds {SENTINEL_MASTER} 1000\n\
+                     sentinel failover-timeout {SENTINEL_MASTER} 5000\n\
+                     sentinel parallel-syncs {SENTINEL_MASTER} 1\n",
+                    dir = group.dir.0.display()
+                ),
+            )
+            .unwrap();
+            let child = Command::new("redis-server")
+                .arg(&conf)
+                .arg("--sentinel")
+                .stdout(Stdio::null())
+                .kill_on_drop(true)
+                .spawn()
+                .expect("redis-server runs as a Sentinel");
+            group.children.insert(port, child);
+            group.sentinel_ports.push(port);
+        }
+        // Every Sentinel knows the replica and the other Sentinels.
+        for &s in &group.sentinel_ports {
+            wait_for("Sentinels discover each other and the replica", || async {
+                let Ok(v) = group
+                    .try_cmd::<Vec<(String, String)>>(s, &["SENTINEL", "MASTER", SENTINEL_MASTER])
+                    .await
+                else {
+                    return false;
+                };
+                let get = |k: &str| v.iter().find(|(a, _)| a == k).map(|(_, b)| b.clone());
+                get("num-slaves").as_deref() == Some("1")
+                    && get("num-other-sentinels").as_deref() == Some("2")
+            })
+            .await;
+        }
+        group
+    }
+
+    /// `redis+sentinel://s1,s2,s3/mymaster`.
+    pub fn url(&self) -> String {
+        let hosts: Vec<String> = self
+            .sentinel_ports
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect();
+        format!("redis+sentinel://{}/{SENTINEL_MASTER}", hosts.join(","))
+    }
+
+    pub async fn try_cmd<T: redis::FromRedisValue>(
+        &self,
+        port: u16,
+        args: &[&str],
+    ) -> redis::RedisResult<T> {
+        let client = redis::Client::open(format!("redis://127.0.0.1:{port}"))?;
+        let mut conn = tokio::time::timeout(
+            Duration::from_secs(2),
+            client.get_multiplexed_async_connection(),
+        )
+        .await
+        .map_err(|_| {
+            redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut))
+        })??;
+        let mut c = redis::cmd(args[0]);
+        for a in &args[1..] {
+            c.arg(*a);
+        }
+        c.query_async(&mut conn).await
+    }
+
+    /// The primary's port, as a live Sentinel names it.
+    pub async fn primary(&self) -> u16 {
+        for &s in &self.sentinel_ports {
+            if let Ok((_, port)) = self
+                .try_cmd::<(String, u16)>(
+                    s,
+                    &["SENTINEL", "get-master-addr-by-name", SENTINEL_MASTER],
+                )
+                .await
+            {
+                return port;
+            }
+        }
+        panic!("no Sentinel answers");
+    }
+
+    /// Wait until the Sentinels name a primary other than `old`, and it
+    /// says it is one.
+    pub async fn wait_new_primary(&self, old: u16) -> u16 {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let new = self.primary().await;
+            let is_primary = self
+                .try_cmd::<Vec<redis::Value>>(new, &["ROLE"])
+                .await
+                .is_ok_and(
+                    |r| matches!(r.first(), Some(redis::Value::BulkString(b)) if b == b"master"),
+                );
+            if new != old && is_primary {
+                return new;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no new primary in time"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// `SENTINEL FAILOVER`, asked of the first Sentinel.
+    pub async fn failover(&self) {
+        let _: String = self
+            .try_cmd(
+                self.sentinel_ports[0],
+                &["SENTINEL", "FAILOVER", SENTINEL_MASTER],
+            )
+            .await
+            .expect("SENTINEL FAILOVER");
+    }
+
+    /// SIGKILL the server at `port`.
+    pub async fn kill(&mut self, port: u16) {
+        if let Some(mut c) = self.children.remove(&port) {
+            let _ = c.kill().await;
+        }
+    }
+}

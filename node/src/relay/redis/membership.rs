@@ -5,10 +5,35 @@ use std::{sync::Arc, time::Duration};
 
 use redis::AsyncCommands;
 
-use super::{Shared, unix_ms};
+use super::{Shared, topology, unix_ms};
 use crate::relay::{NodeInfo, RelayError};
 
 impl Shared {
+    /// With Sentinels: make sure the server in use is still the primary;
+    /// if Sentinel names another one, switch to it and make the subscriber
+    /// reconnect there. Publishes never go to a replica for longer than a
+    /// heartbeat interval.
+    async fn check_primary(&self) {
+        let Some(backend) = self.backend.get().filter(|b| b.is_sentinel()) else {
+            return;
+        };
+        let Some(single) = backend.single() else {
+            return;
+        };
+        if matches!(topology::is_primary(&single.client).await, Ok(true)) {
+            return;
+        }
+        self.set_commands(Err(format!("{} is no longer the primary", single.address)));
+        match backend.follow_sentinels().await {
+            Ok(true) => {
+                self.set_commands(Ok(()));
+                self.links[0].reconnect.lock().cancel();
+            }
+            Ok(false) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot find the primary through Sentinel"),
+        }
+    }
+
     /// Whether the node with tag `tag` is a live member of the cluster.
     pub(super) async fn is_alive(&self, tag: &str) -> Result<bool, RelayError> {
         let mut conn = self.commands()?;
@@ -86,6 +111,7 @@ pub(super) async fn run_heartbeat(shared: Arc<Shared>) {
             _ = tick.tick() => {}
             _ = shared.stop.cancelled() => return,
         }
+        shared.check_primary().await;
         let info = NodeInfo::of(&shared.hub, shared.config.address, shared.started_at);
         let body = serde_json::to_string(&info).expect("node info serialises");
         let tag = shared.hub.node_tag();

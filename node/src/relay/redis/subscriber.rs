@@ -264,8 +264,14 @@ async fn connect(shared: &Arc<Shared>, k: usize) -> Result<Connected, String> {
     let backend = shared.backend.get().ok_or("not connected")?;
     let (moved_tx, moved) = mpsc::unbounded_channel();
     let (mut sink, dispatcher, primary) = match backend {
-        Backend::Standalone { client, .. } => {
-            let pubsub = tokio::time::timeout(COMMAND_TIMEOUT, client.get_async_pubsub())
+        Backend::Standalone { .. } => {
+            // With Sentinels, every reconnect asks where the primary is.
+            backend.follow_sentinels().await?;
+            let single = backend.single().ok_or("not standalone")?;
+            if backend.is_sentinel() && !topology::is_primary(&single.client).await? {
+                return Err(format!("{} is not a primary", single.address));
+            }
+            let pubsub = tokio::time::timeout(COMMAND_TIMEOUT, single.client.get_async_pubsub())
                 .await
                 .map_err(|_| "connect timed out".to_owned())?
                 .map_err(|e| e.to_string())?;
@@ -276,7 +282,7 @@ async fn connect(shared: &Arc<Shared>, k: usize) -> Result<Connected, String> {
                     s.on_message(0, msg.get_channel_name(), msg.get_payload_bytes());
                 }
             });
-            (Sink::Plain(sink), dispatcher, None)
+            (Sink::Plain(sink), dispatcher, Some(single.address.clone()))
         }
         Backend::Cluster { template, .. } => {
             let (host, port) = owner(shared, k, template).await?;

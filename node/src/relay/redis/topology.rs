@@ -6,6 +6,12 @@
 //!   switches to cluster mode, with that node as the seed, and logs it.
 //! * `redis+cluster://[user:password@]h1:p1,h2:p2,...`: a Redis Cluster,
 //!   found through any of the seeds.
+//! * `redis+sentinel://[user:password@]s1:p1,s2:p2/<master name>`: the
+//!   primary that a group of Sentinels names (the credentials are the
+//!   primary's; the Sentinels are asked without). The relay asks the
+//!   Sentinels again at every reconnect, checks `ROLE` before using an
+//!   address, and checks it again every heartbeat: it never publishes to a
+//!   replica.
 //!
 //! In cluster mode, commands go through the crate's cluster connection,
 //! which routes each by its key's slot and follows `MOVED`/failovers;
@@ -19,6 +25,8 @@ use redis::{
     cluster_async::ClusterConnection,
 };
 
+use std::sync::Arc;
+
 use super::COMMAND_TIMEOUT;
 
 /// What `--redis-url` names.
@@ -28,6 +36,15 @@ pub(super) enum Target {
     Plain(String),
     /// Seeds of a Redis Cluster, each as a `redis://` URL.
     Cluster(Vec<String>),
+    /// A primary named by Sentinels.
+    Sentinel {
+        /// Each Sentinel as a `redis://` URL, without credentials.
+        sentinels: Vec<String>,
+        master: String,
+        /// Credentials (and options) for the primary, as a URL whose
+        /// address is replaced by the primary's.
+        template: String,
+    },
 }
 
 impl Target {
@@ -39,8 +56,30 @@ impl Target {
         if let Some(rest) = url.strip_prefix("rediss+cluster://") {
             return Ok(Self::Cluster(seeds("rediss", rest)?));
         }
-        if url.starts_with("redis+sentinel://") || url.starts_with("rediss+sentinel://") {
-            anyhow::bail!("Redis Sentinel URLs are not supported yet");
+        if let Some(rest) = url.strip_prefix("redis+sentinel://") {
+            let (hosts, master) = rest.split_once('/').ok_or_else(|| {
+                anyhow::anyhow!("a redis+sentinel:// URL ends with /<master name>")
+            })?;
+            let master = master.split(['?', '/']).next().unwrap_or_default();
+            anyhow::ensure!(
+                !master.is_empty(),
+                "a redis+sentinel:// URL ends with /<master name>"
+            );
+            let (auth, hosts) = match hosts.rsplit_once('@') {
+                Some((a, h)) => (format!("{a}@"), h),
+                None => (String::new(), hosts),
+            };
+            let sentinels = seeds("redis", hosts)?;
+            let template = format!("redis://{auth}127.0.0.1:6379");
+            template.as_str().into_connection_info()?;
+            return Ok(Self::Sentinel {
+                sentinels,
+                master: master.to_owned(),
+                template,
+            });
+        }
+        if url.starts_with("rediss+sentinel://") {
+            anyhow::bail!("TLS to Sentinels is not supported yet");
         }
         // Let the crate judge the plain form (and refuse what it cannot do,
         // such as TLS without the feature).
@@ -55,6 +94,7 @@ impl Target {
         let urls = match self {
             Self::Plain(u) => std::slice::from_ref(u),
             Self::Cluster(seeds) => &seeds[..],
+            Self::Sentinel { sentinels, .. } => &sentinels[..],
         };
         urls.iter()
             .filter_map(|u| match u.as_str().into_connection_info().ok()?.addr() {
@@ -126,11 +166,40 @@ impl ConnectionLike for Commands {
     }
 }
 
+/// One Redis server: the client for new connections, and the commands.
+pub(super) struct Single {
+    pub(super) client: redis::Client,
+    pub(super) commands: Commands,
+    /// `host:port`.
+    pub(super) address: String,
+}
+
+impl Single {
+    fn new(client: redis::Client, address: String) -> Result<Self, String> {
+        let commands = ConnectionManager::new_lazy_with_config(
+            client.clone(),
+            ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(std::time::Duration::from_secs(1)))
+                .set_response_timeout(Some(COMMAND_TIMEOUT))
+                .set_number_of_retries(2)
+                .set_max_delay(std::time::Duration::from_millis(500)),
+        )
+        .map_err(|e| e.to_string())?;
+        Ok(Self {
+            client,
+            commands: Commands::Single(commands),
+            address,
+        })
+    }
+}
+
 /// The relay's view of Redis, once it has been reached.
 pub(super) enum Backend {
     Standalone {
-        client: redis::Client,
-        commands: Commands,
+        /// Replaced when Sentinel names another primary.
+        current: parking_lot::RwLock<Arc<Single>>,
+        /// Set when the primary comes from Sentinels.
+        sentinel: Option<SentinelSpec>,
     },
     Cluster {
         /// Credentials and options for connections to single cluster nodes.
@@ -140,11 +209,113 @@ pub(super) enum Backend {
     },
 }
 
+/// Where to ask for the primary.
+pub(super) struct SentinelSpec {
+    sentinels: Vec<String>,
+    master: String,
+    template: redis::ConnectionInfo,
+}
+
+impl SentinelSpec {
+    /// Ask the Sentinels, in turn, for the primary, and check that it says
+    /// it is one.
+    pub(super) async fn resolve(&self) -> Result<(redis::Client, String), String> {
+        let mut last = String::from("no Sentinel answered");
+        for url in &self.sentinels {
+            match self.ask(url).await {
+                Ok(found) => return Ok(found),
+                Err(e) => last = format!("{}: {e}", redact(url)),
+            }
+        }
+        Err(last)
+    }
+
+    async fn ask(&self, url: &str) -> Result<(redis::Client, String), String> {
+        let sentinel = redis::Client::open(url).map_err(|e| e.to_string())?;
+        let query = async {
+            let mut conn = sentinel.get_multiplexed_async_connection().await?;
+            redis::cmd("SENTINEL")
+                .arg("get-master-addr-by-name")
+                .arg(&self.master)
+                .query_async::<Option<(String, u16)>>(&mut conn)
+                .await
+        };
+        let (host, port) = tokio::time::timeout(COMMAND_TIMEOUT, query)
+            .await
+            .map_err(|_| "timed out".to_owned())?
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("no primary named {:?}", self.master))?;
+        let info = self
+            .template
+            .clone()
+            .set_addr(redis::ConnectionAddr::Tcp(host.clone(), port));
+        let client = redis::Client::open(info).map_err(|e| e.to_string())?;
+        let address = format!("{host}:{port}");
+        if !is_primary(&client).await? {
+            return Err(format!("{address} is not a primary (yet)"));
+        }
+        Ok((client, address))
+    }
+}
+
+/// Whether the server behind `client` answers `ROLE` with `master`.
+pub(super) async fn is_primary(client: &redis::Client) -> Result<bool, String> {
+    let query = async {
+        let mut conn = client.get_multiplexed_async_connection().await?;
+        redis::cmd("ROLE")
+            .query_async::<Vec<Value>>(&mut conn)
+            .await
+    };
+    let role = tokio::time::timeout(COMMAND_TIMEOUT, query)
+        .await
+        .map_err(|_| "ROLE timed out".to_owned())?
+        .map_err(|e| e.to_string())?;
+    Ok(matches!(role.first(), Some(Value::BulkString(r)) if r == b"master"))
+}
+
 impl Backend {
     pub(super) fn commands(&self) -> Commands {
         match self {
-            Self::Standalone { commands, .. } | Self::Cluster { commands, .. } => commands.clone(),
+            Self::Standalone { current, .. } => current.read().commands.clone(),
+            Self::Cluster { commands, .. } => commands.clone(),
         }
+    }
+
+    pub(super) fn is_sentinel(&self) -> bool {
+        matches!(
+            self,
+            Self::Standalone {
+                sentinel: Some(_),
+                ..
+            }
+        )
+    }
+
+    /// The standalone server in use now.
+    pub(super) fn single(&self) -> Option<Arc<Single>> {
+        match self {
+            Self::Standalone { current, .. } => Some(current.read().clone()),
+            Self::Cluster { .. } => None,
+        }
+    }
+
+    /// With Sentinels: ask them for the primary, and switch to it if it
+    /// moved. `Ok(true)` when it moved.
+    pub(super) async fn follow_sentinels(&self) -> Result<bool, String> {
+        let Self::Standalone {
+            current,
+            sentinel: Some(spec),
+        } = self
+        else {
+            return Ok(false);
+        };
+        let (client, address) = spec.resolve().await?;
+        if current.read().address == address {
+            return Ok(false);
+        }
+        tracing::warn!(primary = %address, "Sentinel names a new primary: switching to it");
+        *current.write() = Arc::new(Single::new(client, address)?);
+        Ok(true)
     }
 
     pub(super) fn partitions(&self) -> Option<u16> {
@@ -159,6 +330,26 @@ impl Backend {
 pub(super) async fn connect(target: &Target, partitions: u16) -> Result<Backend, String> {
     match target {
         Target::Cluster(seeds) => cluster(seeds, partitions).await,
+        Target::Sentinel {
+            sentinels,
+            master,
+            template,
+        } => {
+            let spec = SentinelSpec {
+                sentinels: sentinels.clone(),
+                master: master.clone(),
+                template: template
+                    .as_str()
+                    .into_connection_info()
+                    .map_err(|e| e.to_string())?,
+            };
+            let (client, address) = spec.resolve().await?;
+            tracing::info!(primary = %address, master = %master, "Sentinel names the primary");
+            Ok(Backend::Standalone {
+                current: parking_lot::RwLock::new(Arc::new(Single::new(client, address)?)),
+                sentinel: Some(spec),
+            })
+        }
         Target::Plain(url) => {
             let client = redis::Client::open(url.as_str()).map_err(|e| e.to_string())?;
             let mut probe =
@@ -180,18 +371,9 @@ pub(super) async fn connect(target: &Target, partitions: u16) -> Result<Backend,
                 );
                 return cluster(std::slice::from_ref(url), partitions).await;
             }
-            let commands = ConnectionManager::new_lazy_with_config(
-                client.clone(),
-                ConnectionManagerConfig::new()
-                    .set_connection_timeout(Some(std::time::Duration::from_secs(1)))
-                    .set_response_timeout(Some(COMMAND_TIMEOUT))
-                    .set_number_of_retries(2)
-                    .set_max_delay(std::time::Duration::from_millis(500)),
-            )
-            .map_err(|e| e.to_string())?;
             Ok(Backend::Standalone {
-                client,
-                commands: Commands::Single(commands),
+                current: parking_lot::RwLock::new(Arc::new(Single::new(client, redact(url))?)),
+                sentinel: None,
             })
         }
     }
@@ -252,7 +434,15 @@ mod tests {
             ])
         );
         assert!(Target::parse("redis+cluster://").is_err());
-        assert!(Target::parse("redis+sentinel://s1:26379/mymaster").is_err());
+        assert_eq!(
+            Target::parse("redis+sentinel://u:p@s1:26379,s2:26380/mymaster").unwrap(),
+            Target::Sentinel {
+                sentinels: vec!["redis://s1:26379".into(), "redis://s2:26380".into()],
+                master: "mymaster".into(),
+                template: "redis://u:p@127.0.0.1:6379".into(),
+            }
+        );
+        assert!(Target::parse("redis+sentinel://s1:26379").is_err());
         assert!(Target::parse("nope://x").is_err());
         assert_eq!(redact("redis://u:secret@h:1"), "redis://***@h:1");
     }
