@@ -476,3 +476,32 @@ async fn a_node_dropped_by_redis_for_being_slow_recovers() {
     }
     assert!(c.node(0).metric("fanout_relay_reconnects_total").await >= 1.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_topics_are_resubscribed_after_the_subscriber_connection_is_killed() {
+    let c = cluster(1, &[]).await;
+    let node = c.node(0);
+    let mut streams = Vec::new();
+    for k in 0..10 {
+        let sse = node.connect().await;
+        let topics: Vec<String> = (0..1000).map(|i| format!("many-{k}-{i}")).collect();
+        let refs: Vec<&str> = topics.iter().map(String::as_str).collect();
+        node.subscribe(&sse.client_id, &refs).await;
+        streams.push(sse);
+    }
+    let killed_at = Instant::now();
+    let killed: i64 = c.redis.cmd(&["CLIENT", "KILL", "TYPE", "pubsub"]).await;
+    assert_eq!(killed, 1);
+    wait_for("resubscribed", || async {
+        c.channels().await.len() == 10_000 && node.get_json("/api/health").await.0 == StatusCode::OK
+    })
+    .await;
+    let took = killed_at.elapsed();
+    eprintln!("10,000 topics re-subscribed in {took:?}");
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    node.publish("many-9-999", json!("last")).await;
+    assert_eq!(
+        streams[9].next_json().await,
+        ("many-9-999".into(), json!("last"))
+    );
+}

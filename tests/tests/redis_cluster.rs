@@ -285,3 +285,52 @@ async fn a_slot_moved_to_another_primary_is_followed_and_delivery_continues_in_o
     );
     assert!(a.metric("fanout_relay_reconnects_total").await >= 1.0);
 }
+
+/// Subscribe 10 clients × 1,000 topics on `node`; the streams.
+async fn ten_thousand_topics(node: &NodeProcess) -> Vec<Sse> {
+    let mut streams = Vec::new();
+    for c in 0..10 {
+        let sse = node.connect().await;
+        let topics: Vec<String> = (0..1000).map(|i| format!("many-{c}-{i}")).collect();
+        let refs: Vec<&str> = topics.iter().map(String::as_str).collect();
+        node.subscribe(&sse.client_id, &refs).await;
+        streams.push(sse);
+    }
+    streams
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_topics_are_resubscribed_on_every_shard_after_the_connections_are_killed() {
+    let redis = RedisCluster::start(None).await;
+    let url = redis.cluster_url();
+    let node = NodeProcess::start(&env(&url)).await;
+    let mut streams = ten_thousand_topics(&node).await;
+    let killed_at = Instant::now();
+    for (_, port) in redis.primaries().await {
+        let _: i64 = redis.cmd(port, &["CLIENT", "KILL", "TYPE", "pubsub"]).await;
+    }
+    wait_for("resubscribed", || async {
+        node.metric("fanout_relay_reconnects_total").await >= 16.0
+            && node.get_json("/api/health").await.0 == StatusCode::OK
+    })
+    .await;
+    let took = killed_at.elapsed();
+    let mut shard_counts = Vec::new();
+    for (_, port) in redis.primaries().await {
+        let n: Vec<String> = redis
+            .cmd(port, &["PUBSUB", "SHARDCHANNELS", "fanout:*:t:*"])
+            .await;
+        shard_counts.push(n.len());
+    }
+    eprintln!(
+        "10,000 topics re-subscribed on 16 partitions in {took:?}; topics per primary {shard_counts:?}"
+    );
+    assert_eq!(shard_counts.iter().sum::<usize>(), 10_000);
+    assert!(took < Duration::from_secs(10), "{took:?}");
+    // And they deliver.
+    node.publish("many-9-999", json!("last")).await;
+    assert_eq!(
+        streams[9].next_json().await,
+        ("many-9-999".into(), json!("last"))
+    );
+}
