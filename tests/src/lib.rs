@@ -699,45 +699,7 @@ impl RedisCluster {
         let mut children = std::collections::HashMap::new();
         for _ in 0..6 {
             let port = free_cluster_port();
-            let node_dir = dir.0.join(port.to_string());
-            std::fs::create_dir_all(&node_dir).unwrap();
-            let mut args: Vec<String> = [
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--cluster-enabled",
-                "yes",
-                "--cluster-config-file",
-                "nodes.conf",
-                "--cluster-node-timeout",
-                "1000",
-                // A replica may take over however long it has been cut
-                // off: the tests kill primaries on purpose.
-                "--cluster-replica-validity-factor",
-                "0",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--protected-mode",
-                "no",
-                "--dir",
-                node_dir.to_str().unwrap(),
-            ]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-            if let Some(pw) = password {
-                args.extend(["--requirepass", pw, "--masterauth", pw].map(String::from));
-            }
-            let child = Command::new("redis-server")
-                .args(&args)
-                .stdout(Stdio::null())
-                .kill_on_drop(true)
-                .spawn()
-                .expect("redis-server is installed");
-            children.insert(port, child);
+            children.insert(port, Self::spawn_node(&dir, port, password));
             ports.push(port);
         }
         let cluster = Self {
@@ -746,6 +708,54 @@ impl RedisCluster {
             children,
             _dir: dir,
         };
+        cluster.start_tail().await
+    }
+
+    fn spawn_node(dir: &TempDir, port: u16, password: Option<&str>) -> Child {
+        let node_dir = dir.0.join(port.to_string());
+        std::fs::create_dir_all(&node_dir).unwrap();
+        let mut args: Vec<String> = [
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            "nodes.conf",
+            "--cluster-node-timeout",
+            "1000",
+            // A replica may take over however long it has been cut
+            // off: the tests kill primaries on purpose.
+            "--cluster-replica-validity-factor",
+            "0",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--protected-mode",
+            "no",
+            "--dir",
+            node_dir.to_str().unwrap(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        if let Some(pw) = password {
+            args.extend(["--requirepass", pw, "--masterauth", pw].map(String::from));
+        }
+        Command::new("redis-server")
+            .args(&args)
+            .stdout(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("redis-server is installed")
+    }
+
+    async fn start_tail(self) -> Self {
+        let cluster = self;
+        let password = cluster.password.clone();
+        let password = password.as_deref();
         for &p in &cluster.ports {
             wait_for("cluster node answers", || async {
                 cluster.try_cmd::<String>(p, &["PING"]).await.is_ok()
@@ -885,6 +895,58 @@ impl RedisCluster {
         if let Some(mut c) = self.children.remove(&port) {
             let _ = c.kill().await;
         }
+    }
+
+    /// Start a new empty primary and add it to the cluster; its port.
+    pub async fn add_primary(&mut self) -> u16 {
+        let existing = self.primaries().await[0].1;
+        let port = free_cluster_port();
+        let child = Self::spawn_node(&self._dir, port, self.password.as_deref());
+        self.children.insert(port, child);
+        self.ports.push(port);
+        wait_for("new node answers", || async {
+            self.try_cmd::<String>(port, &["PING"]).await.is_ok()
+        })
+        .await;
+        self.cli(&[
+            "--cluster",
+            "add-node",
+            &format!("127.0.0.1:{port}"),
+            &format!("127.0.0.1:{existing}"),
+        ])
+        .await;
+        wait_for("the new primary is known everywhere", || async {
+            self.primaries().await.len() == 4
+        })
+        .await;
+        port
+    }
+
+    /// `redis-cli --cluster rebalance --cluster-use-empty-masters`.
+    pub async fn rebalance(&self) {
+        let any = self.primaries().await[0].1;
+        self.cli(&[
+            "--cluster",
+            "rebalance",
+            &format!("127.0.0.1:{any}"),
+            "--cluster-use-empty-masters",
+        ])
+        .await;
+    }
+
+    async fn cli(&self, args: &[&str]) {
+        let mut cmd = Command::new("redis-cli");
+        cmd.args(args);
+        if let Some(pw) = &self.password {
+            cmd.args(["-a", pw, "--no-auth-warning"]);
+        }
+        let out = cmd.output().await.expect("redis-cli runs");
+        assert!(
+            out.status.success(),
+            "redis-cli {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }
 
