@@ -4,8 +4,11 @@
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import PocketBase from "pocketbase";
-import { startNode, startRedis, startNginx, waitFor, publish } from "./lib.mjs";
+import { startNode, startRedisTopology, startNginx, waitFor, publish } from "./lib.mjs";
 
+// The Redis behind the nodes: FANOUT_E2E_REDIS=standalone (default),
+// cluster or sentinel; scripts/test runs this file once for each.
+const TOPOLOGY = process.env.FANOUT_E2E_REDIS ?? "standalone";
 let redis, nginx;
 const nodes = [];
 // Behind a proxy a publish key is required: without one, a node refuses
@@ -21,7 +24,7 @@ const env = () => ({
 });
 
 before(async () => {
-  redis = await startRedis();
+  redis = await startRedisTopology(TOPOLOGY);
   for (let i = 0; i < 3; i++) nodes.push(await startNode(env()));
   nginx = await startNginx(nodes.map((n) => n.port));
 });
@@ -44,7 +47,7 @@ function sdkClient() {
 /** The node currently holding a client's stream (tag = id prefix). */
 const ownerOf = (pb) => nodes.findIndex((n) => pb.realtime.clientId?.startsWith(n.tag));
 
-test("30+ SDK clients through nginx get exactly their messages, in order", async () => {
+test(`[${TOPOLOGY}] 30+ SDK clients through nginx get exactly their messages, in order`, async () => {
   const topics = ["alpha", "beta", "gamma"];
   // i % 4: alpha | beta | alpha+beta | gamma with options
   const clients = [];
@@ -87,7 +90,7 @@ test("30+ SDK clients through nginx get exactly their messages, in order", async
   for (const c of clients) await c.pb.realtime.unsubscribe();
 });
 
-test("killing a node: its SDK clients reconnect through nginx and resubscribe", async () => {
+test(`[${TOPOLOGY}] killing a node: its SDK clients reconnect through nginx and resubscribe`, async () => {
   const clients = [];
   for (let i = 0; i < 12; i++) {
     const pb = sdkClient();
@@ -127,7 +130,7 @@ test("killing a node: its SDK clients reconnect through nginx and resubscribe", 
   nodes[victim] = await startNode(env(), nodes[victim].port);
 });
 
-test("rolling restart of every node while publishing: nothing lost once resubscribed", async () => {
+test(`[${TOPOLOGY}] rolling restart of every node while publishing: nothing lost once resubscribed`, async () => {
   const clients = [];
   for (let i = 0; i < 15; i++) {
     const pb = sdkClient();

@@ -150,3 +150,117 @@ http {
   }, "nginx");
   return { base, dir, stop: () => child.kill("SIGTERM") };
 }
+
+/** Run redis-cli and return its output (throws on failure). */
+async function redisCli(args) {
+  const { execFileSync } = await import("node:child_process");
+  return execFileSync("redis-cli", args, { encoding: "utf8", stdio: ["ignore", "pipe", "ignore"] });
+}
+
+/** A port whose cluster-bus port (+10000) is free too. */
+async function freeClusterPort() {
+  for (;;) {
+    const p = await freePort();
+    if (p > 55000) continue;
+    const busFree = await new Promise((resolve) => {
+      const srv = net.createServer();
+      srv.once("error", () => resolve(false));
+      srv.listen(p + 10000, "127.0.0.1", () => srv.close(() => resolve(true)));
+    });
+    if (busFree) return p;
+  }
+}
+
+/**
+ * The Redis a cluster of nodes relays through, as `FANOUT_E2E_REDIS`
+ * names it: "standalone" (one redis-server), "cluster" (three primaries and
+ * three replicas) or "sentinel" (a primary, a replica and three Sentinels).
+ * Resolves to { url, stop }.
+ */
+export async function startRedisTopology(kind = process.env.FANOUT_E2E_REDIS ?? "standalone") {
+  if (kind === "standalone") return startRedis();
+  const { mkdtempSync, mkdirSync, writeFileSync } = await import("node:fs");
+  const os = await import("node:os");
+  const dir = mkdtempSync(path.join(os.tmpdir(), `fanout-${kind}-`));
+  const children = [];
+  const server = (args) => {
+    const child = spawn("redis-server", args, { stdio: "ignore" });
+    children.push(child);
+    return child;
+  };
+  const stop = () => children.forEach((c) => c.kill("SIGKILL"));
+  const answers = (port) => async () => {
+    try {
+      return (await redisCli(["-p", String(port), "PING"])).includes("PONG");
+    } catch {
+      return false;
+    }
+  };
+  if (kind === "cluster") {
+    const ports = [];
+    for (let i = 0; i < 6; i++) {
+      const port = await freeClusterPort();
+      const d = path.join(dir, String(port));
+      mkdirSync(d);
+      server([
+        "--port", String(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
+        "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "1000",
+        "--save", "", "--appendonly", "no", "--dir", d,
+      ]);
+      ports.push(port);
+    }
+    for (const p of ports) await waitFor(answers(p), `cluster node ${p}`);
+    await redisCli([
+      "--cluster", "create", ...ports.map((p) => `127.0.0.1:${p}`),
+      "--cluster-replicas", "1", "--cluster-yes",
+    ]);
+    for (const p of ports)
+      await waitFor(async () => (await redisCli(["-p", String(p), "CLUSTER", "INFO"])).includes("cluster_state:ok"), "cluster_state:ok");
+    const url = `redis+cluster://${ports.map((p) => `127.0.0.1:${p}`).join(",")}`;
+    return { url, stop };
+  }
+  if (kind === "sentinel") {
+    const primary = await freePort();
+    const replica = await freePort();
+    server(["--port", String(primary), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]);
+    server([
+      "--port", String(replica), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+      "--replicaof", "127.0.0.1", String(primary),
+    ]);
+    await waitFor(answers(primary), "primary");
+    await waitFor(async () => {
+      try {
+        return (await redisCli(["-p", String(replica), "INFO", "replication"])).includes("master_link_status:up");
+      } catch {
+        return false;
+      }
+    }, "replica in sync");
+    const sentinels = [];
+    for (let i = 0; i < 3; i++) {
+      const port = await freePort();
+      const conf = path.join(dir, `sentinel-${port}.conf`);
+      writeFileSync(
+        conf,
+        `port ${port}\nbind 127.0.0.1\nprotected-mode no\ndir ${dir}\n` +
+          `sentinel monitor mymaster 127.0.0.1 ${primary} 2\n` +
+          `sentinel down-after-milliseconds mymaster 1000\nsentinel failover-timeout mymaster 5000\n`,
+      );
+      server([conf, "--sentinel"]);
+      sentinels.push(port);
+    }
+    for (const s of sentinels)
+      await waitFor(async () => {
+        try {
+          const out = await redisCli(["-p", String(s), "SENTINEL", "MASTER", "mymaster"]);
+          const lines = out.trim().split("\n");
+          const at = (k) => lines[lines.indexOf(k) + 1];
+          return at("num-slaves") === "1" && at("num-other-sentinels") === "2";
+        } catch {
+          return false;
+        }
+      }, "Sentinels ready");
+    const url = `redis+sentinel://${sentinels.map((p) => `127.0.0.1:${p}`).join(",")}/mymaster`;
+    return { url, stop };
+  }
+  throw new Error(`unknown Redis topology ${kind}`);
+}
