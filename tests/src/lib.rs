@@ -415,6 +415,11 @@ impl NodeProcess {
         Self::start_on(free_port(), env).await
     }
 
+    /// Start a node and wait only until it answers (healthy or not).
+    pub async fn start_unchecked(env: &[(&str, &str)]) -> Self {
+        Self::spawn(&mut Command::new(fanout_bin()), free_port(), env, false).await
+    }
+
     pub async fn start_on(port: u16, env: &[(&str, &str)]) -> Self {
         Self::start_bin(&fanout_bin(), port, env).await
     }
@@ -426,16 +431,17 @@ impl NodeProcess {
             Command::new("sh").arg("-c").arg(script).arg(fanout_bin()),
             free_port(),
             env,
+            true,
         )
         .await
     }
 
     /// Start `bin` (a fanout binary) on `port`.
     pub async fn start_bin(bin: &std::path::Path, port: u16, env: &[(&str, &str)]) -> Self {
-        Self::spawn(&mut Command::new(bin), port, env).await
+        Self::spawn(&mut Command::new(bin), port, env, true).await
     }
 
-    async fn spawn(cmd: &mut Command, port: u16, env: &[(&str, &str)]) -> Self {
+    async fn spawn(cmd: &mut Command, port: u16, env: &[(&str, &str)], healthy: bool) -> Self {
         let log_path = std::env::temp_dir().join(format!("fanout-node-{port}.log"));
         let log = std::fs::File::create(&log_path).expect("log file");
         cmd.env("FANOUT_LISTEN", format!("127.0.0.1:{port}"))
@@ -456,7 +462,8 @@ impl NodeProcess {
             child: Some(cmd.spawn().expect("fanout binary starts")),
         };
         wait_for("node healthy", || async {
-            node.api.get_json("/api/health").await.0 == StatusCode::OK
+            let status = node.api.get_json("/api/health").await.0;
+            status == StatusCode::OK || !healthy && status != StatusCode::BAD_GATEWAY
         })
         .await;
         node
@@ -1127,4 +1134,22 @@ impl RedisSentinels {
             let _ = c.kill().await;
         }
     }
+}
+
+/// A CA and a server certificate for 127.0.0.1 and localhost, made with
+/// the `openssl` command in `dir`: `(ca.crt, server.crt, server.key)`.
+pub fn tls_files(dir: &std::path::Path) -> (PathBuf, PathBuf, PathBuf) {
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl runs");
+        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    run(&["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=fanout-test-ca", "-keyout", "ca.key", "-out", "ca.crt"]);
+    run(&["req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost", "-keyout", "server.key", "-out", "server.csr"]);
+    std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1,DNS:localhost\n").unwrap();
+    run(&["x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-days", "2", "-extfile", "san.ext", "-out", "server.crt"]);
+    (dir.join("ca.crt"), dir.join("server.crt"), dir.join("server.key"))
 }

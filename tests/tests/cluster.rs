@@ -505,3 +505,38 @@ async fn ten_thousand_topics_are_resubscribed_after_the_subscriber_connection_is
         ("many-9-999".into(), json!("last"))
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standalone_redis_over_tls_works_through_a_rediss_url() {
+    let dir = TempDir::new("fanout-tls");
+    let (ca, cert, key) = tls_files(&dir.0);
+    let port = free_port();
+    let mut redis = tokio::process::Command::new("redis-server")
+        .args(["--port", "0", "--tls-port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args(["--tls-cert-file", cert.to_str().unwrap(), "--tls-key-file", key.to_str().unwrap()])
+        .args(["--tls-ca-cert-file", ca.to_str().unwrap(), "--tls-auth-clients", "no"])
+        .args(["--save", "", "--appendonly", "no"])
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let url = format!("rediss://127.0.0.1:{port}");
+    let env = [
+        ("FANOUT_REDIS_URL", url.as_str()),
+        ("SSL_CERT_FILE", ca.to_str().unwrap()),
+    ];
+    let a = NodeProcess::start(&env).await;
+    let b = NodeProcess::start(&env).await;
+    let mut sse = a.connect().await;
+    a.subscribe(&sse.client_id, &["tls"]).await;
+    b.publish("tls", json!("secret")).await;
+    assert_eq!(sse.next_json().await, ("tls".into(), json!("secret")));
+    // Without the CA, the certificate is refused: the node stays unhealthy.
+    let untrusted = NodeProcess::start_unchecked(&[("FANOUT_REDIS_URL", url.as_str())]).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        untrusted.get_json("/api/health").await.0,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    let _ = redis.kill().await;
+}

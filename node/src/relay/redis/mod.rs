@@ -190,6 +190,9 @@ impl RedisRelay {
     /// unhealthy and connects when it can. Fails only for a URL that names
     /// no usable topology.
     pub fn start(hub: Hub, config: RedisConfig) -> anyhow::Result<Arc<Self>> {
+        // TLS (`rediss://`) uses rustls with ring; a provider installed
+        // earlier by an embedding application is kept.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let target = Target::parse(&config.url)?;
         let links = config.partitions.max(1) as usize;
         let (controls, control_rxs): (Vec<_>, Vec<_>) =

@@ -21,7 +21,7 @@ use std::{
 
 use futures_util::StreamExt;
 use redis::{
-    AsyncConnectionConfig, ConnectionAddr, ProtocolVersion, PushKind, Value,
+    AsyncConnectionConfig, ProtocolVersion, PushKind, Value,
     aio::{MultiplexedConnection, PubSubSink},
 };
 use tokio::{sync::mpsc, task::JoinHandle};
@@ -286,9 +286,7 @@ async fn connect(shared: &Arc<Shared>, k: usize) -> Result<Connected, String> {
         }
         Backend::Cluster { template, .. } => {
             let (host, port) = owner(shared, k, template).await?;
-            let info = template
-                .clone()
-                .set_addr(ConnectionAddr::Tcp(host.clone(), port))
+            let info = topology::at(template, &host, port)
                 .set_redis_settings(
                     template
                         .redis_settings()
@@ -405,9 +403,7 @@ async fn slots_from(
     port: u16,
     tag: &str,
 ) -> Result<(Option<(String, u16)>, Vec<(String, u16)>), String> {
-    let info = template
-        .clone()
-        .set_addr(ConnectionAddr::Tcp(host.to_owned(), port));
+    let info = topology::at(template, host, port);
     let client = redis::Client::open(info).map_err(|e| e.to_string())?;
     let query = async {
         let mut conn = client.get_multiplexed_async_connection().await?;

@@ -1,14 +1,17 @@
 //! Which Redis the relay talks to, and how: one setting, `--redis-url`,
 //! names a standalone Redis or a Redis Cluster.
 //!
-//! * `redis://[user:password@]host:port[/db]`: a standalone Redis. If that
+//! * `redis://[user:password@]host:port[/db]` (or `rediss://` for TLS,
+//!   verified against the system's roots, or `SSL_CERT_FILE`): a
+//!   standalone Redis. If that
 //!   address turns out to be a cluster node (`cluster_enabled:1`), the relay
 //!   switches to cluster mode, with that node as the seed, and logs it.
-//! * `redis+cluster://[user:password@]h1:p1,h2:p2,...`: a Redis Cluster,
-//!   found through any of the seeds.
+//! * `redis+cluster://[user:password@]h1:p1,h2:p2,...` (`rediss+cluster://`
+//!   for TLS): a Redis Cluster, found through any of the seeds.
 //! * `redis+sentinel://[user:password@]s1:p1,s2:p2/<master name>`: the
 //!   primary that a group of Sentinels names (the credentials are the
-//!   primary's; the Sentinels are asked without). The relay asks the
+//!   primary's; the Sentinels are asked without, in plain text;
+//!   `rediss+sentinel://` speaks TLS to the primary). The relay asks the
 //!   Sentinels again at every reconnect, checks `ROLE` before using an
 //!   address, and checks it again every heartbeat: it never publishes to a
 //!   replica.
@@ -56,7 +59,11 @@ impl Target {
         if let Some(rest) = url.strip_prefix("rediss+cluster://") {
             return Ok(Self::Cluster(seeds("rediss", rest)?));
         }
-        if let Some(rest) = url.strip_prefix("redis+sentinel://") {
+        if let Some((tls, rest)) = url
+            .strip_prefix("redis+sentinel://")
+            .map(|r| (false, r))
+            .or_else(|| url.strip_prefix("rediss+sentinel://").map(|r| (true, r)))
+        {
             let (hosts, master) = rest.split_once('/').ok_or_else(|| {
                 anyhow::anyhow!("a redis+sentinel:// URL ends with /<master name>")
             })?;
@@ -70,16 +77,14 @@ impl Target {
                 None => (String::new(), hosts),
             };
             let sentinels = seeds("redis", hosts)?;
-            let template = format!("redis://{auth}127.0.0.1:6379");
+            let scheme = if tls { "rediss" } else { "redis" };
+            let template = format!("{scheme}://{auth}127.0.0.1:6379");
             template.as_str().into_connection_info()?;
             return Ok(Self::Sentinel {
                 sentinels,
                 master: master.to_owned(),
                 template,
             });
-        }
-        if url.starts_with("rediss+sentinel://") {
-            anyhow::bail!("TLS to Sentinels is not supported yet");
         }
         // Let the crate judge the plain form (and refuse what it cannot do,
         // such as TLS without the feature).
@@ -245,10 +250,7 @@ impl SentinelSpec {
             .map_err(|_| "timed out".to_owned())?
             .map_err(|e| e.to_string())?
             .ok_or_else(|| format!("no primary named {:?}", self.master))?;
-        let info = self
-            .template
-            .clone()
-            .set_addr(redis::ConnectionAddr::Tcp(host.clone(), port));
+        let info = at(&self.template, &host, port);
         let client = redis::Client::open(info).map_err(|e| e.to_string())?;
         let address = format!("{host}:{port}");
         if !is_primary(&client).await? {
@@ -406,6 +408,25 @@ async fn cluster(seeds: &[String], partitions: u16) -> Result<Backend, String> {
         commands: Commands::Cluster(conn),
         partitions,
     })
+}
+
+/// `template` (credentials, TLS, options) aimed at `host:port`: a TLS
+/// template stays TLS.
+pub(super) fn at(template: &redis::ConnectionInfo, host: &str, port: u16) -> redis::ConnectionInfo {
+    let addr = match template.addr() {
+        redis::ConnectionAddr::TcpTls {
+            insecure,
+            tls_params,
+            ..
+        } => redis::ConnectionAddr::TcpTls {
+            host: host.to_owned(),
+            port,
+            insecure: *insecure,
+            tls_params: tls_params.clone(),
+        },
+        _ => redis::ConnectionAddr::Tcp(host.to_owned(), port),
+    };
+    template.clone().set_addr(addr)
 }
 
 /// A URL without its password, for logs.
