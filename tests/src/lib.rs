@@ -922,16 +922,35 @@ impl RedisCluster {
             &format!("127.0.0.1:{existing}"),
         ])
         .await;
-        wait_for("the new primary is known everywhere", || async {
-            self.primaries().await.len() == 4
+        let total = self.children.len();
+        wait_for("every node knows every other", || async {
+            for &p in self.children.keys() {
+                match self.try_cmd::<String>(p, &["CLUSTER", "NODES"]).await {
+                    Ok(nodes) if nodes.lines().count() == total => {}
+                    _ => return false,
+                }
+            }
+            true
         })
         .await;
         port
     }
 
-    /// `redis-cli --cluster rebalance --cluster-use-empty-masters`.
+    /// `redis-cli --cluster rebalance --cluster-use-empty-masters`, once
+    /// every node agrees on the configuration.
     pub async fn rebalance(&self) {
         let any = self.primaries().await[0].1;
+        wait_for("every node agrees on the configuration", || async {
+            let mut cmd = Command::new("redis-cli");
+            cmd.args(["--cluster", "check", &format!("127.0.0.1:{any}")]);
+            if let Some(pw) = &self.password {
+                cmd.args(["-a", pw, "--no-auth-warning"]);
+            }
+            cmd.output().await.is_ok_and(|o| {
+                o.status.success() && String::from_utf8_lossy(&o.stdout).contains("All nodes agree")
+            })
+        })
+        .await;
         self.cli(&[
             "--cluster",
             "rebalance",
@@ -1145,11 +1164,64 @@ pub fn tls_files(dir: &std::path::Path) -> (PathBuf, PathBuf, PathBuf) {
             .current_dir(dir)
             .output()
             .expect("openssl runs");
-        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     };
-    run(&["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=fanout-test-ca", "-keyout", "ca.key", "-out", "ca.crt"]);
-    run(&["req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost", "-keyout", "server.key", "-out", "server.csr"]);
-    std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1,DNS:localhost\n").unwrap();
-    run(&["x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-days", "2", "-extfile", "san.ext", "-out", "server.crt"]);
-    (dir.join("ca.crt"), dir.join("server.crt"), dir.join("server.key"))
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=fanout-test-ca",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+    ]);
+    run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=localhost",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+    ]);
+    std::fs::write(
+        dir.join("san.ext"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
+    )
+    .unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        "san.ext",
+        "-out",
+        "server.crt",
+    ]);
+    (
+        dir.join("ca.crt"),
+        dir.join("server.crt"),
+        dir.join("server.key"),
+    )
 }

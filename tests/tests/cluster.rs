@@ -512,9 +512,26 @@ async fn a_standalone_redis_over_tls_works_through_a_rediss_url() {
     let (ca, cert, key) = tls_files(&dir.0);
     let port = free_port();
     let mut redis = tokio::process::Command::new("redis-server")
-        .args(["--port", "0", "--tls-port", &port.to_string(), "--bind", "127.0.0.1"])
-        .args(["--tls-cert-file", cert.to_str().unwrap(), "--tls-key-file", key.to_str().unwrap()])
-        .args(["--tls-ca-cert-file", ca.to_str().unwrap(), "--tls-auth-clients", "no"])
+        .args([
+            "--port",
+            "0",
+            "--tls-port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+        ])
+        .args([
+            "--tls-cert-file",
+            cert.to_str().unwrap(),
+            "--tls-key-file",
+            key.to_str().unwrap(),
+        ])
+        .args([
+            "--tls-ca-cert-file",
+            ca.to_str().unwrap(),
+            "--tls-auth-clients",
+            "no",
+        ])
         .args(["--save", "", "--appendonly", "no"])
         .stdout(std::process::Stdio::null())
         .kill_on_drop(true)

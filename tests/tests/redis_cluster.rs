@@ -68,10 +68,19 @@ async fn nodes_on_different_primaries_relay_everything_over_sharded_channels() {
     // Through the other node: the owner answers (forwarded on a sharded
     // node channel).
     a.subscribe(&on_b.client_id, &topic_refs).await;
-    for (i, t) in topics.iter().enumerate() {
+    // Half one by one, half in one batch spanning every primary.
+    for (i, t) in topics.iter().enumerate().take(6) {
         let from = if i % 2 == 0 { &a } else { &b };
         from.publish(t, json!({"i": i})).await;
     }
+    let batch: Vec<Value> = topics
+        .iter()
+        .enumerate()
+        .skip(6)
+        .map(|(i, t)| json!({"topic": t, "data": {"i": i}}))
+        .collect();
+    let (status, body) = b.publish_raw(json!({"messages": batch}), &[]).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
     for sse in [&mut on_a, &mut on_b] {
         let mut got: Vec<(String, Value)> = Vec::new();
         for _ in 0..topics.len() {
@@ -383,10 +392,14 @@ async fn a_primary_added_and_rebalanced_onto_is_followed_while_publishing() {
         "the last acknowledged message arrived"
     );
     assert!(on_new > 0, "{health}");
-    // Every topic still delivers, wherever its partition lives now.
-    for t in &topics {
-        b.publish_retrying(t, json!(t)).await;
-    }
+    // Every topic still delivers, wherever its partition lives now: one
+    // batch, one pipeline per primary.
+    let batch: Vec<Value> = topics
+        .iter()
+        .map(|t| json!({"topic": t, "data": t}))
+        .collect();
+    let (status, body) = b.publish_raw(json!({"messages": batch}), &[]).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
     let mut got = std::collections::HashSet::new();
     for _ in 0..topics.len() {
         got.insert(sse.next_json().await.0);

@@ -456,24 +456,65 @@ impl Shared {
         }
     }
 
-    /// Publish a batch and return each message's receiver count. On a
-    /// cluster, the messages of one partition go in one pipeline, and the
-    /// partitions' pipelines run concurrently: one round trip in all.
+    /// Publish a batch and return each message's receiver count: one
+    /// pipeline on a standalone Redis. On a cluster, one pipeline per
+    /// primary involved (the primary each partition's link is connected
+    /// to), all sent concurrently; a message that primary refuses (its slot
+    /// just moved) is sent again through the cluster connection, which
+    /// follows `MOVED`.
     async fn publish_batch(&self, batch: &[Publication]) -> Result<Vec<i64>, RelayError> {
         let conn = self.commands()?;
-        let mut groups: HashMap<usize, (redis::Pipeline, Vec<usize>)> = HashMap::new();
+        let cluster = self.partitions().is_some();
+        let mut groups: HashMap<Option<String>, Vec<usize>> = HashMap::new();
         for (i, p) in batch.iter().enumerate() {
-            let base = protocol::base_topic(&p.topic);
-            let (pipe, idx) = groups
-                .entry(self.link_of(base))
-                .or_insert_with(|| (redis::pipe(), Vec::new()));
-            pipe.add_command(self.publish_cmd(self.topic_channel(base), envelope(p)));
-            idx.push(i);
+            let primary = if cluster {
+                let k = self.link_of(protocol::base_topic(&p.topic));
+                self.links[k].primary.lock().clone()
+            } else {
+                None
+            };
+            groups.entry(primary).or_default().push(i);
         }
-        let runs = groups.into_values().map(|(pipe, idx)| {
+        let command = |i: usize| {
+            let p = &batch[i];
+            self.publish_cmd(
+                self.topic_channel(protocol::base_topic(&p.topic)),
+                envelope(p),
+            )
+        };
+        let runs = groups.into_iter().map(|(primary, idx)| {
             let mut conn = conn.clone();
             async move {
-                let counts: Vec<i64> = self.command("PUBLISH", pipe.query_async(&mut conn)).await?;
+                let mut pipe = redis::pipe();
+                for &i in &idx {
+                    pipe.add_command(command(i));
+                }
+                let values: Vec<redis::Value> = match (
+                    &mut conn,
+                    primary.as_deref().and_then(|a| a.rsplit_once(':')),
+                ) {
+                    (Commands::Cluster(c), Some((host, port))) => {
+                        let route = redis::cluster_routing::SingleNodeRoutingInfo::ByAddress {
+                            host: host.to_owned(),
+                            port: port.parse().unwrap_or_default(),
+                        };
+                        self.command("PUBLISH", c.route_pipeline(pipe, 0, idx.len(), route))
+                            .await?
+                    }
+                    _ => self.command("PUBLISH", pipe.query_async(&mut conn)).await?,
+                };
+                let mut counts = Vec::with_capacity(idx.len());
+                for (&i, v) in idx.iter().zip(values) {
+                    counts.push(match v {
+                        redis::Value::Int(n) => n,
+                        // Refused by that node (moved): through the
+                        // cluster connection's own routing.
+                        _ => {
+                            self.command("PUBLISH", command(i).query_async::<i64>(&mut conn))
+                                .await?
+                        }
+                    });
+                }
                 Ok::<_, RelayError>((idx, counts))
             }
         });

@@ -286,13 +286,12 @@ async fn connect(shared: &Arc<Shared>, k: usize) -> Result<Connected, String> {
         }
         Backend::Cluster { template, .. } => {
             let (host, port) = owner(shared, k, template).await?;
-            let info = topology::at(template, &host, port)
-                .set_redis_settings(
-                    template
-                        .redis_settings()
-                        .clone()
-                        .set_protocol(ProtocolVersion::RESP3),
-                );
+            let info = topology::at(template, &host, port).set_redis_settings(
+                template
+                    .redis_settings()
+                    .clone()
+                    .set_protocol(ProtocolVersion::RESP3),
+            );
             let client = redis::Client::open(info).map_err(|e| e.to_string())?;
             let (tx, mut rx) = mpsc::unbounded_channel();
             let conn = tokio::time::timeout(
