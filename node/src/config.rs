@@ -13,6 +13,13 @@ pub enum LogFormat {
     Json,
 }
 
+/// What to do when messages were missed and history cannot fill the gap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OnGap {
+    Close,
+    Ignore,
+}
+
 /// Fanout: a PocketBase-compatible realtime broker.
 #[derive(Debug, Clone, Parser)]
 #[command(name = "fanout", version, about)]
@@ -147,6 +154,22 @@ pub struct Config {
     /// use the same number.
     #[arg(long, env = "FANOUT_REDIS_PARTITIONS", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub redis_partitions: u16,
+
+    /// Messages kept per topic in Redis, so a node that missed some (a
+    /// subscriber reconnect, a failover) catches up instead of skipping
+    /// them. 0: plain pub/sub, no offsets, no history.
+    #[arg(long, env = "FANOUT_HISTORY_SIZE", default_value_t = 1000)]
+    pub history_size: u64,
+
+    /// How long a topic's history is kept after its last publish.
+    #[arg(long, env = "FANOUT_HISTORY_TTL", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub history_ttl: Duration,
+
+    /// What a node does when a topic's history cannot fill a gap: `close`
+    /// the topic's local streams (clients reconnect and re-fetch), or
+    /// `ignore` it (only counted and logged).
+    #[arg(long, env = "FANOUT_ON_GAP", value_enum, default_value_t = OnGap::Close)]
+    pub on_gap: OnGap,
 
     /// Prefix of every Redis channel and key Fanout uses.
     #[arg(long, env = "FANOUT_REDIS_PREFIX", default_value = "fanout:")]

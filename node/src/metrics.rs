@@ -78,6 +78,15 @@ pub const RELAY_LINK_RECONNECTS: &str = "fanout_relay_link_reconnects_total";
 /// re-subscribe everything, by `partition` (seconds).
 pub const RELAY_RESUBSCRIBE_SECONDS: &str = "fanout_relay_resubscribe_seconds";
 
+/// Messages that arrived again (by offset) and were dropped.
+pub const HISTORY_DUPLICATES: &str = "fanout_history_duplicates_total";
+/// Jumps in a topic's offsets filled from its history.
+pub const HISTORY_CATCH_UPS: &str = "fanout_history_catch_ups_total";
+/// Gaps history could not fill (trimmed, expired, new epoch).
+pub const HISTORY_GAPS: &str = "fanout_history_gaps_total";
+/// Time to catch a link's topics up from history after a reconnect.
+pub const HISTORY_CATCH_UP_SECONDS: &str = "fanout_history_catch_up_seconds";
+
 /// Gauge: open SSE streams.
 pub const CONNECTIONS: &str = "fanout_connections";
 /// Gauge: distinct topics with at least one local subscriber.

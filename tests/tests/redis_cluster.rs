@@ -249,13 +249,26 @@ async fn a_slot_moved_to_another_primary_is_followed_and_delivery_continues_in_o
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let publisher = steady_publisher(b.api.clone(), "moving", stop.clone());
     tokio::time::sleep(Duration::from_millis(500)).await;
-    // A live slot migration (the slot holds no keys, only channels).
+    // A live slot migration, as redis-cli does it: the slot's keys (the
+    // topic's history) move with MIGRATE, then the slot.
     let _: () = redis
         .cmd(to, &["CLUSTER", "SETSLOT", &slot, "IMPORTING", &from_id])
         .await;
     let _: () = redis
         .cmd(from, &["CLUSTER", "SETSLOT", &slot, "MIGRATING", &to_id])
         .await;
+    loop {
+        let keys: Vec<String> = redis
+            .cmd(from, &["CLUSTER", "GETKEYSINSLOT", &slot, "100"])
+            .await;
+        if keys.is_empty() {
+            break;
+        }
+        let to_port = to.to_string();
+        let mut args = vec!["MIGRATE", "127.0.0.1", &to_port, "", "0", "5000", "KEYS"];
+        args.extend(keys.iter().map(String::as_str));
+        let _: redis::Value = redis.cmd(from, &args).await;
+    }
     for (_, p) in &primaries {
         let _: () = redis
             .cmd(*p, &["CLUSTER", "SETSLOT", &slot, "NODE", &to_id])

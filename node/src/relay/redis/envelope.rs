@@ -18,6 +18,11 @@ pub(super) struct Envelope<'a> {
     client_id: Option<String>,
     #[serde(default, rename = "userId")]
     user_id: Option<String>,
+    /// Set by the publish script when history is on.
+    #[serde(default)]
+    offset: Option<u64>,
+    #[serde(default, borrow)]
+    epoch: Option<std::borrow::Cow<'a, str>>,
 }
 
 /// The envelope of a publication: the HTTP publish JSON.
@@ -43,13 +48,32 @@ pub(super) fn envelope(p: &Publication) -> Vec<u8> {
 }
 
 impl Shared {
-    /// A message from a topic channel.
-    pub(super) fn deliver(&self, base: &str, payload: &[u8]) {
+    /// A message from a topic channel: dispatched unless its offset shows
+    /// it was seen already; a gap before it is filled first.
+    pub(super) async fn deliver(&self, base: &str, payload: &[u8]) {
         let Ok(env) = serde_json::from_slice::<Envelope>(payload) else {
             metrics::counter!(m::RELAY_BAD_MESSAGES).increment(1);
             tracing::warn!(topic = base, "undecodable message on topic channel");
             return;
         };
+        if self.history_on()
+            && let (Some(offset), Some(epoch)) = (env.offset, env.epoch.as_deref())
+            && !self.admit_offset(base, epoch, offset).await
+        {
+            return;
+        }
+        self.dispatch_decoded(base, env);
+    }
+
+    /// Dispatch a message read from history; its epoch and offset.
+    pub(super) fn dispatch_envelope(&self, base: &str, payload: &[u8]) -> Option<(String, u64)> {
+        let env = serde_json::from_slice::<Envelope>(payload).ok()?;
+        let at = (env.epoch.as_deref()?.to_owned(), env.offset?);
+        self.dispatch_decoded(base, env);
+        Some(at)
+    }
+
+    fn dispatch_decoded(&self, base: &str, env: Envelope<'_>) {
         let topic = env.topic.as_deref().unwrap_or(base);
         let audience = match (env.client_id, env.user_id) {
             (Some(c), _) => Audience::Client(c),

@@ -71,6 +71,7 @@
 
 mod envelope;
 mod forwarding;
+mod history;
 mod membership;
 mod subscriber;
 mod topology;
@@ -116,6 +117,12 @@ pub struct RedisConfig {
     pub heartbeat_interval: Duration,
     /// The address this node serves on, as `/api/cluster` shows it.
     pub address: std::net::SocketAddr,
+    /// Messages kept per topic for catch-up; 0: plain pub/sub, no offsets.
+    pub history_size: u64,
+    /// How long a topic's history lives after its last publish.
+    pub history_ttl: Duration,
+    /// Close a topic's local streams when a gap cannot be filled.
+    pub close_on_gap: bool,
 }
 
 /// Bound on one Redis command; beyond it Redis counts as unreachable.
@@ -171,6 +178,8 @@ struct Shared {
     command_health: Mutex<Result<(), String>>,
     /// Base topics confirmed subscribed on the current connections.
     confirmed: Mutex<HashSet<Arc<str>>>,
+    /// The history position this node last dispatched, per topic.
+    positions: Mutex<HashMap<Arc<str>, history::Position>>,
     /// Cluster nodes to ask where a partition lives: the seeds, then every
     /// node `CLUSTER SLOTS` has named.
     known_nodes: Mutex<Vec<(String, u16)>>,
@@ -218,6 +227,7 @@ impl RedisRelay {
             next_request: AtomicU64::new(1),
             command_health: Mutex::new(Ok(())),
             confirmed: Mutex::new(HashSet::new()),
+            positions: Mutex::new(HashMap::new()),
             known_nodes: Mutex::new(target.addresses()),
             heartbeat: Mutex::new(None),
             started_at: SystemTime::now(),
@@ -308,10 +318,10 @@ impl Shared {
     }
 
     /// What arrived on link `k`.
-    fn on_message(self: &Arc<Self>, k: usize, channel: &str, payload: &[u8]) {
+    async fn on_message(self: &Arc<Self>, k: usize, channel: &str, payload: &[u8]) {
         metrics::counter!(m::RELAY_MESSAGES_IN, "partition" => k.to_string()).increment(1);
         if let Some(base) = channel.strip_prefix(self.topic_prefix(k).as_str()) {
-            self.deliver(base, payload);
+            self.deliver(base, payload).await;
         } else if channel == self.node_channel_of(self.hub.node_tag()) {
             self.on_node_message(payload);
         }
@@ -477,10 +487,12 @@ impl Shared {
         }
         let command = |i: usize| {
             let p = &batch[i];
-            self.publish_cmd(
-                self.topic_channel(protocol::base_topic(&p.topic)),
-                envelope(p),
-            )
+            let base = protocol::base_topic(&p.topic);
+            if self.history_on() {
+                self.history_cmd(base, envelope(p))
+            } else {
+                self.publish_cmd(self.topic_channel(base), envelope(p))
+            }
         };
         let runs = groups.into_iter().map(|(primary, idx)| {
             let mut conn = conn.clone();
@@ -505,13 +517,15 @@ impl Shared {
                 };
                 let mut counts = Vec::with_capacity(idx.len());
                 for (&i, v) in idx.iter().zip(values) {
-                    counts.push(match v {
-                        redis::Value::Int(n) => n,
+                    counts.push(match history::script_receivers(&v) {
+                        Some(n) => n,
                         // Refused by that node (moved): through the
                         // cluster connection's own routing.
-                        _ => {
-                            self.command("PUBLISH", command(i).query_async::<i64>(&mut conn))
-                                .await?
+                        None => {
+                            let v: redis::Value = self
+                                .command("PUBLISH", command(i).query_async(&mut conn))
+                                .await?;
+                            history::script_receivers(&v).unwrap_or(0)
                         }
                     });
                 }

@@ -263,6 +263,11 @@ struct Connected {
 async fn connect(shared: &Arc<Shared>, k: usize) -> Result<Connected, String> {
     let backend = shared.backend.get().ok_or("not connected")?;
     let (moved_tx, moved) = mpsc::unbounded_channel();
+    // The dispatcher starts once every channel is subscribed: it first
+    // catches the link's topics up from history, then delivers live
+    // messages (those that arrived meanwhile wait in the connection's
+    // buffer, and the offsets drop what history already delivered).
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<()>();
     let (mut sink, dispatcher, primary) = match backend {
         Backend::Standalone { .. } => {
             // With Sentinels, every reconnect asks where the primary is.
@@ -277,9 +282,15 @@ async fn connect(shared: &Arc<Shared>, k: usize) -> Result<Connected, String> {
                 .map_err(|e| e.to_string())?;
             let (sink, mut stream) = pubsub.split();
             let s = shared.clone();
+            let ready = ready_rx;
             let dispatcher = tokio::spawn(async move {
+                if ready.await.is_err() {
+                    return;
+                }
+                s.catch_up_link(0).await;
                 while let Some(msg) = stream.next().await {
-                    s.on_message(0, msg.get_channel_name(), msg.get_payload_bytes());
+                    s.on_message(0, msg.get_channel_name(), msg.get_payload_bytes())
+                        .await;
                 }
             });
             (Sink::Plain(sink), dispatcher, Some(single.address.clone()))
@@ -306,14 +317,19 @@ async fn connect(shared: &Arc<Shared>, k: usize) -> Result<Connected, String> {
             .map_err(|_| format!("{host}:{port}: connect timed out"))?
             .map_err(|e| format!("{host}:{port}: {e}"))?;
             let s = shared.clone();
+            let ready = ready_rx;
             let dispatcher = tokio::spawn(async move {
+                if ready.await.is_err() {
+                    return;
+                }
+                s.catch_up_link(k).await;
                 while let Some(push) = rx.recv().await {
                     match push.kind {
                         PushKind::SMessage | PushKind::Message => {
                             if let [Value::BulkString(ch), Value::BulkString(payload), ..] =
                                 &push.data[..]
                             {
-                                s.on_message(k, &String::from_utf8_lossy(ch), payload);
+                                s.on_message(k, &String::from_utf8_lossy(ch), payload).await;
                             }
                         }
                         PushKind::SUnsubscribe => {
@@ -348,6 +364,7 @@ async fn connect(shared: &Arc<Shared>, k: usize) -> Result<Connected, String> {
     let subscribed: HashSet<Arc<str>> = topics.into_iter().collect();
     shared.confirmed.lock().extend(subscribed.iter().cloned());
     *shared.links[k].reconnect.lock() = tokio_util::sync::CancellationToken::new();
+    let _ = ready_tx.send(());
     Ok(Connected {
         sink,
         dispatcher,
@@ -515,6 +532,7 @@ async fn serve(
                         for t in &remove {
                             subscribed.remove(t);
                             confirmed.remove(t);
+                            shared.forget_position(t);
                         }
                     }
                     result = sink.run(Verb::Unsubscribe, remove.iter().map(|t| shared.topic_channel(t)).collect()).await;
