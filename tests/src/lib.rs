@@ -308,6 +308,12 @@ impl RedisServer {
         Self::spawn(free_port(), extra).await
     }
 
+    /// Start one on `port` with extra arguments (a restart with the same
+    /// persistence settings).
+    pub async fn start_on_with(port: u16, extra: &[&str]) -> Self {
+        Self::spawn(port, extra).await
+    }
+
     async fn spawn(port: u16, extra: &[&str]) -> Self {
         let password = extra
             .iter()
