@@ -263,3 +263,42 @@ async fn a_subscriber_dropped_for_its_output_buffer_is_caught_up() {
     .await;
     assert_nothing_lost(&mut clients, &acked, "output buffer overflow").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_topics_are_caught_up_after_the_subscriber_connection_is_killed() {
+    let redis = RedisServer::start().await;
+    let url = redis.url();
+    let node = NodeProcess::start(&env(&url, &[])).await;
+    let publisher = NodeProcess::start(&env(&url, &[])).await;
+    let mut streams = Vec::new();
+    for c in 0..10 {
+        let sse = node.connect().await;
+        let topics: Vec<String> = (0..1000).map(|i| format!("t-{c}-{i}")).collect();
+        let refs: Vec<&str> = topics.iter().map(String::as_str).collect();
+        node.subscribe(&sse.client_id, &refs).await;
+        // One message each, so the node knows every topic's position.
+        let batch: Vec<serde_json::Value> = topics
+            .iter()
+            .map(|t| json!({"topic": t, "data": 0}))
+            .collect();
+        let (status, body) = publisher.publish_raw(json!({"messages": batch}), &[]).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        streams.push(sse);
+    }
+    for sse in &mut streams {
+        for _ in 0..1000 {
+            sse.next().await;
+        }
+    }
+    let killed: i64 = redis.cmd(&["CLIENT", "KILL", "TYPE", "pubsub"]).await;
+    assert_eq!(killed, 2);
+    wait_for("caught up", || async {
+        node.metric("fanout_history_catch_up_seconds_count").await >= 1.0
+    })
+    .await;
+    let secs = node.metric("fanout_history_catch_up_seconds_sum").await;
+    eprintln!("10,000 topics caught up from history in {secs:.3} s");
+    assert_eq!(node.metric("fanout_history_gaps_total").await, 0.0);
+    publisher.publish("t-9-999", json!(1)).await;
+    assert_eq!(streams[9].next_json().await, ("t-9-999".into(), json!(1)));
+}

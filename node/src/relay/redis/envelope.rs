@@ -65,6 +65,12 @@ impl Shared {
         self.dispatch_decoded(base, env);
     }
 
+    /// The epoch and offset of a message read from history.
+    pub(super) fn peek_envelope(&self, payload: &[u8]) -> Option<(String, u64)> {
+        let env = serde_json::from_slice::<Envelope>(payload).ok()?;
+        Some((env.epoch.as_deref()?.to_owned(), env.offset?))
+    }
+
     /// Dispatch a message read from history; its epoch and offset.
     pub(super) fn dispatch_envelope(&self, base: &str, payload: &[u8]) -> Option<(String, u64)> {
         let env = serde_json::from_slice::<Envelope>(payload).ok()?;

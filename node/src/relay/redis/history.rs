@@ -51,6 +51,9 @@ local n = redis.call(ARGV[6], ARGV[1], msg)
 return {s, e, n}
 "#;
 
+/// Topics read per pipeline when a link catches up.
+const CATCH_UP_BATCH: usize = 500;
+
 /// One `XRANGE` entry: its id and its field/value pairs.
 type StreamEntry = (String, Vec<(String, Vec<u8>)>);
 
@@ -77,6 +80,9 @@ enum Step {
 fn step(known: Option<&Position>, epoch: &str, offset: u64) -> Step {
     match known {
         None => Step::Next,
+        // Subscribed before the topic had any history: from its start.
+        Some(p) if p.epoch.is_empty() && offset > p.offset + 1 => Step::Gap { after: p.offset },
+        Some(p) if p.epoch.is_empty() => Step::Next,
         Some(p) if p.epoch != epoch => Step::NewEpoch,
         Some(p) if offset <= p.offset => Step::Duplicate,
         Some(p) if offset == p.offset + 1 => Step::Next,
@@ -168,6 +174,46 @@ impl Shared {
         }
     }
 
+    /// Before subscribing `topics` (all on one link, so one slot): note
+    /// where each one's history stands, for those this node has no
+    /// position for. Whatever is published from then on reaches the node,
+    /// through the subscription or, if it came before the subscription
+    /// took effect, through a catch-up. `Err` when history cannot be read.
+    pub(super) async fn snapshot_positions(&self, topics: &[Arc<str>]) -> Result<(), String> {
+        let missing: Vec<&Arc<str>> = {
+            let positions = self.positions.lock();
+            topics
+                .iter()
+                .filter(|t| !positions.contains_key(&***t))
+                .collect()
+        };
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let mut conn = self.commands().map_err(|e| e.to_string())?;
+        for chunk in missing.chunks(CATCH_UP_BATCH) {
+            let mut pipe = redis::pipe();
+            for t in chunk {
+                pipe.cmd("HMGET")
+                    .arg(self.history_key("m", t))
+                    .arg("e")
+                    .arg("s");
+            }
+            let replies: Vec<(Option<String>, Option<u64>)> = self
+                .command("HMGET", pipe.query_async(&mut conn))
+                .await
+                .map_err(|e| e.to_string())?;
+            let mut positions = self.positions.lock();
+            for (t, (epoch, offset)) in chunk.iter().zip(replies) {
+                positions.entry((*t).clone()).or_insert(Position {
+                    epoch: epoch.unwrap_or_default(),
+                    offset: offset.unwrap_or(0),
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// Forget a topic this node no longer subscribes to.
     pub(super) fn forget_position(&self, base: &str) {
         self.positions.lock().remove(base);
@@ -197,26 +243,18 @@ impl Shared {
             )
             .await;
         let entries = entries.map_err(|_| ())?;
-        let mut expected = after + 1;
-        for (_, fields) in entries {
-            let Some((_, msg)) = fields.into_iter().find(|(f, _)| f == "m") else {
-                continue;
-            };
-            let Some((e, offset)) = self.dispatch_envelope(base, &msg) else {
-                continue;
-            };
-            if e != epoch || offset != expected {
-                return Ok(false);
-            }
-            self.set_position(base, epoch, offset);
-            expected += 1;
+        if !self.replay(base, epoch, after, entries) {
+            return Ok(false);
         }
-        Ok(until.is_none_or(|u| expected > u))
+        let reached = self.positions.lock().get(base).map_or(after, |p| p.offset);
+        Ok(until.is_none_or(|u| reached >= u))
     }
 
     /// After link `k` reconnected: catch every topic on it up from its
-    /// history, before live messages resume. If history cannot be read,
-    /// the link reconnects and tries again.
+    /// history, before live messages resume. Topics are read in pipelines
+    /// of [`CATCH_UP_BATCH`] (all of a link's keys share its slot), so
+    /// 10,000 topics cost 20 round trips, not 20,000. If history cannot be
+    /// read, the link reconnects and tries again.
     pub(super) async fn catch_up_link(&self, k: usize) {
         let known: Vec<(Arc<str>, Position)> = self
             .positions
@@ -225,30 +263,50 @@ impl Shared {
             .filter(|(t, _)| self.link_of(t) == k)
             .map(|(t, p)| (t.clone(), p.clone()))
             .collect();
+        let known: Vec<(Arc<str>, Position)> = known
+            .into_iter()
+            .filter(|(t, _)| {
+                let wanted = self.hub.has_topic(t);
+                if !wanted {
+                    self.forget_position(t);
+                }
+                wanted
+            })
+            .collect();
         if known.is_empty() {
             return;
         }
         let started = std::time::Instant::now();
-        for (topic, p) in &known {
-            if !self.hub.has_topic(topic) {
-                self.forget_position(topic);
-                continue;
+        let Ok(mut conn) = self.commands() else {
+            self.links[k].reconnect.lock().cancel();
+            return;
+        };
+        for chunk in known.chunks(CATCH_UP_BATCH) {
+            let mut pipe = redis::pipe();
+            for (topic, p) in chunk {
+                pipe.cmd("HGET").arg(self.history_key("m", topic)).arg("e");
+                pipe.cmd("XRANGE")
+                    .arg(self.history_key("h", topic))
+                    .arg(format!("{}-1", p.offset + 1))
+                    .arg("+");
             }
-            let Ok(epoch) = self.current_epoch(topic).await else {
+            let replies: Result<Vec<Value>, _> =
+                self.command("XRANGE", pipe.query_async(&mut conn)).await;
+            let Ok(replies) = replies else {
                 self.links[k].reconnect.lock().cancel();
                 return;
             };
-            if epoch.as_deref().is_some_and(|e| e != p.epoch) {
-                self.lost(topic, "the topic's history was reset (new epoch)");
-                self.forget_position(topic);
-                continue;
-            }
-            match self.fill(topic, &p.epoch, p.offset, None).await {
-                Ok(true) => {}
-                Ok(false) => self.lost(topic, "the gap is no longer in the topic's history"),
-                Err(()) => {
-                    self.links[k].reconnect.lock().cancel();
-                    return;
+            for ((topic, p), pair) in chunk.iter().zip(replies.chunks(2)) {
+                let epoch: Option<String> = redis::from_redis_value(pair[0].clone()).ok().flatten();
+                if !p.epoch.is_empty() && epoch.as_deref().is_some_and(|e| e != p.epoch) {
+                    self.lost(topic, "the topic's history was reset (new epoch)");
+                    self.forget_position(topic);
+                    continue;
+                }
+                let entries: Vec<StreamEntry> =
+                    redis::from_redis_value(pair[1].clone()).unwrap_or_default();
+                if !self.replay(topic, &p.epoch, p.offset, entries) {
+                    self.lost(topic, "the gap is no longer in the topic's history");
                 }
             }
         }
@@ -261,19 +319,31 @@ impl Shared {
         );
     }
 
-    /// The topic's epoch in Redis, if its meta hash exists; `Err` when it
-    /// cannot be read now.
-    async fn current_epoch(&self, base: &str) -> Result<Option<String>, ()> {
-        let mut conn = self.commands().map_err(|_| ())?;
-        self.command(
-            "HGET",
-            redis::cmd("HGET")
-                .arg(self.history_key("m", base))
-                .arg("e")
-                .query_async::<Option<String>>(&mut conn),
-        )
-        .await
-        .map_err(|_| ())
+    /// Dispatch stream entries that follow offset `after`, in order; false
+    /// when they do not follow on (trimmed, or another epoch). An empty
+    /// `epoch` (subscribed before the topic had history) takes the first
+    /// entry's.
+    fn replay(&self, base: &str, epoch: &str, after: u64, entries: Vec<StreamEntry>) -> bool {
+        let mut epoch = epoch.to_owned();
+        let mut expected = after + 1;
+        for (_, fields) in entries {
+            let Some((_, msg)) = fields.into_iter().find(|(f, _)| f == "m") else {
+                continue;
+            };
+            let Some((e, offset)) = self.peek_envelope(&msg) else {
+                continue;
+            };
+            if epoch.is_empty() {
+                epoch = e.clone();
+            }
+            if e != epoch || offset != expected {
+                return false;
+            }
+            self.dispatch_envelope(base, &msg);
+            self.set_position(base, &epoch, offset);
+            expected += 1;
+        }
+        true
     }
 
     /// A gap history cannot fill: count it, log it, and (with `--on-gap
@@ -304,6 +374,16 @@ pub(super) fn script_receivers(v: &Value) -> Option<i64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_topic_subscribed_before_any_history_starts_from_offset_one() {
+        let p = Position {
+            epoch: String::new(),
+            offset: 0,
+        };
+        assert_eq!(step(Some(&p), "e1", 1), Step::Next);
+        assert_eq!(step(Some(&p), "e1", 4), Step::Gap { after: 0 });
+    }
 
     #[test]
     fn offsets_decide_dispatch() {

@@ -437,9 +437,10 @@ impl Shared {
     }
 
     /// After a PUBLISH: a topic this node has confirmed subscribed that
-    /// reached nobody shows the subscriber connection is gone. Its local
-    /// subscribers missed the message: close their streams (they
-    /// reconnect), count it, and reconnect the subscriber.
+    /// reached nobody shows the subscriber connection is gone. Reconnect
+    /// the subscriber and count it; with history, the reconnect catches
+    /// up; without, the local subscribers missed the message, so their
+    /// streams are closed (they reconnect and re-fetch).
     fn check_receivers(&self, batch: &[Publication], receivers: &[i64]) {
         let lost: HashSet<&str> = {
             let confirmed = self.confirmed.lock();
@@ -456,8 +457,17 @@ impl Shared {
         }
         for topic in &lost {
             self.links[self.link_of(topic)].reconnect.lock().cancel();
-            let closed = self.hub.close_topic(topic, CloseReason::Gap);
             metrics::counter!(m::RELAY_LOST_PUBLISHES).increment(1);
+            if self.history_on() {
+                // The message is in the topic's history: the reconnect
+                // catches the node up, nobody misses it.
+                tracing::info!(
+                    topic,
+                    "a publish reached no subscriber of this node; reconnecting to catch up"
+                );
+                continue;
+            }
+            let closed = self.hub.close_topic(topic, CloseReason::Gap);
             tracing::warn!(
                 topic,
                 closed,

@@ -357,6 +357,9 @@ async fn connect(shared: &Arc<Shared>, k: usize) -> Result<Connected, String> {
         .into_iter()
         .filter(|t| shared.link_of(t) == k)
         .collect();
+    if shared.history_on() {
+        shared.snapshot_positions(&topics).await?;
+    }
     for chunk in topics.chunks(SUBSCRIBE_BATCH) {
         let names = chunk.iter().map(|t| shared.topic_channel(t)).collect();
         sink.run(Verb::Subscribe, names).await?;
@@ -517,7 +520,10 @@ async fn serve(
                     .filter(|t| shared.hub.has_topic(t) != subscribed.contains(t))
                     .partition(|t| shared.hub.has_topic(t));
                 let mut result = Ok(());
-                if !add.is_empty() {
+                if !add.is_empty() && shared.history_on() {
+                    result = shared.snapshot_positions(&add).await;
+                }
+                if result.is_ok() && !add.is_empty() {
                     result = sink.run(Verb::Subscribe, add.iter().map(|t| shared.topic_channel(t)).collect()).await;
                     if result.is_ok() {
                         shared.confirmed.lock().extend(add.iter().cloned());
