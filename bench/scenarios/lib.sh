@@ -66,6 +66,15 @@ start_fanout() {
   wait_http "http://127.0.0.1:$port/api/health"
 }
 
+redis_cpu() { # redis_cpu PORT...: summed used_cpu_user + used_cpu_sys
+  local total=0
+  for p in "$@"; do
+    total=$(redis-cli -p "$p" info cpu | tr -d '\r' | awk -F: -v t="$total" \
+      '/^used_cpu_(user|sys):/ {t += $2} END {print t}')
+  done
+  echo "$total"
+}
+
 start_redis() { # start_redis PORT; sets LAST_PID
   "${ON_SERVER_CPU[@]}" redis-server --port "$1" --bind 127.0.0.1 --save '' --appendonly no \
     --protected-mode no >>"$WORK/redis.log" 2>&1 &

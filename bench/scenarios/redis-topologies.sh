@@ -12,15 +12,6 @@ TOPICS=${TOPICS:-300}
 MESSAGES=${MESSAGES:-60000}
 ARGS=(--clients "$CLIENTS" --topics "$TOPICS" --messages "$MESSAGES" --publishers 6 --payload-bytes 64)
 
-redis_cpu() { # redis_cpu PORT...: summed used_cpu_user + used_cpu_sys
-  local total=0
-  for p in "$@"; do
-    total=$(redis-cli -p "$p" info cpu | tr -d '\r' | awk -F: -v t="$total" \
-      '/^used_cpu_(user|sys):/ {t += $2} END {print t}')
-  done
-  echo "$total"
-}
-
 start_cluster() { # sets PRIMARY_PORTS and CLUSTER_URL
   local ports=()
   for _ in 1 2 3 4 5 6; do
