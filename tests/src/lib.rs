@@ -848,20 +848,7 @@ impl RedisCluster {
         port: u16,
         args: &[&str],
     ) -> redis::RedisResult<T> {
-        let client = redis::Client::open(self.url_of(port))?;
-        let mut conn = tokio::time::timeout(
-            Duration::from_secs(2),
-            client.get_multiplexed_async_connection(),
-        )
-        .await
-        .map_err(|_| {
-            redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut))
-        })??;
-        let mut c = redis::cmd(args[0]);
-        for a in &args[1..] {
-            c.arg(*a);
-        }
-        c.query_async(&mut conn).await
+        redis_cmd(&self.url_of(port), args).await
     }
 
     pub async fn cmd<T: redis::FromRedisValue>(&self, port: u16, args: &[&str]) -> T {
@@ -1087,20 +1074,7 @@ impl RedisSentinels {
         port: u16,
         args: &[&str],
     ) -> redis::RedisResult<T> {
-        let client = redis::Client::open(format!("redis://127.0.0.1:{port}"))?;
-        let mut conn = tokio::time::timeout(
-            Duration::from_secs(2),
-            client.get_multiplexed_async_connection(),
-        )
-        .await
-        .map_err(|_| {
-            redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut))
-        })??;
-        let mut c = redis::cmd(args[0]);
-        for a in &args[1..] {
-            c.arg(*a);
-        }
-        c.query_async(&mut conn).await
+        redis_cmd(&format!("redis://127.0.0.1:{port}"), args).await
     }
 
     /// The primary's port, as a live Sentinel names it.
@@ -1230,4 +1204,142 @@ pub fn tls_files(dir: &std::path::Path) -> (PathBuf, PathBuf, PathBuf) {
         dir.join("server.crt"),
         dir.join("server.key"),
     )
+}
+
+/// One command on a fresh connection to `url`, bounded to 2 s to connect.
+pub async fn redis_cmd<T: redis::FromRedisValue>(
+    url: &str,
+    args: &[&str],
+) -> redis::RedisResult<T> {
+    let client = redis::Client::open(url)?;
+    let mut conn = tokio::time::timeout(
+        Duration::from_secs(2),
+        client.get_multiplexed_async_connection(),
+    )
+    .await
+    .map_err(|_| redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut)))??;
+    let mut c = redis::cmd(args[0]);
+    for a in &args[1..] {
+        c.arg(*a);
+    }
+    c.query_async(&mut conn).await
+}
+
+/// Publishes `0, 1, 2, …` to one topic at a steady interval until
+/// finished: the fault tests' load.
+pub struct SteadyPublisher {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<(Vec<u64>, Vec<u64>)>,
+}
+
+impl SteadyPublisher {
+    pub fn start(api: Api, topic: &str, every: Duration) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopping = stop.clone();
+        let topic = topic.to_owned();
+        let task = tokio::spawn(async move {
+            let (mut ok, mut refused) = (Vec::new(), Vec::new());
+            let mut n = 0u64;
+            while !stopping.load(std::sync::atomic::Ordering::Relaxed) {
+                let (status, body) = api
+                    .publish_raw(json!({"topic": topic, "data": n}), &[])
+                    .await;
+                match status {
+                    StatusCode::OK => ok.push(n),
+                    StatusCode::SERVICE_UNAVAILABLE => refused.push(n),
+                    s => panic!("{s}: {body}"),
+                }
+                n += 1;
+                tokio::time::sleep(every).await;
+            }
+            (ok, refused)
+        });
+        Self { stop, task }
+    }
+
+    /// Stop; the numbers answered 200 and those answered 503.
+    pub async fn finish(self) -> (Vec<u64>, Vec<u64>) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.task.await.expect("publisher task")
+    }
+}
+
+/// The numbers a client received, until it is quiet for a second.
+pub async fn received_numbers(sse: &mut Sse) -> Vec<u64> {
+    let mut seen = Vec::new();
+    while let Some(e) = sse.next_within(Duration::from_secs(1)).await {
+        seen.push(e.data.parse().expect("a number"));
+    }
+    seen
+}
+
+/// Of the acknowledged numbers, which a client missed and which it got
+/// twice, and whether what it got was in order.
+#[derive(Debug)]
+pub struct Account {
+    pub missing: Vec<u64>,
+    pub duplicated: Vec<u64>,
+    pub in_order: bool,
+}
+
+impl Account {
+    pub fn of(seen: &[u64], acked: &[u64]) -> Self {
+        let mut counts: std::collections::HashMap<u64, usize> = Default::default();
+        for n in seen {
+            *counts.entry(*n).or_default() += 1;
+        }
+        let mut duplicated: Vec<u64> = counts
+            .iter()
+            .filter(|(_, c)| **c > 1)
+            .map(|(n, _)| *n)
+            .collect();
+        duplicated.sort();
+        Self {
+            missing: acked
+                .iter()
+                .copied()
+                .filter(|n| !counts.contains_key(n))
+                .collect(),
+            duplicated,
+            in_order: seen.windows(2).all(|w| w[0] < w[1]),
+        }
+    }
+}
+
+/// Print what a client received of a steady publisher's numbers, and
+/// check it: in order, no duplicate, the last acknowledged number arrived,
+/// and (when `lossless`) no acknowledged number missing. The account.
+pub fn check_delivery(
+    what: &str,
+    seen: &[u64],
+    acked: &[u64],
+    refused: &[u64],
+    lossless: bool,
+) -> Account {
+    let a = Account::of(seen, acked);
+    eprintln!(
+        "{what}: {} answered 200, {} answered 503, {} acknowledged but missed ({:?}), duplicated {:?}",
+        acked.len(),
+        refused.len(),
+        a.missing.len(),
+        a.missing,
+        a.duplicated
+    );
+    assert!(
+        a.in_order && a.duplicated.is_empty(),
+        "{what}: order kept, no duplicate"
+    );
+    assert_eq!(
+        seen.last(),
+        acked.last(),
+        "{what}: the last acknowledged message arrived"
+    );
+    if lossless {
+        assert!(
+            a.missing.is_empty(),
+            "{what}: acknowledged but missed {:?}",
+            a.missing
+        );
+    }
+    a
 }

@@ -243,14 +243,21 @@ impl<F: std::future::Future<Output = usize>> MapEq for F {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_failed_posts_rollback_never_undoes_a_later_post_that_got_204() {
+/// Redis, a proxy in front of it, a node that reaches Redis through the
+/// proxy, and a publisher node that reaches it directly.
+async fn behind_a_proxy() -> (RedisServer, TcpProxy, NodeProcess, NodeProcess) {
     let redis = RedisServer::start().await;
     let proxy = TcpProxy::start(redis.port).await;
     let slow_url = format!("redis://127.0.0.1:{}", proxy.port);
     let node = NodeProcess::start(&env(&slow_url, &[])).await;
     let direct = redis.url();
     let publisher = NodeProcess::start(&env(&direct, &[])).await;
+    (redis, proxy, node, publisher)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_posts_rollback_never_undoes_a_later_post_that_got_204() {
+    let (_redis, proxy, node, publisher) = behind_a_proxy().await;
     let mut sse = node.connect().await;
     // The first POST's SUBSCRIBE is slow, then its connection is cut: it
     // fails and rolls back. The second POST arrives while it is in flight.
@@ -287,12 +294,7 @@ async fn a_failed_posts_rollback_never_undoes_a_later_post_that_got_204() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reconnect_after_an_unanswered_ping_delivers_no_duplicate_and_keeps_order() {
-    let redis = RedisServer::start().await;
-    let proxy = TcpProxy::start(redis.port).await;
-    let slow_url = format!("redis://127.0.0.1:{}", proxy.port);
-    let node = NodeProcess::start(&env(&slow_url, &[])).await;
-    let direct = redis.url();
-    let publisher = NodeProcess::start(&env(&direct, &[])).await;
+    let (_redis, proxy, node, publisher) = behind_a_proxy().await;
     let mut sse = node.connect().await;
     node.subscribe(&sse.client_id, &["d"]).await;
     let api = publisher.api.clone();

@@ -2,14 +2,7 @@
 //! rate to clients on every node, through real faults, and for each client
 //! exactly which numbers it missed or got twice.
 
-use std::{
-    collections::HashMap,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
-    time::Duration,
-};
+use std::time::Duration;
 
 use fanout_testkit::*;
 use serde_json::json;
@@ -21,72 +14,6 @@ fn env<'a>(url: &'a str, extra: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)
     ];
     env.extend_from_slice(extra);
     env
-}
-
-/// Publishes `0, 1, 2, …` to topic `n` every 5 ms until stopped; the
-/// numbers answered 200.
-struct Publisher {
-    stop: Arc<AtomicBool>,
-    task: tokio::task::JoinHandle<Vec<u64>>,
-}
-
-impl Publisher {
-    fn start(api: Api) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let stopping = stop.clone();
-        let task = tokio::spawn(async move {
-            let mut ok = Vec::new();
-            let mut n = 0u64;
-            while !stopping.load(Ordering::Relaxed) {
-                let (status, body) = api.publish_raw(json!({"topic": "n", "data": n}), &[]).await;
-                match status {
-                    StatusCode::OK => ok.push(n),
-                    StatusCode::SERVICE_UNAVAILABLE => {}
-                    s => panic!("{s}: {body}"),
-                }
-                n += 1;
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            ok
-        });
-        Self { stop, task }
-    }
-
-    async fn finish(self) -> Vec<u64> {
-        self.stop.store(true, Ordering::Relaxed);
-        self.task.await.unwrap()
-    }
-}
-
-/// What a client missed and got twice, of the acknowledged numbers.
-struct Account {
-    missing: Vec<u64>,
-    duplicated: Vec<u64>,
-    in_order: bool,
-}
-
-async fn account(sse: &mut Sse, acked: &[u64]) -> Account {
-    let mut seen = Vec::new();
-    while let Some(e) = sse.next_within(Duration::from_secs(1)).await {
-        seen.push(e.data.parse::<u64>().unwrap());
-    }
-    let mut counts: HashMap<u64, usize> = HashMap::new();
-    for n in &seen {
-        *counts.entry(*n).or_default() += 1;
-    }
-    Account {
-        missing: acked
-            .iter()
-            .copied()
-            .filter(|n| !counts.contains_key(n))
-            .collect(),
-        duplicated: counts
-            .iter()
-            .filter(|(_, c)| **c > 1)
-            .map(|(n, _)| *n)
-            .collect(),
-        in_order: seen.windows(2).all(|w| w[0] < w[1]),
-    }
 }
 
 /// Three nodes and a client on each, subscribed to `n`.
@@ -105,24 +32,14 @@ async fn three_nodes(url: &str, extra: &[(&str, &str)]) -> (Vec<NodeProcess>, Ve
 
 async fn assert_nothing_lost(clients: &mut [Sse], acked: &[u64], what: &str) {
     for (i, sse) in clients.iter_mut().enumerate() {
-        let a = account(sse, acked).await;
-        eprintln!(
-            "{what}: client on node {i}: {} acknowledged, missing {:?}, duplicated {:?}",
-            acked.len(),
-            a.missing,
-            a.duplicated
+        let seen = received_numbers(sse).await;
+        check_delivery(
+            &format!("{what}, client on node {i}"),
+            &seen,
+            acked,
+            &[],
+            true,
         );
-        assert!(
-            a.missing.is_empty(),
-            "{what}: node {i} missed {:?}",
-            a.missing
-        );
-        assert!(
-            a.duplicated.is_empty(),
-            "{what}: node {i} got twice {:?}",
-            a.duplicated
-        );
-        assert!(a.in_order, "{what}: node {i} out of order");
     }
 }
 
@@ -131,14 +48,14 @@ async fn client_kill_of_the_subscribers_loses_and_duplicates_nothing() {
     let redis = RedisServer::start().await;
     let url = redis.url();
     let (nodes, mut clients) = three_nodes(&url, &[]).await;
-    let publisher = Publisher::start(nodes[0].api.clone());
+    let publisher = SteadyPublisher::start(nodes[0].api.clone(), "n", Duration::from_millis(5));
     for _ in 0..3 {
         tokio::time::sleep(Duration::from_millis(300)).await;
         let killed: i64 = redis.cmd(&["CLIENT", "KILL", "TYPE", "pubsub"]).await;
         assert_eq!(killed, 3);
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let acked = publisher.finish().await;
+    let (acked, _) = publisher.finish().await;
     assert_nothing_lost(&mut clients, &acked, "CLIENT KILL").await;
     let catch_ups: f64 = {
         let mut t = 0.0;
@@ -165,7 +82,7 @@ async fn redis_restarted_with_aof_loses_and_duplicates_nothing() {
     let mut redis = RedisServer::start_with(&aof).await;
     let url = redis.url();
     let (nodes, mut clients) = three_nodes(&url, &[]).await;
-    let publisher = Publisher::start(nodes[1].api.clone());
+    let publisher = SteadyPublisher::start(nodes[1].api.clone(), "n", Duration::from_millis(5));
     tokio::time::sleep(Duration::from_millis(500)).await;
     let port = redis.port;
     redis.stop().await;
@@ -178,7 +95,7 @@ async fn redis_restarted_with_aof_loses_and_duplicates_nothing() {
         .await;
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let acked = publisher.finish().await;
+    let (acked, _) = publisher.finish().await;
     assert_nothing_lost(&mut clients, &acked, "restart with AOF").await;
     drop(redis);
 }

@@ -5,7 +5,6 @@
 use std::time::Duration;
 
 use fanout_testkit::*;
-use serde_json::json;
 
 fn env(url: &str) -> Vec<(&str, &str)> {
     vec![
@@ -13,28 +12,6 @@ fn env(url: &str) -> Vec<(&str, &str)> {
         ("FANOUT_HEARTBEAT_INTERVAL", "300ms"),
         ("FANOUT_FORWARD_TIMEOUT", "2s"),
     ]
-}
-
-/// Publish `n, n+1, …` every 10 ms until `stop`; the numbers answered 200.
-fn steady_publisher(
-    api: Api,
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-) -> tokio::task::JoinHandle<(Vec<u64>, usize)> {
-    tokio::spawn(async move {
-        let (mut ok, mut refused) = (Vec::new(), 0);
-        let mut n = 0;
-        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-            let (status, body) = api.publish_raw(json!({"topic": "s", "data": n}), &[]).await;
-            match status {
-                StatusCode::OK => ok.push(n),
-                StatusCode::SERVICE_UNAVAILABLE => refused += 1,
-                s => panic!("{s}: {body}"),
-            }
-            n += 1;
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        (ok, refused)
-    })
 }
 
 async fn healthy(node: &NodeProcess) {
@@ -52,8 +29,7 @@ async fn nodes_follow_the_primary_through_a_commanded_failover_and_a_killed_prim
     let b = NodeProcess::start(&env(&url)).await;
     let mut sse = a.connect().await;
     a.subscribe(&sse.client_id, &["s"]).await;
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let publisher = steady_publisher(b.api.clone(), stop.clone());
+    let publisher = SteadyPublisher::start(b.api.clone(), "s", Duration::from_millis(10));
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     // 1. A commanded failover: the old primary lives on as a replica.
@@ -79,29 +55,9 @@ async fn nodes_follow_the_primary_through_a_commanded_failover_and_a_killed_prim
     healthy(&a).await;
     healthy(&b).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let (ok, refused) = publisher.await.unwrap();
-
-    let mut seen: Vec<u64> = Vec::new();
-    while let Some(e) = sse.next_within(Duration::from_secs(1)).await {
-        seen.push(e.data.parse().unwrap());
-    }
-    assert!(
-        seen.windows(2).all(|w| w[0] < w[1]),
-        "order kept, no duplicate"
-    );
-    let got: std::collections::HashSet<u64> = seen.iter().copied().collect();
-    let lost: Vec<u64> = ok.iter().copied().filter(|n| !got.contains(n)).collect();
-    eprintln!(
-        "sentinel: {} answered 200, {refused} answered 503, {} acknowledged but missed ({lost:?})",
-        ok.len(),
-        lost.len()
-    );
-    assert_eq!(
-        seen.last(),
-        ok.last(),
-        "the last acknowledged message arrived"
-    );
+    let (ok, refused) = publisher.finish().await;
+    let seen = received_numbers(&mut sse).await;
+    check_delivery("sentinel", &seen, &ok, &refused, true);
     let health = a.get_json("/api/health").await.1;
     assert_eq!(health["data"]["relay"]["mode"], "standalone", "{health}");
 }
