@@ -684,7 +684,12 @@ pub struct RedisCluster {
     pub password: Option<String>,
     children: std::collections::HashMap<u16, Child>,
     _dir: TempDir,
+    _slot: tokio::sync::SemaphorePermit<'static>,
 }
+
+/// At most two clusters (six servers each) at once in one test process:
+/// on two cores, more make failovers and timings unreliable.
+static CLUSTERS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
 
 /// A directory removed on drop.
 pub struct TempDir(pub PathBuf);
@@ -707,6 +712,7 @@ impl Drop for TempDir {
 impl RedisCluster {
     /// Start six nodes, create the cluster, and wait until it is ok.
     pub async fn start(password: Option<&str>) -> Self {
+        let slot = CLUSTERS.acquire().await.expect("semaphore open");
         let dir = TempDir::new("fanout-redis-cluster");
         let mut ports = Vec::new();
         let mut children = std::collections::HashMap::new();
@@ -720,6 +726,7 @@ impl RedisCluster {
             password: password.map(str::to_owned),
             children,
             _dir: dir,
+            _slot: slot,
         };
         cluster.start_tail().await
     }
