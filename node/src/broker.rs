@@ -152,6 +152,7 @@ impl Broker {
             topic: topic.to_owned(),
             data: data.into(),
             audience,
+            id: None,
         }])
         .await
     }
@@ -235,9 +236,18 @@ impl Broker {
             ));
         }
         let previous: Vec<String> = client.subscriptions(&[]).into_keys().collect();
+        // New keys with a `since` cursor: held until their history is
+        // replayed, so replay and live messages neither overlap nor leave
+        // a gap.
+        let resumes: Vec<(String, String)> = req
+            .subscriptions
+            .iter()
+            .filter(|k| !previous.contains(k))
+            .filter_map(|k| protocol::since_of(k).map(|since| (k.clone(), since)))
+            .collect();
         let changes = self
             .hub
-            .replace_subscriptions(&client, &req.subscriptions, auth.map(Arc::new))
+            .replace_subscriptions_holding(&client, &req.subscriptions, auth.map(Arc::new), true)
             .map_err(subscribe_error)?;
         // Every topic of the new set, not only the new ones: a topic
         // another client just added may still be subscribing, and this
@@ -254,7 +264,7 @@ impl Broker {
             return Ok(());
         }
         let synced = tokio::select! {
-            r = self.relay.sync_topics(topics.clone()) => r,
+            r = self.sync_and_replay(&client, topics.clone(), resumes) => r,
             _ = until(deadline) => Err(RelayError::Unavailable(late().message)),
         };
         match synced {
@@ -278,6 +288,30 @@ impl Broker {
                 ))
             }
         }
+    }
+}
+
+impl Broker {
+    /// Confirm the topics on the relay, then replay the history of each
+    /// resumed key (released for live messages once replayed).
+    async fn sync_and_replay(
+        &self,
+        client: &Arc<Client>,
+        topics: Vec<Arc<str>>,
+        resumes: Vec<(String, String)>,
+    ) -> Result<(), RelayError> {
+        let synced = self.relay.sync_topics(topics).await;
+        for (key, since) in resumes {
+            let Some(stored) = self.hub.key_of(client, &key) else {
+                continue;
+            };
+            if synced.is_err() {
+                self.hub.release(client, &key);
+                continue;
+            }
+            self.relay.replay(client.clone(), stored, since).await?;
+        }
+        synced
     }
 }
 

@@ -388,6 +388,9 @@ struct PublishItem {
     topic: Option<String>,
     #[serde(default, deserialize_with = "present")]
     data: Option<Box<RawValue>>,
+    /// The publisher's id of the message (unique per topic): kept in the
+    /// history, so `since=<id>` resumes after it.
+    id: Option<String>,
     #[serde(rename = "clientId")]
     client_id: Option<String>,
     #[serde(rename = "userId")]
@@ -406,6 +409,7 @@ struct PublishBody {
     topic: Option<String>,
     #[serde(default, deserialize_with = "present")]
     data: Option<Box<RawValue>>,
+    id: Option<String>,
     #[serde(rename = "clientId")]
     client_id: Option<String>,
     #[serde(rename = "userId")]
@@ -440,6 +444,7 @@ async fn publish(
             messages: Some(messages),
             topic: None,
             data: None,
+            id: None,
             client_id: None,
             user_id: None,
         } => (messages, true),
@@ -454,12 +459,14 @@ async fn publish(
             messages: None,
             topic,
             data,
+            id,
             client_id,
             user_id,
         } => (
             vec![PublishItem {
                 topic,
                 data,
+                id,
                 client_id,
                 user_id,
             }],
@@ -562,6 +569,20 @@ fn check_item(
         }
         Some(_) => {}
     }
+    if let Some(id) = &item.id
+        && (id.is_empty()
+            || id.len() > MAX_MESSAGE_ID_LEN
+            || !protocol::is_line_safe(id.as_bytes()))
+    {
+        fields.insert(
+            "id".into(),
+            field_error(
+                "validation_length_out_of_range",
+                &format!("the id must be 1 to {MAX_MESSAGE_ID_LEN} bytes, without CR or LF"),
+                Some(json!({"min": 1, "max": MAX_MESSAGE_ID_LEN})),
+            ),
+        );
+    }
     let audience = match (item.client_id, item.user_id) {
         (Some(_), Some(_)) => {
             fields.insert(
@@ -587,8 +608,12 @@ fn check_item(
             item.data.as_deref().map_or("null", RawValue::get),
         )),
         audience,
+        id: item.id,
     })
 }
+
+/// Longest publisher id of a message.
+const MAX_MESSAGE_ID_LEN: usize = 200;
 
 /// Headers that show a request was made by a browser page or passed
 /// through a proxy: without a publish key, such a request is refused even

@@ -160,14 +160,30 @@ fn partition<'a>(clients: impl Iterator<Item = &'a Arc<Client>>, workers: usize)
 #[derive(Default)]
 struct Subscribers {
     members: HashMap<u64, Arc<Client>>,
+    /// Members whose history is being replayed: live messages skip them
+    /// until [`Hub::release`].
+    held: HashSet<u64>,
     snapshot: OnceLock<Snapshot>,
 }
 
 impl Subscribers {
     fn snapshot(&self, workers: usize) -> Snapshot {
         self.snapshot
-            .get_or_init(|| partition(self.members.values(), workers))
+            .get_or_init(|| {
+                partition(
+                    self.members
+                        .iter()
+                        .filter(|(seq, _)| !self.held.contains(seq))
+                        .map(|(_, c)| c),
+                    workers,
+                )
+            })
             .clone()
+    }
+
+    /// A live member (not held).
+    fn live(&self, seq: u64) -> Option<&Arc<Client>> {
+        self.members.get(&seq).filter(|_| !self.held.contains(&seq))
     }
 
     fn changed(&mut self) {
@@ -197,7 +213,7 @@ impl Index {
     }
 
     /// Adds `client` under `key`; true when the base topic is new here.
-    fn add(&mut self, key: &SubKey, client: &Arc<Client>) -> bool {
+    fn add(&mut self, key: &SubKey, client: &Arc<Client>, held: bool) -> bool {
         let base = protocol::base_topic(key);
         let (topic, new) = match self.topics.get_mut(base) {
             Some(t) => (t, false),
@@ -212,6 +228,9 @@ impl Index {
         };
         let subs = topic.keys.entry(key.clone()).or_default();
         subs.members.insert(client.seq, client.clone());
+        if held {
+            subs.held.insert(client.seq);
+        }
         subs.changed();
         new
     }
@@ -221,6 +240,7 @@ impl Index {
         let base = protocol::base_topic(key);
         let topic = self.topics.get_mut(base)?;
         if let Some(subs) = topic.keys.get_mut(key) {
+            subs.held.remove(&seq);
             if subs.members.remove(&seq).is_some() {
                 subs.changed();
             }
@@ -533,6 +553,54 @@ impl Hub {
         changes
     }
 
+    /// Let live messages of `key` reach `client` again (its history has
+    /// been replayed).
+    pub fn release(&self, client: &Client, key: &str) {
+        let mut index = self.inner.index.write();
+        if let Some(subs) = index
+            .topics
+            .get_mut(protocol::base_topic(key))
+            .and_then(|t| t.keys.get_mut(key))
+            && subs.held.remove(&client.seq)
+        {
+            subs.changed();
+        }
+    }
+
+    /// Push one message of the history to `client` for `key`, if it
+    /// matches the key and the message's audience includes the client.
+    pub fn push_replay(
+        &self,
+        client: &Arc<Client>,
+        key: &SubKey,
+        topic: &str,
+        data: &[u8],
+        audience: &Audience,
+    ) {
+        if !protocol::key_matches(key, topic) {
+            return;
+        }
+        let allowed = match audience {
+            Audience::All => true,
+            Audience::Client(id) => id.as_str() == client.id(),
+            Audience::User(u) => client.auth().is_some_and(|a| a.id == *u),
+        };
+        if !allowed {
+            return;
+        }
+        let Ok(data) = protocol::event_data(data) else {
+            return;
+        };
+        if let Err(SendError::Full) = client.push(Frame::new(key, &data)) {
+            self.drop_slow(vec![client.clone()]);
+        }
+    }
+
+    /// The stored key `key` of `client`, if it holds it.
+    pub fn key_of(&self, client: &Client, key: &str) -> Option<SubKey> {
+        client.state.lock().subscriptions.get(key).cloned()
+    }
+
     /// Close and unregister every local subscriber of the base topic
     /// `base`; how many there were.
     pub fn close_topic(&self, base: &str, reason: CloseReason) -> usize {
@@ -644,6 +712,19 @@ impl Hub {
         keys: &[String],
         auth: Option<Arc<AuthRecord>>,
     ) -> Result<TopicChanges, SubscribeError> {
+        self.replace_subscriptions_holding(client, keys, auth, false)
+    }
+
+    /// [`Hub::replace_subscriptions`]; with `hold_resumes`, new keys that
+    /// carry a `since` cursor are held (no live messages) until the broker
+    /// has replayed their history and calls [`Hub::release`].
+    pub(crate) fn replace_subscriptions_holding(
+        &self,
+        client: &Arc<Client>,
+        keys: &[String],
+        auth: Option<Arc<AuthRecord>>,
+        hold_resumes: bool,
+    ) -> Result<TopicChanges, SubscribeError> {
         let wanted: HashSet<&str> = keys
             .iter()
             .map(String::as_str)
@@ -665,7 +746,7 @@ impl Hub {
             .filter(|k| !st.subscriptions.contains(**k))
             .copied()
             .collect();
-        let changes = self.apply(client, &mut st, &added, &removed);
+        let changes = self.apply(client, &mut st, &added, &removed, hold_resumes);
         self.rebind(client, &mut st.auth, auth);
         Ok(changes)
     }
@@ -702,7 +783,7 @@ impl Hub {
             .collect();
         let kept = st.subscriptions.iter().map(SubKey::as_str);
         self.check_keys(kept.chain(added.iter().copied()))?;
-        let changes = self.apply(client, &mut st, &added, &[]);
+        let changes = self.apply(client, &mut st, &added, &[], false);
         drop(st);
         self.topics_changed(changes);
         Ok(())
@@ -719,7 +800,7 @@ impl Hub {
             .filter(|k| keys.is_empty() || keys.contains(&k.as_str()))
             .cloned()
             .collect();
-        let changes = self.apply(client, &mut st, &[], &removed);
+        let changes = self.apply(client, &mut st, &[], &removed, false);
         drop(st);
         self.topics_changed(changes);
     }
@@ -734,6 +815,7 @@ impl Hub {
         st: &mut crate::client::ClientState,
         added: &[&str],
         removed: &[SubKey],
+        hold_resumes: bool,
     ) -> TopicChanges {
         let mut changes = TopicChanges::default();
         if added.is_empty() && removed.is_empty() {
@@ -751,7 +833,8 @@ impl Hub {
             let Some(key) = index.intern(key).or_else(|| SubKey::new(key).ok()) else {
                 continue;
             };
-            if index.add(&key, client) {
+            let held = hold_resumes && protocol::since_of(&key).is_some();
+            if index.add(&key, client, held) {
                 changes
                     .added
                     .push(index.topics[protocol::base_topic(&key)].name.clone());
@@ -1012,7 +1095,7 @@ impl Hub {
             Audience::Client(id) => {
                 let seq = self.inner.clients.read().get(id.as_str()).map(|c| c.seq)?;
                 keys.filter_map(|(k, s)| {
-                    let c = s.members.get(&seq)?;
+                    let c = s.live(seq)?;
                     Some((k.clone(), partition(std::iter::once(c), workers)))
                 })
                 .collect()
@@ -1021,7 +1104,7 @@ impl Hub {
                 let users = self.inner.users.read();
                 let mine = users.get(user.as_str())?;
                 keys.filter_map(|(k, s)| {
-                    let mut v = mine.keys().filter_map(|seq| s.members.get(seq)).peekable();
+                    let mut v = mine.keys().filter_map(|seq| s.live(*seq)).peekable();
                     v.peek()?;
                     Some((k.clone(), partition(v, workers)))
                 })

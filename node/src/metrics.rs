@@ -87,6 +87,12 @@ pub const HISTORY_GAPS: &str = "fanout_history_gaps_total";
 /// Time to catch a link's topics up from history after a reconnect.
 pub const HISTORY_CATCH_UP_SECONDS: &str = "fanout_history_catch_up_seconds";
 
+/// Resumed subscriptions whose `since` cursor was not in the history (no
+/// replay; live from then on).
+pub const RESUME_UNKNOWN_CURSOR: &str = "fanout_resume_unknown_cursor_total";
+/// Messages replayed to resumed subscriptions.
+pub const RESUME_REPLAYED: &str = "fanout_resume_replayed_total";
+
 /// Gauge: open SSE streams.
 pub const CONNECTIONS: &str = "fanout_connections";
 /// Gauge: distinct topics with at least one local subscriber.

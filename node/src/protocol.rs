@@ -315,6 +315,18 @@ impl SubscriptionOptions {
     }
 }
 
+/// The resume cursor of a subscription key: its `since` query option
+/// (`subscribe(topic, cb, {since: "…"})` in the SDKs).
+pub fn since_of(key: &str) -> Option<String> {
+    if !key.contains('?') {
+        return None;
+    }
+    SubscriptionOptions::parse(key)
+        .query
+        .remove("since")
+        .filter(|s| !s.is_empty())
+}
+
 /// PocketBase's value normalisation: numbers and bools as text, strings as
 /// they are, anything else empty.
 fn stringify(v: &serde_json::Value) -> String {
@@ -439,6 +451,16 @@ mod tests {
             SubscriptionOptions::parse("x?options=not-json"),
             SubscriptionOptions::default()
         );
+    }
+
+    #[test]
+    fn the_resume_cursor_is_the_since_query_option() {
+        assert_eq!(
+            since_of("chat?options=%7B%22query%22%3A%7B%22since%22%3A%22m4%22%7D%7D").as_deref(),
+            Some("m4")
+        );
+        assert_eq!(since_of("chat"), None);
+        assert_eq!(since_of(r#"chat?options={"query":{"since":""}}"#), None);
     }
 
     #[test]

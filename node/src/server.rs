@@ -135,7 +135,12 @@ impl Server {
                 },
             )
             .context("invalid Redis configuration")?,
-            _ => LocalRelay::start(hub.clone(), addr),
+            _ => LocalRelay::with_history(
+                hub.clone(),
+                addr,
+                config.history_size as usize,
+                config.history_ttl,
+            ),
         };
         let incoming = relay.take_incoming();
         let auth = Authenticator::new(match &config.jwt_secret {

@@ -151,6 +151,7 @@ async fn library_calls_refuse_line_breaks_in_release_builds_too() {
                 topic: topic.into(),
                 data: bytes::Bytes::copy_from_slice(data.as_bytes()),
                 audience: Audience::All,
+                id: None,
             }])
             .await
             .unwrap_err();
@@ -195,4 +196,46 @@ async fn library_subscription_changes_follow_on_redis() {
         !numsub("fanout:t:set").await
     })
     .await;
+}
+
+/// The subscription key the JS SDK makes for `subscribe(topic, cb, {since})`.
+fn since_key(topic: &str, since: &str) -> String {
+    let options = json!({"query": {"since": since}}).to_string();
+    let encoded: String = form_urlencoded::byte_serialize(options.as_bytes()).collect();
+    format!("{topic}?options={encoded}")
+}
+
+#[tokio::test]
+async fn without_redis_a_subscription_with_since_replays_what_followed_then_goes_live() {
+    let node = start().await;
+    for i in 0..10 {
+        let (status, body) = node
+            .publish_raw(
+                json!({"topic": "chat", "id": format!("m{i}"), "data": i}),
+                &[],
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+    let mut sse = node.connect().await;
+    let key = since_key("chat", "m4");
+    node.subscribe(&sse.client_id, &[&key]).await;
+    for i in 5..10 {
+        assert_eq!(sse.next_json().await, (key.clone(), json!(i)));
+    }
+    node.publish("chat", json!(10)).await;
+    assert_eq!(sse.next_json().await, (key.clone(), json!(10)));
+    // A cursor the history does not hold: live only.
+    let mut other = node.connect().await;
+    let unknown = since_key("chat", "nope");
+    node.subscribe(&other.client_id, &[&unknown]).await;
+    node.publish("chat", json!(11)).await;
+    assert_eq!(other.next_json().await, (unknown, json!(11)));
+    assert_eq!(sse.next_json().await, (key, json!(11)));
+    // An id must be a short line.
+    let (status, body) = node
+        .publish_raw(json!({"topic": "chat", "id": "a\nb", "data": 1}), &[])
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(body["data"]["id"]["code"], "validation_length_out_of_range");
 }

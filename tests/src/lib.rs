@@ -249,6 +249,22 @@ impl Api {
         }
     }
 
+    /// Publish with the publisher's own message id, retrying on 503.
+    pub async fn publish_retrying_with_id(&self, topic: &str, id: &str, data: Value) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let (status, body) = self
+                .publish_raw(json!({"topic": topic, "id": id, "data": data}), &[])
+                .await;
+            if status == StatusCode::OK {
+                return;
+            }
+            assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+            assert!(tokio::time::Instant::now() < deadline, "still 503: {body}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// The Prometheus text of `/metrics`.
     pub async fn metrics(&self) -> String {
         self.http

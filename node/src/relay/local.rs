@@ -1,12 +1,21 @@
 //! The in-process relay: a single node is the whole broker.
+//!
+//! It keeps an in-memory history per topic (the same `--history-size` and
+//! `--history-ttl` as in Redis), so a subscription with a `since` cursor
+//! resumes on a node without Redis too.
 
-use std::{net::SocketAddr, sync::Arc, time::SystemTime};
+use std::{
+    collections::{HashMap, VecDeque},
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant, SystemTime},
+};
 
 use futures_util::future::BoxFuture;
 use tokio::sync::mpsc;
 
 use super::{Incoming, NodeInfo, Publication, Relay, RelayError, RelayHealth, SubscribeRequest};
-use crate::{error::ApiError, hub::Hub};
+use crate::{client::Client, error::ApiError, hub::Hub, metrics as m, protocol};
 
 /// The in-process relay of a single node.
 ///
@@ -16,16 +25,69 @@ use crate::{error::ApiError, hub::Hub};
 /// under one lock, so concurrent publishes do not interleave inside it.
 pub struct LocalRelay {
     hub: Hub,
-    order: parking_lot::Mutex<()>,
+    /// Held while dispatching and replaying, so a replay sits between two
+    /// dispatches, never inside one.
+    history: parking_lot::Mutex<History>,
     address: SocketAddr,
     started_at: SystemTime,
 }
 
+/// The last messages of each topic, bounded in count and age.
+struct History {
+    size: usize,
+    ttl: Duration,
+    topics: HashMap<String, VecDeque<(Instant, Publication)>>,
+    publishes: u64,
+}
+
+impl History {
+    fn keep(&mut self, p: &Publication) {
+        if self.size == 0 {
+            return;
+        }
+        let now = Instant::now();
+        let kept = self
+            .topics
+            .entry(protocol::base_topic(&p.topic).to_owned())
+            .or_default();
+        kept.push_back((now, p.clone()));
+        while kept.len() > self.size {
+            kept.pop_front();
+        }
+        self.publishes += 1;
+        if self.publishes.is_multiple_of(1024) {
+            // Drop what has expired everywhere, now and then.
+            let ttl = self.ttl;
+            self.topics.retain(|_, kept| {
+                while kept
+                    .front()
+                    .is_some_and(|(at, _)| now.duration_since(*at) > ttl)
+                {
+                    kept.pop_front();
+                }
+                !kept.is_empty()
+            });
+        }
+    }
+}
+
 impl LocalRelay {
+    /// A relay without history.
     pub fn start(hub: Hub, address: SocketAddr) -> Arc<Self> {
+        Self::with_history(hub, address, 0, Duration::ZERO)
+    }
+
+    /// A relay that keeps the last `size` messages of each topic, for
+    /// `ttl` after they were published.
+    pub fn with_history(hub: Hub, address: SocketAddr, size: usize, ttl: Duration) -> Arc<Self> {
         Arc::new(Self {
             hub,
-            order: parking_lot::Mutex::new(()),
+            history: parking_lot::Mutex::new(History {
+                size,
+                ttl,
+                topics: HashMap::new(),
+                publishes: 0,
+            }),
             address,
             started_at: SystemTime::now(),
         })
@@ -34,10 +96,41 @@ impl LocalRelay {
 
 impl Relay for LocalRelay {
     fn publish(&self, batch: Vec<Publication>) -> BoxFuture<'_, Result<(), RelayError>> {
-        let _order = self.order.lock();
+        let mut history = self.history.lock();
         for p in &batch {
             self.hub.dispatch(&p.topic, &p.data, &p.audience);
+            history.keep(p);
         }
+        Box::pin(async { Ok(()) })
+    }
+
+    fn replay(
+        &self,
+        client: Arc<Client>,
+        key: protocol::SubKey,
+        since: String,
+    ) -> BoxFuture<'_, Result<(), RelayError>> {
+        let history = self.history.lock();
+        let now = Instant::now();
+        let kept = history.topics.get(protocol::base_topic(&key));
+        let from = kept.and_then(|kept| {
+            kept.iter()
+                .rposition(|(at, p)| {
+                    p.id.as_deref() == Some(since.as_str())
+                        && now.duration_since(*at) <= history.ttl
+                })
+                .map(|i| i + 1)
+        });
+        match (kept, from) {
+            (Some(kept), Some(from)) => {
+                for (_, p) in kept.iter().skip(from) {
+                    self.hub
+                        .push_replay(&client, &key, &p.topic, &p.data, &p.audience);
+                }
+            }
+            _ => metrics::counter!(m::RESUME_UNKNOWN_CURSOR).increment(1),
+        }
+        self.hub.release(&client, &key);
         Box::pin(async { Ok(()) })
     }
 

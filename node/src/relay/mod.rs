@@ -63,6 +63,9 @@ pub struct Publication {
     pub data: bytes::Bytes,
     /// All subscribers, or only one client's or one user's.
     pub audience: Audience,
+    /// The publisher's own id for the message (unique per topic), kept in
+    /// the history: a subscription with `since=<id>` resumes after it.
+    pub id: Option<String>,
 }
 
 /// Why the relay could not do what was asked.
@@ -168,6 +171,18 @@ pub trait Relay: Send + Sync + 'static {
         node: &str,
         request: SubscribeRequest,
     ) -> BoxFuture<'_, Result<Result<(), ApiError>, RelayError>>;
+
+    /// Replay to `client`, for its held key `key`, the history of the
+    /// key's topic after the message whose id is `since`, then let live
+    /// messages through ([`Hub::release`]), with no gap and no duplicate
+    /// between the two. A cursor no longer in the history replays nothing
+    /// (counted in `fanout_resume_unknown_cursor_total`).
+    fn replay(
+        &self,
+        client: Arc<crate::client::Client>,
+        key: crate::protocol::SubKey,
+        since: String,
+    ) -> BoxFuture<'_, Result<(), RelayError>>;
 
     /// Requests other nodes forwarded to this one (taken once, at startup).
     fn take_incoming(&self) -> Option<mpsc::Receiver<Incoming>>;

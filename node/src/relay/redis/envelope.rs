@@ -18,6 +18,9 @@ pub(super) struct Envelope<'a> {
     client_id: Option<String>,
     #[serde(default, rename = "userId")]
     user_id: Option<String>,
+    /// The publisher's id of the message, if it gave one.
+    #[serde(default, borrow)]
+    id: Option<std::borrow::Cow<'a, str>>,
     /// Set by the publish script when history is on.
     #[serde(default)]
     offset: Option<u64>,
@@ -42,6 +45,10 @@ pub(super) fn envelope(p: &Publication) -> Vec<u8> {
             v.extend_from_slice(b",\"userId\":");
             serde_json::to_writer(&mut v, u).expect("string serialises");
         }
+    }
+    if let Some(id) = &p.id {
+        v.extend_from_slice(b",\"id\":");
+        serde_json::to_writer(&mut v, id).expect("string serialises");
     }
     v.push(b'}');
     v
@@ -79,6 +86,34 @@ impl Shared {
         Some(at)
     }
 
+    /// Push a message read from history to one client for one key (if it
+    /// matches the key and its audience). Its publisher id and offset.
+    pub(super) fn replay_to(
+        &self,
+        client: &std::sync::Arc<crate::client::Client>,
+        key: &crate::protocol::SubKey,
+        base: &str,
+        payload: &[u8],
+    ) -> Option<(Option<String>, u64)> {
+        let env = serde_json::from_slice::<Envelope>(payload).ok()?;
+        let at = (env.id.as_deref().map(str::to_owned), env.offset?);
+        let topic = env.topic.as_deref().unwrap_or(base);
+        let audience = match (&env.client_id, &env.user_id) {
+            (Some(c), _) => Audience::Client(c.clone()),
+            (None, Some(u)) => Audience::User(u.clone()),
+            (None, None) => Audience::All,
+        };
+        let data = protocol::one_line_json(env.data.get());
+        self.hub.push_replay(client, key, topic, &data, &audience);
+        Some(at)
+    }
+
+    /// The publisher id and offset of a message read from history.
+    pub(super) fn id_of(payload: &[u8]) -> Option<(Option<String>, u64)> {
+        let env = serde_json::from_slice::<Envelope>(payload).ok()?;
+        Some((env.id.as_deref().map(str::to_owned), env.offset?))
+    }
+
     fn dispatch_decoded(&self, base: &str, env: Envelope<'_>) {
         let topic = env.topic.as_deref().unwrap_or(base);
         let audience = match (env.client_id, env.user_id) {
@@ -100,11 +135,12 @@ mod tests {
             topic: "a\"b".into(),
             data: bytes::Bytes::from_static(br#"{"x":[1,2]}"#),
             audience: Audience::User("u1".into()),
+            id: Some("m1".into()),
         };
         let v: serde_json::Value = serde_json::from_slice(&envelope(&p)).unwrap();
         assert_eq!(
             v,
-            serde_json::json!({"topic":"a\"b","data":{"x":[1,2]},"userId":"u1"})
+            serde_json::json!({"topic":"a\"b","data":{"x":[1,2]},"userId":"u1","id":"m1"})
         );
         let env: Envelope = serde_json::from_slice(br#"{"data":  [1, 2]}"#).unwrap();
         assert!(env.topic.is_none());

@@ -346,6 +346,57 @@ impl Shared {
         true
     }
 
+    /// Serve a resume: replay to the client, for its held key, what the
+    /// topic's history holds after the message with id `since`, up to what
+    /// this node has dispatched, then release the key. Runs on the link's
+    /// dispatcher, so no live message of the topic passes in between.
+    pub(super) async fn serve_replay(&self, req: super::ReplayRequest) {
+        let base = crate::protocol::base_topic(&req.key).to_owned();
+        let upto = self
+            .positions
+            .lock()
+            .get(base.as_str())
+            .map_or(0, |p| p.offset);
+        let entries: Result<Vec<StreamEntry>, _> = match self.commands() {
+            Ok(mut conn) => {
+                self.command(
+                    "XRANGE",
+                    redis::cmd("XRANGE")
+                        .arg(self.history_key("h", &base))
+                        .arg("-")
+                        .arg(format!("{upto}-1"))
+                        .query_async(&mut conn),
+                )
+                .await
+            }
+            Err(e) => Err(e),
+        };
+        if let Ok(entries) = entries {
+            let messages: Vec<Vec<u8>> = entries
+                .into_iter()
+                .filter_map(|(_, fields)| {
+                    fields.into_iter().find(|(f, _)| f == "m").map(|(_, m)| m)
+                })
+                .collect();
+            let from = messages.iter().rposition(|m| {
+                Self::id_of(m).is_some_and(|(id, _)| id.as_deref() == Some(req.since.as_str()))
+            });
+            match from {
+                Some(i) => {
+                    for m in &messages[i + 1..] {
+                        self.replay_to(&req.client, &req.key, &base, m);
+                        metrics::counter!(m::RESUME_REPLAYED).increment(1);
+                    }
+                }
+                None => metrics::counter!(m::RESUME_UNKNOWN_CURSOR).increment(1),
+            }
+            self.hub.release(&req.client, &req.key);
+            let _ = req.done.send(());
+        }
+        // On a read error `done` is dropped: the caller releases the key
+        // and answers 503.
+    }
+
     /// A gap history cannot fill: count it, log it, and (with `--on-gap
     /// close`) close the topic's local streams.
     fn lost(&self, base: &str, why: &str) {

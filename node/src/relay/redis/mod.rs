@@ -150,9 +150,21 @@ struct SyncRequest {
     done: oneshot::Sender<Result<(), RelayError>>,
 }
 
+/// A subscription to resume from a cursor; served by the link's
+/// dispatcher, between two live messages.
+struct ReplayRequest {
+    client: Arc<crate::client::Client>,
+    key: protocol::SubKey,
+    since: String,
+    done: oneshot::Sender<()>,
+}
+
 /// One subscriber link (the only one standalone; one per partition on a
 /// cluster).
 struct Link {
+    replays: mpsc::UnboundedSender<ReplayRequest>,
+    /// Taken by each connection's dispatcher for its life.
+    replay_rx: Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<ReplayRequest>>>,
     /// `Err(reason)` while it is down.
     state: Mutex<Result<(), String>>,
     /// The Redis node it is connected to (cluster).
@@ -216,10 +228,15 @@ impl RedisRelay {
             backend: OnceLock::new(),
             controls,
             links: (0..links)
-                .map(|_| Link {
-                    state: Mutex::new(Err("connecting to Redis".into())),
-                    primary: Mutex::new(None),
-                    reconnect: Mutex::new(CancellationToken::new()),
+                .map(|_| {
+                    let (replays, rx) = mpsc::unbounded_channel();
+                    Link {
+                        replays,
+                        replay_rx: Arc::new(tokio::sync::Mutex::new(rx)),
+                        state: Mutex::new(Err("connecting to Redis".into())),
+                        primary: Mutex::new(None),
+                        reconnect: Mutex::new(CancellationToken::new()),
+                    }
                 })
                 .collect(),
             incoming: incoming_tx,
@@ -599,6 +616,42 @@ impl Relay for RedisRelay {
         request: SubscribeRequest,
     ) -> BoxFuture<'_, Result<Result<(), ApiError>, RelayError>> {
         Box::pin(self.shared.forward(node.to_owned(), request))
+    }
+
+    fn replay(
+        &self,
+        client: Arc<crate::client::Client>,
+        key: protocol::SubKey,
+        since: String,
+    ) -> BoxFuture<'_, Result<(), RelayError>> {
+        Box::pin(async move {
+            let s = &self.shared;
+            if !s.history_on() {
+                s.hub.release(&client, &key);
+                return Ok(());
+            }
+            let k = s.link_of(protocol::base_topic(&key));
+            let (done, rx) = oneshot::channel();
+            let sent = s.links[k].replays.send(ReplayRequest {
+                client: client.clone(),
+                key: key.clone(),
+                since,
+                done,
+            });
+            let answered = sent.is_ok()
+                && tokio::time::timeout(COMMAND_TIMEOUT * 2, rx)
+                    .await
+                    .is_ok_and(|r| r.is_ok());
+            if answered {
+                Ok(())
+            } else {
+                // Live from now on, whatever happens to the request.
+                s.hub.release(&client, &key);
+                Err(RelayError::Unavailable(
+                    "the topic's history could not be replayed".into(),
+                ))
+            }
+        })
     }
 
     fn take_incoming(&self) -> Option<mpsc::Receiver<Incoming>> {

@@ -288,9 +288,19 @@ async fn connect(shared: &Arc<Shared>, k: usize) -> Result<Connected, String> {
                     return;
                 }
                 s.catch_up_link(0).await;
-                while let Some(msg) = stream.next().await {
-                    s.on_message(0, msg.get_channel_name(), msg.get_payload_bytes())
-                        .await;
+                let replay_rx = s.links[0].replay_rx.clone();
+                let mut replays = replay_rx.lock().await;
+                loop {
+                    tokio::select! {
+                        msg = stream.next() => match msg {
+                            Some(msg) => {
+                                s.on_message(0, msg.get_channel_name(), msg.get_payload_bytes())
+                                    .await
+                            }
+                            None => return,
+                        },
+                        Some(req) = replays.recv() => s.serve_replay(req).await,
+                    }
                 }
             });
             (Sink::Plain(sink), dispatcher, Some(single.address.clone()))
@@ -323,7 +333,19 @@ async fn connect(shared: &Arc<Shared>, k: usize) -> Result<Connected, String> {
                     return;
                 }
                 s.catch_up_link(k).await;
-                while let Some(push) = rx.recv().await {
+                let replay_rx = s.links[k].replay_rx.clone();
+                let mut replays = replay_rx.lock().await;
+                loop {
+                    let push = tokio::select! {
+                        push = rx.recv() => match push {
+                            Some(push) => push,
+                            None => return,
+                        },
+                        Some(req) = replays.recv() => {
+                            s.serve_replay(req).await;
+                            continue;
+                        }
+                    };
                     match push.kind {
                         PushKind::SMessage | PushKind::Message => {
                             if let [Value::BulkString(ch), Value::BulkString(payload), ..] =
