@@ -920,6 +920,37 @@ impl RedisCluster {
         }
     }
 
+    /// Send a signal (SIGSTOP, SIGCONT) to the node at `port`.
+    pub fn signal(&self, port: u16, sig: i32) {
+        let pid = self.children[&port].id().expect("running") as i32;
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { kill(pid, sig) };
+    }
+
+    /// The port of the replica of the primary at `primary`.
+    pub async fn replica_of(&self, primary: u16) -> u16 {
+        let nodes: String = self.cmd(primary, &["CLUSTER", "NODES"]).await;
+        let id = nodes
+            .lines()
+            .find(|l| l.contains("myself"))
+            .and_then(|l| l.split_whitespace().next())
+            .expect("own id")
+            .to_owned();
+        nodes
+            .lines()
+            .filter(|l| l.contains("slave") && l.contains(&id))
+            .filter_map(|l| {
+                l.split_whitespace()
+                    .nth(1)?
+                    .split(['@', ':'])
+                    .nth(1)?
+                    .parse()
+                    .ok()
+            })
+            .next()
+            .expect("a replica")
+    }
+
     /// Start a new empty primary and add it to the cluster; its port.
     pub async fn add_primary(&mut self) -> u16 {
         let existing = self.primaries().await[0].1;

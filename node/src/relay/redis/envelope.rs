@@ -65,7 +65,7 @@ impl Shared {
         };
         if self.history_on()
             && let (Some(offset), Some(epoch)) = (env.offset, env.epoch.as_deref())
-            && !self.admit_offset(base, epoch, offset).await
+            && !self.admit_offset(base, epoch, offset, payload).await
         {
             return;
         }

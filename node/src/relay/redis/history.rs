@@ -62,6 +62,18 @@ type StreamEntry = (String, Vec<(String, Vec<u8>)>);
 pub(super) struct Position {
     pub epoch: String,
     pub offset: u64,
+    /// A hash of the message dispatched at `offset` (0: none yet). After a
+    /// failover, the stream may hold another message at that offset: the
+    /// new primary had not received the last writes of the old one.
+    pub digest: u64,
+}
+
+/// A hash of a message as kept in the history.
+fn digest(payload: &[u8]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    payload.hash(&mut h);
+    h.finish() | 1
 }
 
 /// What to do with a message that carries an offset.
@@ -126,7 +138,13 @@ impl Shared {
 
     /// Whether to dispatch a message of `base` at `epoch:offset`, after
     /// filling any gap before it. False for a duplicate.
-    pub(super) async fn admit_offset(&self, base: &str, epoch: &str, offset: u64) -> bool {
+    pub(super) async fn admit_offset(
+        &self,
+        base: &str,
+        epoch: &str,
+        offset: u64,
+        payload: &[u8],
+    ) -> bool {
         let known = self.positions.lock().get(base).cloned();
         match step(known.as_ref(), epoch, offset) {
             Step::Duplicate => {
@@ -150,17 +168,18 @@ impl Shared {
                 }
             }
         }
-        self.set_position(base, epoch, offset);
+        self.set_position(base, epoch, offset, digest(payload));
         true
     }
 
-    fn set_position(&self, base: &str, epoch: &str, offset: u64) {
+    fn set_position(&self, base: &str, epoch: &str, offset: u64, digest: u64) {
         let mut positions = self.positions.lock();
         match positions.get_mut(base) {
             Some(p) => {
                 p.epoch.clear();
                 p.epoch.push_str(epoch);
                 p.offset = offset;
+                p.digest = digest;
             }
             None => {
                 positions.insert(
@@ -168,6 +187,7 @@ impl Shared {
                     Position {
                         epoch: epoch.to_owned(),
                         offset,
+                        digest,
                     },
                 );
             }
@@ -208,6 +228,7 @@ impl Shared {
                 positions.entry((*t).clone()).or_insert(Position {
                     epoch: epoch.unwrap_or_default(),
                     offset: offset.unwrap_or(0),
+                    digest: 0,
                 });
             }
         }
@@ -284,7 +305,14 @@ impl Shared {
         for chunk in known.chunks(CATCH_UP_BATCH) {
             let mut pipe = redis::pipe();
             for (topic, p) in chunk {
-                pipe.cmd("HGET").arg(self.history_key("m", topic)).arg("e");
+                pipe.cmd("HMGET")
+                    .arg(self.history_key("m", topic))
+                    .arg("e")
+                    .arg("s");
+                pipe.cmd("XRANGE")
+                    .arg(self.history_key("h", topic))
+                    .arg(format!("{}-1", p.offset))
+                    .arg(format!("{}-1", p.offset));
                 pipe.cmd("XRANGE")
                     .arg(self.history_key("h", topic))
                     .arg(format!("{}-1", p.offset + 1))
@@ -296,15 +324,30 @@ impl Shared {
                 self.links[k].reconnect.lock().cancel();
                 return;
             };
-            for ((topic, p), pair) in chunk.iter().zip(replies.chunks(2)) {
-                let epoch: Option<String> = redis::from_redis_value(pair[0].clone()).ok().flatten();
+            for ((topic, p), three) in chunk.iter().zip(replies.chunks(3)) {
+                let (epoch, top): (Option<String>, Option<u64>) =
+                    redis::from_redis_value(three[0].clone()).unwrap_or((None, None));
                 if !p.epoch.is_empty() && epoch.as_deref().is_some_and(|e| e != p.epoch) {
                     self.lost(topic, "the topic's history was reset (new epoch)");
                     self.forget_position(topic);
                     continue;
                 }
+                let at: Vec<StreamEntry> =
+                    redis::from_redis_value(three[1].clone()).unwrap_or_default();
+                let differs = at
+                    .first()
+                    .and_then(|(_, f)| f.iter().find(|(k, _)| k == "m"))
+                    .is_some_and(|(_, m)| p.digest != 0 && digest(m) != p.digest);
+                if top.is_some_and(|s| s < p.offset) || differs {
+                    // A failover promoted a replica that had not received
+                    // the last writes: those offsets now hold other
+                    // messages, or none yet.
+                    self.lost(topic, "the topic's history was rolled back by a failover");
+                    self.forget_position(topic);
+                    continue;
+                }
                 let entries: Vec<StreamEntry> =
-                    redis::from_redis_value(pair[1].clone()).unwrap_or_default();
+                    redis::from_redis_value(three[2].clone()).unwrap_or_default();
                 if !self.replay(topic, &p.epoch, p.offset, entries) {
                     self.lost(topic, "the gap is no longer in the topic's history");
                 }
@@ -340,7 +383,7 @@ impl Shared {
                 return false;
             }
             self.dispatch_envelope(base, &msg);
-            self.set_position(base, &epoch, offset);
+            self.set_position(base, &epoch, offset, digest(&msg));
             expected += 1;
         }
         true
@@ -431,6 +474,7 @@ mod tests {
         let p = Position {
             epoch: String::new(),
             offset: 0,
+            digest: 0,
         };
         assert_eq!(step(Some(&p), "e1", 1), Step::Next);
         assert_eq!(step(Some(&p), "e1", 4), Step::Gap { after: 0 });
@@ -441,6 +485,7 @@ mod tests {
         let p = Position {
             epoch: "e1".into(),
             offset: 5,
+            digest: 0,
         };
         assert_eq!(step(None, "e1", 9), Step::Next);
         assert_eq!(step(Some(&p), "e1", 6), Step::Next);
