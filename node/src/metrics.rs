@@ -84,6 +84,9 @@ pub const HISTORY_DUPLICATES: &str = "fanout_history_duplicates_total";
 pub const HISTORY_CATCH_UPS: &str = "fanout_history_catch_ups_total";
 /// Gaps history could not fill (trimmed, expired, new epoch).
 pub const HISTORY_GAPS: &str = "fanout_history_gaps_total";
+/// Topic histories found rolled back after a failover (the new primary
+/// lacked some of the old one's writes).
+pub const HISTORY_ROLLBACKS: &str = "fanout_history_rollbacks_total";
 /// Time to catch a link's topics up from history after a reconnect.
 pub const HISTORY_CATCH_UP_SECONDS: &str = "fanout_history_catch_up_seconds";
 

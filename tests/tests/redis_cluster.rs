@@ -350,7 +350,7 @@ async fn a_primary_added_and_rebalanced_onto_is_followed_while_publishing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_failover_that_loses_acknowledged_writes_is_detected_and_signalled() {
+async fn a_failover_that_loses_writes_is_detected_and_new_messages_still_arrive() {
     let mut redis = RedisCluster::start(None).await;
     let url = redis.cluster_url();
     let a = NodeProcess::start(&env(&url)).await;

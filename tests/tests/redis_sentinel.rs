@@ -57,7 +57,29 @@ async fn nodes_follow_the_primary_through_a_commanded_failover_and_a_killed_prim
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (ok, refused) = publisher.finish().await;
     let seen = received_numbers(&mut sse).await;
-    check_delivery("sentinel", &seen, &ok, &refused, true);
+    // A failover with asynchronous replication can lose what the former
+    // primary acknowledged after the replica's last write (a commanded
+    // failover keeps the old primary writable until Sentinel demotes it).
+    // The node then either delivered everything, or counted the gap and
+    // closed the stream: never a silent loss, never a duplicate.
+    let account = Account::of(&seen, &ok);
+    let gaps = a.metric("fanout_history_gaps_total").await;
+    let rollbacks = a.metric("fanout_history_rollbacks_total").await;
+    eprintln!(
+        "sentinel: {} answered 200, {} answered 503, {} acknowledged but missed, {gaps} gap(s) signalled, {rollbacks} rollback(s) absorbed",
+        ok.len(),
+        refused.len(),
+        account.missing.len()
+    );
+    assert!(
+        account.in_order && account.duplicated.is_empty(),
+        "{account:?}"
+    );
+    assert!(
+        account.missing.is_empty() || gaps >= 1.0,
+        "missed without a signal: {:?}",
+        account.missing
+    );
     let health = a.get_json("/api/health").await.1;
     assert_eq!(health["data"]["relay"]["mode"], "standalone", "{health}");
 }

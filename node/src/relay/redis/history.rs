@@ -24,7 +24,7 @@
 //! default), the topic's local streams are closed: the SDKs reconnect and
 //! apps re-fetch their state, as after any missed message.
 
-use std::sync::Arc;
+use std::{collections::VecDeque, sync::Arc};
 
 use redis::Value;
 
@@ -62,11 +62,15 @@ type StreamEntry = (String, Vec<(String, Vec<u8>)>);
 pub(super) struct Position {
     pub epoch: String,
     pub offset: u64,
-    /// A hash of the message dispatched at `offset` (0: none yet). After a
-    /// failover, the stream may hold another message at that offset: the
-    /// new primary had not received the last writes of the old one.
-    pub digest: u64,
+    /// Hashes of the last messages dispatched, by offset (at most
+    /// [`RECENT`]). After a failover the new primary may lack the old
+    /// one's last writes and reuse their offsets for new messages: these
+    /// tell which offsets this node really delivered.
+    pub recent: VecDeque<(u64, u64)>,
 }
+
+/// Dispatched messages remembered per topic to recognise a rollback.
+const RECENT: usize = 32;
 
 /// A hash of a message as kept in the history.
 fn digest(payload: &[u8]) -> u64 {
@@ -74,6 +78,13 @@ fn digest(payload: &[u8]) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     payload.hash(&mut h);
     h.finish() | 1
+}
+
+/// How a catch-up ended.
+enum Resync {
+    Done,
+    Gap,
+    RolledBack,
 }
 
 /// What to do with a message that carries an offset.
@@ -174,23 +185,23 @@ impl Shared {
 
     fn set_position(&self, base: &str, epoch: &str, offset: u64, digest: u64) {
         let mut positions = self.positions.lock();
-        match positions.get_mut(base) {
-            Some(p) => {
-                p.epoch.clear();
-                p.epoch.push_str(epoch);
-                p.offset = offset;
-                p.digest = digest;
-            }
-            None => {
-                positions.insert(
-                    Arc::from(base),
-                    Position {
-                        epoch: epoch.to_owned(),
-                        offset,
-                        digest,
-                    },
-                );
-            }
+        let p = positions
+            .entry(Arc::from(base))
+            .or_insert_with(|| Position {
+                epoch: String::new(),
+                offset: 0,
+                recent: VecDeque::new(),
+            });
+        if p.epoch != epoch {
+            p.epoch.clear();
+            p.epoch.push_str(epoch);
+            p.recent.clear();
+        }
+        p.offset = offset;
+        p.recent.retain(|(o, _)| *o < offset);
+        p.recent.push_back((offset, digest));
+        while p.recent.len() > RECENT {
+            p.recent.pop_front();
         }
     }
 
@@ -228,7 +239,7 @@ impl Shared {
                 positions.entry((*t).clone()).or_insert(Position {
                     epoch: epoch.unwrap_or_default(),
                     offset: offset.unwrap_or(0),
-                    digest: 0,
+                    recent: VecDeque::new(),
                 });
             }
         }
@@ -309,13 +320,12 @@ impl Shared {
                     .arg(self.history_key("m", topic))
                     .arg("e")
                     .arg("s");
+                // From the oldest remembered offset: what this node
+                // delivered, as the history holds it now, and what follows.
+                let from = p.recent.front().map_or(p.offset + 1, |(o, _)| *o);
                 pipe.cmd("XRANGE")
                     .arg(self.history_key("h", topic))
-                    .arg(format!("{}-1", p.offset))
-                    .arg(format!("{}-1", p.offset));
-                pipe.cmd("XRANGE")
-                    .arg(self.history_key("h", topic))
-                    .arg(format!("{}-1", p.offset + 1))
+                    .arg(format!("{from}-1"))
                     .arg("+");
             }
             let replies: Result<Vec<Value>, _> =
@@ -324,32 +334,26 @@ impl Shared {
                 self.links[k].reconnect.lock().cancel();
                 return;
             };
-            for ((topic, p), three) in chunk.iter().zip(replies.chunks(3)) {
+            for ((topic, p), pair) in chunk.iter().zip(replies.chunks(2)) {
                 let (epoch, top): (Option<String>, Option<u64>) =
-                    redis::from_redis_value(three[0].clone()).unwrap_or((None, None));
+                    redis::from_redis_value(pair[0].clone()).unwrap_or((None, None));
                 if !p.epoch.is_empty() && epoch.as_deref().is_some_and(|e| e != p.epoch) {
                     self.lost(topic, "the topic's history was reset (new epoch)");
                     self.forget_position(topic);
                     continue;
                 }
-                let at: Vec<StreamEntry> =
-                    redis::from_redis_value(three[1].clone()).unwrap_or_default();
-                let differs = at
-                    .first()
-                    .and_then(|(_, f)| f.iter().find(|(k, _)| k == "m"))
-                    .is_some_and(|(_, m)| p.digest != 0 && digest(m) != p.digest);
-                if top.is_some_and(|s| s < p.offset) || differs {
-                    // A failover promoted a replica that had not received
-                    // the last writes: those offsets now hold other
-                    // messages, or none yet.
-                    self.lost(topic, "the topic's history was rolled back by a failover");
-                    self.forget_position(topic);
-                    continue;
-                }
                 let entries: Vec<StreamEntry> =
-                    redis::from_redis_value(three[2].clone()).unwrap_or_default();
-                if !self.replay(topic, &p.epoch, p.offset, entries) {
-                    self.lost(topic, "the gap is no longer in the topic's history");
+                    redis::from_redis_value(pair[1].clone()).unwrap_or_default();
+                match self.resync(topic, p, top.unwrap_or(0), entries) {
+                    Resync::Done => {}
+                    Resync::Gap => self.lost(topic, "the gap is no longer in the topic's history"),
+                    Resync::RolledBack => {
+                        // A failover promoted a replica without some of the
+                        // old primary's writes, and other messages took
+                        // their offsets.
+                        self.lost(topic, "the topic's history was rolled back by a failover");
+                        self.forget_position(topic);
+                    }
                 }
             }
         }
@@ -360,6 +364,69 @@ impl Shared {
             ms = started.elapsed().as_millis() as u64,
             "caught up from history after reconnecting"
         );
+    }
+
+    /// Bring `topic` from position `p` to what its history holds now:
+    /// entries this node delivered (same offset, same hash) are skipped,
+    /// and what follows the position is dispatched in order. History that
+    /// ends below the position (a failover lost the last writes, and
+    /// nothing new came yet) moves the position back, so new messages are
+    /// not taken for duplicates. Another message at an offset this node
+    /// delivered means offsets were reused: that is a gap it cannot
+    /// resolve (`RolledBack`).
+    fn resync(&self, topic: &str, p: &Position, top: u64, entries: Vec<StreamEntry>) -> Resync {
+        let delivered = |offset: u64, msg: &[u8]| {
+            p.recent
+                .iter()
+                .find(|(o, _)| *o == offset)
+                .map(|(_, d)| *d == digest(msg))
+        };
+        let after = p.offset;
+        let mut fresh = Vec::new();
+        for entry in entries {
+            let Some(msg) = entry.1.into_iter().find(|(f, _)| f == "m").map(|(_, m)| m) else {
+                continue;
+            };
+            let Some((_, offset)) = self.peek_envelope(&msg) else {
+                continue;
+            };
+            if offset <= p.offset {
+                match delivered(offset, &msg) {
+                    Some(true) => continue,
+                    // Another message at an offset this node delivered: a
+                    // failover reused it. Whether it is new, or an old one
+                    // that came back with a former primary, cannot be told.
+                    Some(false) | None => return Resync::RolledBack,
+                }
+            }
+            fresh.push(msg);
+        }
+        if fresh.is_empty() && top < p.offset {
+            // The history ends below this node's position and holds
+            // nothing new: continue from its end.
+            tracing::warn!(
+                topic,
+                from = p.offset,
+                to = top,
+                "the topic's history was rolled back by a failover; nothing new was lost here"
+            );
+            metrics::counter!(m::HISTORY_ROLLBACKS).increment(1);
+            let mut positions = self.positions.lock();
+            if let Some(pos) = positions.get_mut(topic) {
+                pos.offset = top;
+                pos.recent.retain(|(o, _)| *o <= top);
+            }
+            return Resync::Done;
+        }
+        let entries = fresh
+            .into_iter()
+            .map(|m| (String::new(), vec![("m".to_owned(), m)]))
+            .collect();
+        if self.replay(topic, &p.epoch, after, entries) {
+            Resync::Done
+        } else {
+            Resync::Gap
+        }
     }
 
     /// Dispatch stream entries that follow offset `after`, in order; false
@@ -474,7 +541,7 @@ mod tests {
         let p = Position {
             epoch: String::new(),
             offset: 0,
-            digest: 0,
+            recent: VecDeque::new(),
         };
         assert_eq!(step(Some(&p), "e1", 1), Step::Next);
         assert_eq!(step(Some(&p), "e1", 4), Step::Gap { after: 0 });
@@ -485,7 +552,7 @@ mod tests {
         let p = Position {
             epoch: "e1".into(),
             offset: 5,
-            digest: 0,
+            recent: VecDeque::new(),
         };
         assert_eq!(step(None, "e1", 9), Step::Next);
         assert_eq!(step(Some(&p), "e1", 6), Step::Next);

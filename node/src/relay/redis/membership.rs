@@ -9,10 +9,11 @@ use super::{Shared, topology, unix_ms};
 use crate::relay::{NodeInfo, RelayError};
 
 impl Shared {
-    /// With Sentinels: make sure the server in use is still the primary;
-    /// if Sentinel names another one, switch to it and make the subscriber
-    /// reconnect there. Publishes never go to a replica for longer than a
-    /// heartbeat interval.
+    /// With Sentinels: ask them every heartbeat which server is the
+    /// primary; when they name another one (or the one in use says it is
+    /// no longer a primary), switch to it and make the subscriber reconnect
+    /// there. Publishes do not go to a former primary for longer than a
+    /// heartbeat interval after the Sentinels switched.
     async fn check_primary(&self) {
         let Some(backend) = self.backend.get().filter(|b| b.is_sentinel()) else {
             return;
@@ -20,10 +21,9 @@ impl Shared {
         let Some(single) = backend.single() else {
             return;
         };
-        if matches!(topology::is_primary(&single.client).await, Ok(true)) {
-            return;
+        if !matches!(topology::is_primary(&single.client).await, Ok(true)) {
+            self.set_commands(Err(format!("{} is no longer the primary", single.address)));
         }
-        self.set_commands(Err(format!("{} is no longer the primary", single.address)));
         match backend.follow_sentinels().await {
             Ok(true) => {
                 self.set_commands(Ok(()));
