@@ -286,3 +286,78 @@ async fn a_subscription_with_since_resumes_on_another_node_with_no_gap_and_no_du
         "replay then live: every message after the cursor, once, in order"
     );
 }
+
+/// p99 of a list of durations.
+fn p99(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[(v.len() * 99 / 100).min(v.len() - 1)]
+}
+
+/// Publish to `topic` one after another until `n` are answered 200; the
+/// latency of each of those (503s, while the node reconnects, are retried
+/// and not counted).
+async fn timed_publishes(api: &Api, topic: &str, n: usize) -> Vec<Duration> {
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        let started = std::time::Instant::now();
+        let (status, _) = api.publish_raw(json!({"topic": topic, "data": 1}), &[]).await;
+        if status == StatusCode::OK {
+            out.push(started.elapsed());
+        } else {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishes_during_a_bulk_catch_up_are_measured_against_a_quiet_baseline() {
+    // Whether bulk history reads on the shared command connection make
+    // publishes queue behind them (the case for a dedicated pool).
+    let redis = RedisServer::start().await;
+    let url = redis.url();
+    let node = NodeProcess::start(&env(&url, &[("FANOUT_CLIENT_QUEUE", "100000")])).await;
+    let publisher = NodeProcess::start(&env(&url, &[])).await;
+    let mut streams = Vec::new();
+    for c in 0..10 {
+        let sse = node.connect().await;
+        let topics: Vec<String> = (0..1000).map(|i| format!("b-{c}-{i}")).collect();
+        let refs: Vec<&str> = topics.iter().map(String::as_str).collect();
+        node.subscribe(&sse.client_id, &refs).await;
+        let batch: Vec<serde_json::Value> = topics
+            .iter()
+            .map(|t| json!({"topic": t, "data": 0}))
+            .collect();
+        publisher.publish_raw(json!({"messages": batch}), &[]).await;
+        streams.push(sse);
+    }
+    let baseline = p99(timed_publishes(&node.api, "quiet", 200).await);
+    // 10 messages for each of the 10,000 topics while the node's
+    // subscriber is away: the catch-up reads 100,000 messages.
+    node.signal(SIGSTOP);
+    for c in 0..10 {
+        for round in 0..10 {
+            let batch: Vec<serde_json::Value> = (0..1000)
+                .map(|i| json!({"topic": format!("b-{c}-{i}"), "data": round + 1}))
+                .collect();
+            publisher.publish_raw(json!({"messages": batch}), &[]).await;
+        }
+    }
+    let _: i64 = redis.cmd(&["CLIENT", "KILL", "TYPE", "pubsub"]).await;
+    node.signal(SIGCONT);
+    let during_task = {
+        let api = node.api.clone();
+        tokio::spawn(async move { timed_publishes(&api, "quiet", 200).await })
+    };
+    wait_for("caught up", || async {
+        node.metric("fanout_history_catch_up_seconds_count").await >= 1.0
+    })
+    .await;
+    let during = p99(during_task.await.unwrap());
+    let catch_up = node.metric("fanout_history_catch_up_seconds_sum").await;
+    eprintln!(
+        "publish p99 on the node: {baseline:?} quiet, {during:?} while catching up 100,000 messages of 10,000 topics ({catch_up:.2} s)"
+    );
+    assert_eq!(node.metric("fanout_history_gaps_total").await, 0.0);
+    drop(streams);
+}
