@@ -221,7 +221,7 @@ impl Shared {
         if missing.is_empty() {
             return Ok(());
         }
-        let mut conn = self.commands().map_err(|e| e.to_string())?;
+        let mut conn = self.reads().map_err(|e| e.to_string())?;
         for chunk in missing.chunks(CATCH_UP_BATCH) {
             let mut pipe = redis::pipe();
             for t in chunk {
@@ -262,7 +262,7 @@ impl Shared {
         after: u64,
         until: Option<u64>,
     ) -> Result<bool, ()> {
-        let mut conn = self.commands().map_err(|_| ())?;
+        let mut conn = self.reads().map_err(|_| ())?;
         let end = until.map_or_else(|| "+".to_owned(), |u| format!("{u}-1"));
         let entries: Result<Vec<StreamEntry>, _> = self
             .command(
@@ -309,7 +309,7 @@ impl Shared {
             return;
         }
         let started = std::time::Instant::now();
-        let Ok(mut conn) = self.commands() else {
+        let Ok(mut conn) = self.reads() else {
             self.links[k].reconnect.lock().cancel();
             return;
         };
@@ -467,7 +467,7 @@ impl Shared {
             .lock()
             .get(base.as_str())
             .map_or(0, |p| p.offset);
-        let entries: Result<Vec<StreamEntry>, _> = match self.commands() {
+        let entries: Result<Vec<StreamEntry>, _> = match self.reads() {
             Ok(mut conn) => {
                 self.command(
                     "XRANGE",

@@ -274,6 +274,15 @@ impl Shared {
             .ok_or_else(|| RelayError::Unavailable("connecting to Redis".into()))
     }
 
+    /// The connection for bulk history reads (catch-up, replay), apart
+    /// from the one publishes use.
+    fn reads(&self) -> Result<Commands, RelayError> {
+        self.backend
+            .get()
+            .map(Backend::reads)
+            .ok_or_else(|| RelayError::Unavailable("connecting to Redis".into()))
+    }
+
     fn partitions(&self) -> Option<u16> {
         self.backend.get().and_then(Backend::partitions)
     }

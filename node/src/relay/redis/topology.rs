@@ -171,28 +171,35 @@ impl ConnectionLike for Commands {
     }
 }
 
-/// One Redis server: the client for new connections, and the commands.
+/// One Redis server: the client for new connections, the commands, and
+/// the history reads.
 pub(super) struct Single {
     pub(super) client: redis::Client,
     pub(super) commands: Commands,
+    /// A connection of its own for bulk history reads (catch-up, replay),
+    /// so publishes never queue behind their replies.
+    pub(super) reads: Commands,
     /// `host:port`.
     pub(super) address: String,
 }
 
 impl Single {
     fn new(client: redis::Client, address: String) -> Result<Self, String> {
-        let commands = ConnectionManager::new_lazy_with_config(
-            client.clone(),
-            ConnectionManagerConfig::new()
-                .set_connection_timeout(Some(std::time::Duration::from_secs(1)))
-                .set_response_timeout(Some(COMMAND_TIMEOUT))
-                .set_number_of_retries(2)
-                .set_max_delay(std::time::Duration::from_millis(500)),
-        )
-        .map_err(|e| e.to_string())?;
+        let manager = || {
+            ConnectionManager::new_lazy_with_config(
+                client.clone(),
+                ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(std::time::Duration::from_secs(1)))
+                    .set_response_timeout(Some(COMMAND_TIMEOUT))
+                    .set_number_of_retries(2)
+                    .set_max_delay(std::time::Duration::from_millis(500)),
+            )
+            .map_err(|e| e.to_string())
+        };
         Ok(Self {
+            commands: Commands::Single(manager()?),
+            reads: Commands::Single(manager()?),
             client,
-            commands: Commands::Single(commands),
             address,
         })
     }
@@ -210,6 +217,8 @@ pub(super) enum Backend {
         /// Credentials and options for connections to single cluster nodes.
         template: redis::ConnectionInfo,
         commands: Commands,
+        /// A cluster connection of its own for bulk history reads.
+        reads: Commands,
         partitions: u16,
     },
 }
@@ -280,6 +289,14 @@ impl Backend {
         match self {
             Self::Standalone { current, .. } => current.read().commands.clone(),
             Self::Cluster { commands, .. } => commands.clone(),
+        }
+    }
+
+    /// The connection for bulk history reads.
+    pub(super) fn reads(&self) -> Commands {
+        match self {
+            Self::Standalone { current, .. } => current.read().reads.clone(),
+            Self::Cluster { reads, .. } => reads.clone(),
         }
     }
 
@@ -398,14 +415,19 @@ async fn cluster(seeds: &[String], partitions: u16) -> Result<Backend, String> {
         builder = builder.password(password);
     }
     let client = builder.build().map_err(|e| e.to_string())?;
-    let conn = tokio::time::timeout(COMMAND_TIMEOUT, client.get_async_connection())
-        .await
-        .map_err(|_| "cluster connect timed out".to_owned())?
-        .map_err(|e| e.to_string())?;
+    let connect = || async {
+        tokio::time::timeout(COMMAND_TIMEOUT, client.get_async_connection())
+            .await
+            .map_err(|_| "cluster connect timed out".to_owned())?
+            .map_err(|e| e.to_string())
+    };
+    let commands = Commands::Cluster(connect().await?);
+    let reads = Commands::Cluster(connect().await?);
     tracing::info!(partitions, "connected to the Redis Cluster");
     Ok(Backend::Cluster {
         template,
-        commands: Commands::Cluster(conn),
+        commands,
+        reads,
         partitions,
     })
 }
