@@ -235,27 +235,20 @@ impl Api {
     /// Publish, retrying while the node answers 503 ("try again"), and
     /// insist on 200 in the end.
     pub async fn publish_retrying(&self, topic: &str, data: Value) {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            let (status, body) = self
-                .publish_raw(json!({"topic": topic, "data": data}), &[])
-                .await;
-            if status == StatusCode::OK {
-                return;
-            }
-            assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
-            assert!(tokio::time::Instant::now() < deadline, "still 503: {body}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        self.publish_until_ok(json!({"topic": topic, "data": data}))
+            .await
     }
 
     /// Publish with the publisher's own message id, retrying on 503.
     pub async fn publish_retrying_with_id(&self, topic: &str, id: &str, data: Value) {
+        self.publish_until_ok(json!({"topic": topic, "id": id, "data": data}))
+            .await
+    }
+
+    async fn publish_until_ok(&self, message: Value) {
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
-            let (status, body) = self
-                .publish_raw(json!({"topic": topic, "id": id, "data": data}), &[])
-                .await;
+            let (status, body) = self.publish_raw(message.clone(), &[]).await;
             if status == StatusCode::OK {
                 return;
             }

@@ -181,19 +181,20 @@ async fn a_subscriber_dropped_for_its_output_buffer_is_caught_up() {
     assert_nothing_lost(&mut clients, &acked, "output buffer overflow").await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ten_thousand_topics_are_caught_up_after_the_subscriber_connection_is_killed() {
-    let redis = RedisServer::start().await;
-    let url = redis.url();
-    let node = NodeProcess::start(&env(&url, &[])).await;
-    let publisher = NodeProcess::start(&env(&url, &[])).await;
+/// 10 clients on `node`, subscribed to 1,000 topics each
+/// (`<prefix>-<client>-<i>`), and one message published to each topic, so
+/// the node knows every topic's position. The streams.
+async fn ten_thousand_known_topics(
+    node: &NodeProcess,
+    publisher: &NodeProcess,
+    prefix: &str,
+) -> Vec<Sse> {
     let mut streams = Vec::new();
     for c in 0..10 {
         let sse = node.connect().await;
-        let topics: Vec<String> = (0..1000).map(|i| format!("t-{c}-{i}")).collect();
+        let topics: Vec<String> = (0..1000).map(|i| format!("{prefix}-{c}-{i}")).collect();
         let refs: Vec<&str> = topics.iter().map(String::as_str).collect();
         node.subscribe(&sse.client_id, &refs).await;
-        // One message each, so the node knows every topic's position.
         let batch: Vec<serde_json::Value> = topics
             .iter()
             .map(|t| json!({"topic": t, "data": 0}))
@@ -202,6 +203,16 @@ async fn ten_thousand_topics_are_caught_up_after_the_subscriber_connection_is_ki
         assert_eq!(status, StatusCode::OK, "{body}");
         streams.push(sse);
     }
+    streams
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_topics_are_caught_up_after_the_subscriber_connection_is_killed() {
+    let redis = RedisServer::start().await;
+    let url = redis.url();
+    let node = NodeProcess::start(&env(&url, &[])).await;
+    let publisher = NodeProcess::start(&env(&url, &[])).await;
+    let mut streams = ten_thousand_known_topics(&node, &publisher, "t").await;
     for sse in &mut streams {
         for _ in 0..1000 {
             sse.next().await;
@@ -320,19 +331,7 @@ async fn publishes_do_not_queue_behind_a_bulk_catch_up() {
     let url = redis.url();
     let node = NodeProcess::start(&env(&url, &[("FANOUT_CLIENT_QUEUE", "100000")])).await;
     let publisher = NodeProcess::start(&env(&url, &[])).await;
-    let mut streams = Vec::new();
-    for c in 0..10 {
-        let sse = node.connect().await;
-        let topics: Vec<String> = (0..1000).map(|i| format!("b-{c}-{i}")).collect();
-        let refs: Vec<&str> = topics.iter().map(String::as_str).collect();
-        node.subscribe(&sse.client_id, &refs).await;
-        let batch: Vec<serde_json::Value> = topics
-            .iter()
-            .map(|t| json!({"topic": t, "data": 0}))
-            .collect();
-        publisher.publish_raw(json!({"messages": batch}), &[]).await;
-        streams.push(sse);
-    }
+    let streams = ten_thousand_known_topics(&node, &publisher, "b").await;
     let baseline = p99(timed_publishes(&node.api, "quiet", 200).await);
     // 10 messages for each of the 10,000 topics while the node's
     // subscriber is away: the catch-up reads 100,000 messages.
