@@ -362,6 +362,9 @@ async fn a_failover_that_loses_writes_is_detected_and_new_messages_still_arrive(
     }
     let owner = redis.owner_of(&topic_channel("lossy")).await;
     let replica = redis.replica_of(owner).await;
+    // The replica has the first five (their history and epoch).
+    let synced: i64 = redis.cmd(owner, &["WAIT", "1", "5000"]).await;
+    assert_eq!(synced, 1);
     // The replica's replication link is cut and cannot come back; the
     // primary acknowledges more writes, then dies: the replica is promoted
     // without them.
