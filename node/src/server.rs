@@ -119,6 +119,9 @@ impl Server {
             max_backlog_deliveries: config.max_backlog_deliveries,
             max_backlog_bytes: config.max_backlog_bytes,
         });
+        // Install the recorder before anything counts: the relay resolves
+        // some counters once, at start.
+        crate::metrics::handle();
         let relay: Arc<dyn Relay> = match &config.redis_url {
             Some(url) if !url.is_empty() => RedisRelay::start(
                 hub.clone(),
@@ -152,8 +155,6 @@ impl Server {
         if let Some(incoming) = incoming {
             tokio::spawn(serve_forwarded(broker.clone(), incoming, shutdown.clone()));
         }
-        // Install the recorder before the first request counts anything.
-        crate::metrics::handle();
         let streams = Streams {
             broker: broker.clone(),
             timeouts: Timeouts {

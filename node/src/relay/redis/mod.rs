@@ -171,6 +171,12 @@ struct Link {
     primary: Mutex<Option<String>>,
     /// Cancelled to make the link reconnect now.
     reconnect: Mutex<CancellationToken>,
+    /// Messages received on this link (resolved once: it counts every
+    /// message).
+    messages_in: metrics::Counter,
+    /// What this link's topic channels start with, and this node's own
+    /// channel: known once Redis was reached, then fixed.
+    names: OnceLock<(String, String)>,
 }
 
 struct Shared {
@@ -228,7 +234,7 @@ impl RedisRelay {
             backend: OnceLock::new(),
             controls,
             links: (0..links)
-                .map(|_| {
+                .map(|k| {
                     let (replays, rx) = mpsc::unbounded_channel();
                     Link {
                         replays,
@@ -236,6 +242,11 @@ impl RedisRelay {
                         state: Mutex::new(Err("connecting to Redis".into())),
                         primary: Mutex::new(None),
                         reconnect: Mutex::new(CancellationToken::new()),
+                        messages_in: metrics::counter!(
+                            m::RELAY_MESSAGES_IN,
+                            "partition" => k.to_string()
+                        ),
+                        names: OnceLock::new(),
                     }
                 })
                 .collect(),
@@ -345,10 +356,17 @@ impl Shared {
 
     /// What arrived on link `k`.
     async fn on_message(self: &Arc<Self>, k: usize, channel: &str, payload: &[u8]) {
-        metrics::counter!(m::RELAY_MESSAGES_IN, "partition" => k.to_string()).increment(1);
-        if let Some(base) = channel.strip_prefix(self.topic_prefix(k).as_str()) {
+        let link = &self.links[k];
+        link.messages_in.increment(1);
+        let (topic_prefix, own_channel) = link.names.get_or_init(|| {
+            (
+                self.topic_prefix(k),
+                self.node_channel_of(self.hub.node_tag()),
+            )
+        });
+        if let Some(base) = channel.strip_prefix(topic_prefix.as_str()) {
             self.deliver(base, payload).await;
-        } else if channel == self.node_channel_of(self.hub.node_tag()) {
+        } else if channel == own_channel {
             self.on_node_message(payload);
         }
     }
