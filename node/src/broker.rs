@@ -236,13 +236,16 @@ impl Broker {
             ));
         }
         let previous: Vec<String> = client.subscriptions(&[]).into_keys().collect();
+        // A set, not the list: a POST may carry 1,000 keys.
+        let held_before: std::collections::HashSet<&str> =
+            previous.iter().map(String::as_str).collect();
         // New keys with a `since` cursor: held until their history is
         // replayed, so replay and live messages neither overlap nor leave
         // a gap.
         let resumes: Vec<(String, String)> = req
             .subscriptions
             .iter()
-            .filter(|k| !previous.contains(k))
+            .filter(|k| !held_before.contains(k.as_str()))
             .filter_map(|k| protocol::since_of(k).map(|since| (k.clone(), since)))
             .collect();
         let changes = self

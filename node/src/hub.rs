@@ -1291,23 +1291,13 @@ mod tests {
         );
         assert_eq!(h.subscribe(&b, &["a\nb"]), Err(SubscribeError::NotLineSafe));
         h.set_subscriptions(&b, &keys(&["abcde"]), None).unwrap();
-        let ka = a
-            .state
-            .lock()
-            .subscriptions
-            .get("abcde")
-            .unwrap()
-            .head()
-            .clone();
-        let kb = b
-            .state
-            .lock()
-            .subscriptions
-            .get("abcde")
-            .unwrap()
-            .head()
-            .clone();
-        assert_eq!(ka.as_ptr(), kb.as_ptr(), "one allocation for both clients");
+        let ka = h.key_of(&a, "abcde").unwrap();
+        let kb = h.key_of(&b, "abcde").unwrap();
+        assert_eq!(
+            ka.head().as_ptr(),
+            kb.head().as_ptr(),
+            "one allocation for both clients"
+        );
     }
 
     #[tokio::test]

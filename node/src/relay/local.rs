@@ -126,6 +126,7 @@ impl Relay for LocalRelay {
                 for (_, p) in kept.iter().skip(from) {
                     self.hub
                         .push_replay(&client, &key, &p.topic, &p.data, &p.audience);
+                    metrics::counter!(m::RESUME_REPLAYED).increment(1);
                 }
             }
             _ => metrics::counter!(m::RESUME_UNKNOWN_CURSOR).increment(1),
