@@ -1,0 +1,245 @@
+// The shipped container artifacts, built and run for real with podman:
+// deploy/Dockerfile as a user builds it, docker-compose.yml brought up by
+// podman-compose (redis, 3 fanout replicas, nginx), the official SDK through
+// the compose nginx port, and faults injected on the containers.
+//
+// What differs from a Docker host, and why (tests/container-standins.sh and
+// ../shared notes): the base images are local stand-ins with the same names;
+// podman runs with runc and the host's rlimits, so the fanout service's
+// `ulimits:` is reset by tests/e2e/compose/no-ulimits.yml (the only change
+// to the compose file); health checks need systemd timers, which this
+// machine does not run, so the tests run each HEALTHCHECK with
+// `podman healthcheck run`, as the timer would.
+//
+// scripts/test runs this file after the other end-to-end suites:
+//   cd tests/e2e && node --test containers.test.mjs
+import { test, before, after } from "node:test";
+import assert from "node:assert/strict";
+import { execFileSync, spawnSync } from "node:child_process";
+import { readFileSync } from "node:fs";
+import path from "node:path";
+import { fileURLToPath } from "node:url";
+import PocketBase from "pocketbase";
+import { waitFor } from "./lib.mjs";
+
+const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../..");
+const env = {
+  ...process.env,
+  CONTAINERS_CONF: path.join(root, "target/containers/containers.conf"),
+  FANOUT_PUBLISH_KEY: "compose-e2e-key",
+};
+const KEY = env.FANOUT_PUBLISH_KEY;
+const NGINX = "http://127.0.0.1:8090";
+const COMPOSE = ["-f", "docker-compose.yml", "-f", "tests/e2e/compose/no-ulimits.yml"];
+
+/** Run a command; its stdout, or a thrown error with its stderr. */
+function run(cmd, args, opts = {}) {
+  const r = spawnSync(cmd, args, { cwd: root, env, encoding: "utf8", maxBuffer: 64 << 20, ...opts });
+  if (r.status !== 0) throw new Error(`${cmd} ${args.join(" ")} exited ${r.status}: ${r.stderr?.slice(-2000) ?? ""}`);
+  return (r.stdout ?? "").trim();
+}
+const podman = (...args) => run("podman", args);
+const compose = (...args) => run("podman-compose", [...COMPOSE, ...args]);
+/** Exit status of a container's HEALTHCHECK, run once as podman's timer would. */
+const healthcheck = (name) => spawnSync("podman", ["healthcheck", "run", name], { env }).status;
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+const replicas = () =>
+  podman("ps", "--filter", "label=com.docker.compose.service=fanout", "--format", "{{.Names}}")
+    .split("\n")
+    .filter(Boolean)
+    .sort();
+const ipOf = (name) => podman("inspect", name, "--format", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}");
+
+async function health(base) {
+  try {
+    const res = await fetch(`${base}/api/health`, { signal: AbortSignal.timeout(2000) });
+    return { status: res.status, node: (await res.json()).data?.node };
+  } catch {
+    return { status: 0 };
+  }
+}
+
+/** Every running replica by name: its address from the host and its node tag. */
+async function replicaInfo() {
+  const out = [];
+  for (const name of replicas()) {
+    const base = `http://${ipOf(name)}:8090`;
+    await waitFor(async () => (await health(base)).status === 200, `${name} healthy`, 30000);
+    out.push({ name, base, tag: (await health(base)).node });
+  }
+  return out;
+}
+
+async function publish(base, body) {
+  return fetch(`${base}/api/publish`, {
+    method: "POST",
+    headers: { "content-type": "application/json", authorization: `Bearer ${KEY}` },
+    body: JSON.stringify(body),
+  });
+}
+
+const sdk = [];
+/** An SDK client through the compose nginx port, subscribed to `topic`. */
+async function subscriber(topic) {
+  const pb = new PocketBase(NGINX);
+  sdk.push(pb);
+  const got = [];
+  await pb.realtime.subscribe(topic, (e) => got.push(e.n));
+  return { pb, got, id: pb.realtime.clientId };
+}
+const ownerTag = (c) => c.pb.realtime.clientId?.slice(0, 8);
+
+before(async () => {
+  run(path.join(root, "tests/container-standins.sh"), [], { stdio: ["ignore", "inherit", "inherit"] });
+  // What the Dockerfile's header tells a user to run, with the two flags
+  // podman needs here: chroot isolation, and Docker's image format (OCI
+  // images drop HEALTHCHECK).
+  const t0 = Date.now();
+  run("podman", ["build", "--isolation", "chroot", "--network", "host", "--format", "docker",
+    "-f", "deploy/Dockerfile", "-t", "fanout", "."], { stdio: ["ignore", "ignore", "inherit"] });
+  console.log(`# podman build of deploy/Dockerfile: ${((Date.now() - t0) / 1000).toFixed(0)} s`);
+  // Leftovers of an interrupted run.
+  spawnSync("podman-compose", [...COMPOSE, "down", "-t", "2"], { cwd: root, env });
+  spawnSync("podman", ["rm", "-f", "fanout-image-check"], { env });
+});
+
+after(() => {
+  for (const pb of sdk) pb.realtime.unsubscribe().catch(() => {});
+  spawnSync("podman-compose", [...COMPOSE, "down", "-t", "2"], { cwd: root, env });
+  spawnSync("podman", ["rm", "-f", "fanout-image-check"], { env });
+});
+
+test("the image from deploy/Dockerfile runs fanout as uid 10001 and its HEALTHCHECK exits 0", async () => {
+  podman("run", "-d", "--name", "fanout-image-check", "fanout");
+  await waitFor(() => healthcheck("fanout-image-check") === 0, "the HEALTHCHECK command passes", 20000);
+  assert.equal(podman("inspect", "fanout-image-check", "--format", "{{.State.Health.Status}}"), "healthy");
+  // The running process, as the host's kernel sees it.
+  const pid = podman("inspect", "fanout-image-check", "--format", "{{.State.Pid}}");
+  const status = readFileSync(`/proc/${pid}/status`, "utf8");
+  assert.match(status, /^Uid:\s+10001\s+10001\s+10001\s+10001$/m);
+  assert.match(readFileSync(`/proc/${pid}/cmdline`, "utf8"), /^\/usr\/local\/bin\/fanout/);
+  podman("rm", "-f", "fanout-image-check");
+});
+
+test("the image adds under 25 MB to its debian:bookworm-slim base", () => {
+  const size = (image) => Number(podman("image", "inspect", image, "--format", "{{.Size}}"));
+  const image = size("localhost/fanout:latest");
+  const base = size("docker.io/library/debian:bookworm-slim");
+  const mb = (b) => (b / 1e6).toFixed(1);
+  console.log(`# image ${mb(image)} MB = base ${mb(base)} MB (the stand-in) + fanout ${mb(image - base)} MB`);
+  assert.ok(image - base < 25e6, `fanout adds ${mb(image - base)} MB`);
+});
+
+test("podman-compose brings up docker-compose.yml: redis, 3 fanout replicas passing their HEALTHCHECK, and nginx", async () => {
+  compose("up", "-d");
+  const running = podman("ps", "--format", "{{.Names}}").split("\n");
+  for (const name of ["fanout_redis_1", "fanout_nginx_1"]) assert.ok(running.includes(name), `${name} runs`);
+  assert.deepEqual(replicas(), ["fanout_fanout_1", "fanout_fanout_2", "fanout_fanout_3"]);
+  for (const name of replicas()) {
+    await waitFor(() => healthcheck(name) === 0, `${name} HEALTHCHECK`, 30000);
+  }
+  await waitFor(async () => (await health(NGINX)).status === 200, "nginx answers", 20000);
+});
+
+test("SDK clients through the compose nginx port get every message published through each replica, in order", async () => {
+  const nodes = await replicaInfo();
+  const clients = [];
+  for (let i = 0; i < 30; i++) clients.push(await subscriber("compose"));
+  const tags = new Set(clients.map(ownerTag));
+  assert.equal(tags.size, 3, "nginx spread the streams over the 3 replicas");
+  const sent = [];
+  for (let n = 0; n < 60; n++) {
+    const res = await publish(nodes[n % 3].base, { topic: "compose", data: { n } });
+    assert.equal(res.status, 200, await res.text());
+    sent.push(n);
+  }
+  await waitFor(() => clients.every((c) => c.got.length >= sent.length), "every message delivered", 15000);
+  for (const c of clients) assert.deepEqual(c.got, sent);
+  for (const c of clients) await c.pb.realtime.unsubscribe();
+});
+
+test("podman kill of one replica: its SDK clients reconnect through nginx and receive again", async () => {
+  const nodes = await replicaInfo();
+  const clients = [];
+  for (let i = 0; i < 12; i++) clients.push(await subscriber("after-kill"));
+  const victim = nodes[1];
+  const affected = clients.filter((c) => ownerTag(c) === victim.tag);
+  assert.ok(affected.length > 0, "some streams on the victim");
+  podman("kill", victim.name);
+  await waitFor(
+    () => affected.every((c) => c.pb.realtime.clientId && c.pb.realtime.clientId !== c.id),
+    "the victim's clients reconnected with new ids",
+    20000,
+  );
+  let n = 0;
+  await waitFor(async () => {
+    await publish(nodes[0].base, { topic: "after-kill", data: { n: ++n } });
+    await sleep(50);
+    return clients.every((c) => c.got.length > 0);
+  }, "delivery after the kill", 20000);
+  for (const c of clients) assert.notEqual(ownerTag(c), victim.tag);
+  for (const c of clients) await c.pb.realtime.unsubscribe();
+  podman("start", victim.name);
+  await waitFor(() => healthcheck(victim.name) === 0, `${victim.name} back`, 30000);
+});
+
+test("with redis stopped every replica's HEALTHCHECK fails and publish answers 503; with redis started again delivery resumes", async () => {
+  const nodes = await replicaInfo();
+  const before = await subscriber("outage");
+  podman("stop", "-t", "1", "fanout_redis_1");
+  for (const node of nodes) {
+    await waitFor(() => healthcheck(node.name) !== 0, `${node.name} HEALTHCHECK fails`, 20000);
+    assert.equal((await health(node.base)).status, 503);
+  }
+  const refused = await publish(NGINX, { topic: "outage", data: { n: 0 } });
+  assert.equal(refused.status, 503, "publish through nginx during the outage");
+  assert.equal((await refused.json()).status, 503);
+
+  podman("start", "fanout_redis_1");
+  for (const node of nodes) await waitFor(() => healthcheck(node.name) === 0, `${node.name} healthy again`, 30000);
+  const after = await subscriber("outage");
+  // Streams held through the outage reconnect if their node closed them;
+  // either way both clients receive what is published now.
+  let n = 0;
+  await waitFor(async () => {
+    const res = await publish(NGINX, { topic: "outage", data: { n: ++n } });
+    assert.equal(res.status, 200, `publish after the outage: ${res.status}`);
+    await sleep(50);
+    return before.got.length > 0 && after.got.length > 0;
+  }, "delivery after redis is back", 20000);
+  assert.ok(!before.got.includes(0) && !after.got.includes(0), "the refused publish was not delivered");
+  for (const c of [before, after]) await c.pb.realtime.unsubscribe();
+});
+
+test("scaled to 5 replicas with nginx reloaded as the docs say, new clients reach all 5; scaled back to 3, every client receives", async () => {
+  // docker-compose.yml's header, for podman-compose.
+  compose("up", "-d", "--scale", "fanout=5");
+  compose("exec", "-T", "nginx", "nginx", "-s", "reload");
+  let nodes = await replicaInfo();
+  assert.equal(nodes.length, 5);
+  const clients = [];
+  await waitFor(async () => {
+    clients.push(await subscriber("scaled"));
+    return new Set(clients.map(ownerTag)).size === 5;
+  }, "streams on all 5 replicas", 20000);
+  assert.ok(clients.length <= 25, `${clients.length} clients for 5 replicas`);
+
+  // Back to 3. podman-compose 1.6 does not remove replicas when scaling down;
+  // docs/operations.md gives these steps for it.
+  compose("up", "-d", "--scale", "fanout=3");
+  podman("stop", "-t", "10", "fanout_fanout_4", "fanout_fanout_5");
+  podman("rm", "fanout_fanout_4", "fanout_fanout_5");
+  compose("exec", "-T", "nginx", "nginx", "-s", "reload");
+  nodes = await replicaInfo();
+  assert.equal(nodes.length, 3);
+  const live = new Set(nodes.map((n) => n.tag));
+  await waitFor(() => clients.every((c) => live.has(ownerTag(c))), "clients of removed replicas reconnected", 20000);
+  const sent = [];
+  for (let n = 0; n < 30; n++) {
+    assert.equal((await publish(nodes[n % 3].base, { topic: "scaled", data: { n } })).status, 200);
+    sent.push(n);
+  }
+  await waitFor(() => clients.every((c) => sent.every((n) => c.got.includes(n))), "every client receives", 15000);
+  for (const c of clients) await c.pb.realtime.unsubscribe();
+});
