@@ -580,12 +580,16 @@ unsafe extern "C" {
 pub const SIGSTOP: i32 = 19;
 pub const SIGCONT: i32 = 18;
 
-/// A TCP proxy on loopback that can delay what the client sends and cut
-/// every connection: a slow or broken network between a node and Redis.
+/// A TCP proxy on loopback that can delay what the client sends, cut
+/// every connection, or silence the connections open now: a slow or broken
+/// network between a node and Redis.
 pub struct TcpProxy {
     pub port: u16,
     delay_ms: std::sync::Arc<std::sync::atomic::AtomicU64>,
     cut: tokio::sync::watch::Sender<u64>,
+    /// Connections numbered below this forward nothing.
+    silenced_below: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    accepted: std::sync::Arc<std::sync::atomic::AtomicU64>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -598,8 +602,13 @@ impl TcpProxy {
         let delay_ms = Arc::new(AtomicU64::new(0));
         let (cut, cuts) = tokio::sync::watch::channel(0u64);
         let delay = delay_ms.clone();
+        let silenced_below = Arc::new(AtomicU64::new(0));
+        let accepted = Arc::new(AtomicU64::new(0));
+        let (silenced, count) = (silenced_below.clone(), accepted.clone());
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
+                let n = count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let mute = Mute(silenced.clone(), n);
                 let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await else {
                     continue;
                 };
@@ -611,15 +620,16 @@ impl TcpProxy {
                 cut.mark_unchanged();
                 let mut cut2 = cut.clone();
                 let delay = delay.clone();
+                let mute2 = mute.clone();
                 tokio::spawn(async move {
                     tokio::select! {
-                        _ = pump(cr, sw, Some(delay)) => {}
+                        _ = pump(cr, sw, Some(delay), mute) => {}
                         _ = cut.changed() => {}
                     }
                 });
                 tokio::spawn(async move {
                     tokio::select! {
-                        _ = pump(sr, cw, None) => {}
+                        _ = pump(sr, cw, None, mute2) => {}
                         _ = cut2.changed() => {}
                     }
                 });
@@ -629,8 +639,19 @@ impl TcpProxy {
             port,
             delay_ms,
             cut,
+            silenced_below,
+            accepted,
             task,
         }
+    }
+
+    /// From now on, the connections open now forward nothing in either
+    /// direction but stay open, as when the server's address went away
+    /// without a reset; new connections work.
+    pub fn silence(&self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.silenced_below
+            .store(self.accepted.load(Relaxed), Relaxed);
     }
 
     /// Delay everything the client sends by `d` from now on.
@@ -652,10 +673,16 @@ impl Drop for TcpProxy {
     }
 }
 
+/// A proxied connection's number, and the number below which connections
+/// are silenced.
+#[derive(Clone)]
+struct Mute(std::sync::Arc<std::sync::atomic::AtomicU64>, u64);
+
 async fn pump(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     delay: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
+    Mute(silenced_below, conn): Mute,
 ) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut buf = vec![0; 64 * 1024];
@@ -669,6 +696,9 @@ async fn pump(
             if ms > 0 {
                 tokio::time::sleep(Duration::from_millis(ms)).await;
             }
+        }
+        if conn < silenced_below.load(std::sync::atomic::Ordering::Relaxed) {
+            continue;
         }
         if to.write_all(&buf[..n]).await.is_err() {
             return;

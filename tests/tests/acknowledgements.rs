@@ -325,3 +325,43 @@ async fn a_reconnect_after_an_unanswered_ping_delivers_no_duplicate_and_keeps_or
     assert_eq!(seen.last(), Some(&599), "delivery resumed");
     assert!(node.metric("fanout_relay_reconnects_total").await >= 1.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_its_redis_connections_go_silent_a_node_opens_new_ones_and_publishes_get_200_again() {
+    // A Redis that came back at another address (a restarted pod) leaves the
+    // old connections silent, not closed: the node must not wait for the
+    // kernel to give up on them.
+    let (_redis, proxy, node, _publisher) = behind_a_proxy().await;
+    let mut sse = node.connect().await;
+    node.subscribe(&sse.client_id, &["s"]).await;
+    proxy.silence();
+    let silenced = Instant::now();
+    let mut refused = 0;
+    let mut n = 0u64;
+    loop {
+        n += 1;
+        let (status, _) = node
+            .api
+            .publish_raw(json!({"topic": "s", "data": n}), &[])
+            .await;
+        if status == StatusCode::OK {
+            break;
+        }
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        refused += 1;
+        assert!(
+            silenced.elapsed() < Duration::from_secs(20),
+            "still refused after {:?}",
+            silenced.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!(
+        "publishes accepted again {:?} after the silence ({refused} refused)",
+        silenced.elapsed()
+    );
+    assert!(refused > 0, "the silence was noticed");
+    // Delivered through the new connections.
+    let (topic, data) = sse.next_json().await;
+    assert_eq!((topic.as_str(), data), ("s", json!(n)));
+}

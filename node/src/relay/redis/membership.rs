@@ -114,6 +114,16 @@ pub(super) async fn run_heartbeat(shared: Arc<Shared>) {
             _ = shared.stop.cancelled() => return,
         }
         shared.check_primary().await;
+        if shared
+            .stalled
+            .swap(false, std::sync::atomic::Ordering::Relaxed)
+            && let Some(backend) = shared.backend.get()
+        {
+            tracing::warn!("a Redis command timed out: opening new connections");
+            if let Err(e) = backend.renew() {
+                tracing::warn!(error = %e, "cannot renew the Redis connections");
+            }
+        }
         let info = NodeInfo::of(&shared.hub, shared.config.address, shared.started_at);
         let body = serde_json::to_string(&info).expect("node info serialises");
         let tag = shared.hub.node_tag();

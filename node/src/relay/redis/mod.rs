@@ -194,6 +194,9 @@ struct Shared {
     next_request: AtomicU64,
     /// `Err(reason)` while commands (heartbeat, publish) fail.
     command_health: Mutex<Result<(), String>>,
+    /// A command timed out: the heartbeat replaces the connections (see
+    /// `Backend::renew`).
+    stalled: std::sync::atomic::AtomicBool,
     /// Base topics confirmed subscribed on the current connections.
     confirmed: Mutex<HashSet<Arc<str>>>,
     /// The history position this node last dispatched, per topic.
@@ -254,6 +257,7 @@ impl RedisRelay {
             pending: Mutex::new(HashMap::new()),
             next_request: AtomicU64::new(1),
             command_health: Mutex::new(Ok(())),
+            stalled: Default::default(),
             confirmed: Mutex::new(HashSet::new()),
             positions: Mutex::new(HashMap::new()),
             known_nodes: Mutex::new(target.addresses()),
@@ -468,11 +472,17 @@ impl Shared {
                 Ok(v)
             }
             Ok(Err(e)) => {
+                if e.is_timeout() {
+                    self.stalled
+                        .store(true, std::sync::atomic::Ordering::Relaxed);
+                }
                 let reason = format!("Redis {what} failed: {e}");
                 self.set_commands(Err(reason.clone()));
                 Err(RelayError::Unavailable(reason))
             }
             Err(_) => {
+                self.stalled
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
                 let reason = format!("Redis {what} timed out");
                 self.set_commands(Err(reason.clone()));
                 Err(RelayError::Unavailable(reason))

@@ -318,6 +318,20 @@ impl Backend {
         }
     }
 
+    /// New standalone connections in place of the current ones. The
+    /// connection manager reconnects on errors only; a Redis that came back
+    /// at another address (a restarted pod) leaves the old connection
+    /// silent, not closed, and every command on it times out until the
+    /// kernel gives up on it, many minutes later.
+    pub(super) fn renew(&self) -> Result<(), String> {
+        let Self::Standalone { current, .. } = self else {
+            return Ok(());
+        };
+        let old = current.read().clone();
+        *current.write() = Arc::new(Single::new(old.client.clone(), old.address.clone())?);
+        Ok(())
+    }
+
     /// With Sentinels: ask them for the primary, and switch to it if it
     /// moved. `Ok(true)` when it moved.
     pub(super) async fn follow_sentinels(&self) -> Result<bool, String> {
