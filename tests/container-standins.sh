@@ -101,7 +101,7 @@ EOF
   cat >"$ctx/Dockerfile" <<EOF
 FROM $debian
 RUN apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \\
-      redis-server redis-tools && rm -rf /var/lib/apt/lists/*
+      redis-server redis-tools && rm -rf /var/lib/apt/lists/* && mkdir /data
 COPY --chmod=0755 docker-entrypoint.sh /usr/local/bin/docker-entrypoint.sh
 WORKDIR /data
 EXPOSE 6379

@@ -16,7 +16,7 @@
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { execFileSync, spawnSync } from "node:child_process";
-import { readFileSync } from "node:fs";
+import { readFileSync, rmSync, writeFileSync } from "node:fs";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
 import PocketBase from "pocketbase";
@@ -108,6 +108,7 @@ after(() => {
   for (const pb of sdk) pb.realtime.unsubscribe().catch(() => {});
   spawnSync("podman-compose", [...COMPOSE, "down", "-t", "2"], { cwd: root, env });
   spawnSync("podman", ["rm", "-f", "fanout-image-check"], { env });
+  kubeCleanup();
 });
 
 test("the image from deploy/Dockerfile runs fanout as uid 10001 and its HEALTHCHECK exits 0", async () => {
@@ -242,4 +243,106 @@ test("scaled to 5 replicas with nginx reloaded as the docs say, new clients reac
   }
   await waitFor(() => clients.every((c) => sent.every((n) => c.got.includes(n))), "every client receives", 15000);
   for (const c of clients) await c.pb.realtime.unsubscribe();
+});
+
+// ---------------------------------------------------------------------------
+// deploy/k8s under `podman kube play` (podman 4.3). What it runs here: the
+// Deployments (one pod each: podman ignores `replicas`), the ConfigMap, the
+// Secret, securityContext and resources. What it cannot: Services (no
+// kube-proxy; the test gives the Redis pod the Service's DNS name as a
+// network alias), HPA, PDB, rolling updates, and probes as the kubelet runs
+// them (podman 4.3 turns only liveness probes into health checks), so the
+// test performs the readinessProbe itself, as the kubelet would.
+//
+// podman 4.3 binds every containerPort on the host (hostPort = containerPort),
+// and this machine's own Redis holds 6379, so the pods run in a network
+// namespace of their own; there, only the first fanout replica can bind 8090. podman 4.3 also reads a Secret as a flat JSON map of
+// base64 values (containers/podman#17071), so the test stores secret.yaml's
+// stringData in that form, as the API server would store it in `data`.
+const K8S = path.join(root, "deploy/k8s");
+const NETNS = "fanout-k8s-test";
+const inNetns = (cmd, args) => run("nsenter", [`--net=/var/run/netns/${NETNS}`, cmd, ...args]);
+const kpodman = (...args) => inNetns("podman", args);
+/** A manifest's YAML documents, parsed by the tools venv's PyYAML. */
+const manifest = (file) =>
+  JSON.parse(
+    run("python3", ["-c", "import json,sys,yaml; print(json.dumps(list(yaml.safe_load_all(open(sys.argv[1])))))", path.join(K8S, file)]),
+  );
+
+function kubeCleanup() {
+  for (const file of ["deployment.yaml", "redis.yaml"]) spawnSync("podman", ["kube", "down", path.join(K8S, file)], { env });
+  spawnSync("podman", ["secret", "rm", "fanout"], { env });
+  spawnSync("podman", ["network", "rm", "-f", "fanout-k8s"], { env });
+  spawnSync("ip", ["netns", "del", NETNS]);
+}
+
+/** The Deployment's readinessProbe (an httpGet), performed as the kubelet does. */
+function readiness(pod, probe) {
+  const ip = kpodman("inspect", `${pod}-fanout`, "--format", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}");
+  const ports = manifest("deployment.yaml")[0].spec.template.spec.containers[0].ports;
+  const port = ports.find((p) => p.name === probe.httpGet.port)?.containerPort ?? probe.httpGet.port;
+  const code = spawnSync("nsenter", [`--net=/var/run/netns/${NETNS}`, "curl", "-s", "-o", "/dev/null", "-m", "1",
+    "-w", "%{http_code}", `http://${ip}:${port}${probe.httpGet.path}`], { encoding: "utf8" }).stdout;
+  return { ok: Number(code) >= 200 && Number(code) < 400, code, base: `http://${ip}:${port}` };
+}
+
+test("podman kube play runs deploy/k8s: the fanout pod starts as uid 10001 with the ConfigMap and Secret, reaches Redis, and passes its readinessProbe", async () => {
+  kubeCleanup();
+  run("ip", ["netns", "add", NETNS]);
+  inNetns("ip", ["link", "set", "lo", "up"]);
+  kpodman("network", "create", "fanout-k8s");
+  const [secret] = manifest("secret.yaml");
+  const flat = Object.fromEntries(Object.entries(secret.stringData).map(([k, v]) => [k, Buffer.from(v).toString("base64")]));
+  const secretFile = path.join(root, "target/containers/secret.json");
+  writeFileSync(secretFile, JSON.stringify(flat));
+  run("podman", ["secret", "create", secret.metadata.name, secretFile]);
+  rmSync(secretFile);
+
+  kpodman("kube", "play", "--network", "fanout-k8s", path.join(K8S, "redis.yaml"));
+  // The Service's name, which a cluster's DNS would give.
+  const [, service] = manifest("redis.yaml");
+  const redisInfra = kpodman("pod", "inspect", "fanout-redis-pod-0", "--format", "{{.InfraContainerID}}");
+  kpodman("network", "disconnect", "fanout-k8s", redisInfra);
+  kpodman("network", "connect", "--alias", service.metadata.name, "fanout-k8s", redisInfra);
+
+  const [deployment] = manifest("deployment.yaml");
+  // podman creates one pod per replica, but binds each pod's containerPort
+  // on the (namespace's) host: only the first pod gets 8090, and podman
+  // reports the others as failed to start. Any other failure fails the test.
+  const play = spawnSync("nsenter", [`--net=/var/run/netns/${NETNS}`, "podman", "kube", "play", "--network", "fanout-k8s",
+    "--configmap", path.join(K8S, "configmap.yaml"), path.join(K8S, "deployment.yaml")], { env, encoding: "utf8" });
+  if (play.status !== 0) {
+    const failures = play.stderr.split("\n").filter((l) => l.startsWith("starting container"));
+    assert.ok(failures.length > 0, play.stderr);
+    for (const l of failures) assert.match(l, /listen tcp4 :8090: bind: address already in use|a dependency of container \w+ failed to start/);
+  }
+  const pods = kpodman("pod", "ps", "--filter", `name=^${deployment.metadata.name}-pod-`, "--format", "{{.Name}}").split("\n");
+  assert.equal(pods.length, deployment.spec.replicas, "one pod per replica");
+  const probe = deployment.spec.template.spec.containers[0].readinessProbe;
+  const pod = `${deployment.metadata.name}-pod-0`;
+  let ready;
+  await waitFor(() => (ready = readiness(pod, probe)).ok, "the readinessProbe passes", 30000);
+
+  const pid = kpodman("inspect", `${pod}-fanout`, "--format", "{{.State.Pid}}");
+  assert.match(readFileSync(`/proc/${pid}/status`, "utf8"), /^Uid:\s+10001\s/m, "runAsUser");
+  assert.throws(() => kpodman("exec", `${pod}-fanout`, "touch", "/probe"), /Read-only file system/, "readOnlyRootFilesystem");
+  const healthJson = JSON.parse(inNetns("curl", ["-s", `${ready.base}/api/health`]));
+  assert.deepEqual(healthJson.data.relay, { healthy: true, kind: "redis", mode: "standalone" }, "FANOUT_REDIS_URL from the ConfigMap");
+  // The Secret's publish key is the one the pod demands.
+  const publishWith = (key) =>
+    inNetns("curl", ["-s", "-o", "/dev/null", "-w", "%{http_code}", "-H", "content-type: application/json",
+      "-H", `authorization: Bearer ${key}`, "-d", '{"topic":"k8s","data":{}}', `${ready.base}/api/publish`]);
+  assert.equal(publishWith(secret.stringData.FANOUT_PUBLISH_KEY), "200");
+  assert.equal(publishWith("wrong-key"), "403");
+});
+
+test("under podman kube play the fanout pod's readinessProbe fails while the Redis pod is stopped and passes again after", async () => {
+  const [deployment] = manifest("deployment.yaml");
+  const probe = deployment.spec.template.spec.containers[0].readinessProbe;
+  const pod = `${deployment.metadata.name}-pod-0`;
+  kpodman("pod", "stop", "-t", "1", "fanout-redis-pod-0");
+  await waitFor(() => readiness(pod, probe).code === "503", "the readinessProbe answers 503", 20000);
+  kpodman("pod", "start", "fanout-redis-pod-0");
+  await waitFor(() => readiness(pod, probe).ok, "the readinessProbe passes again", 30000);
+  kubeCleanup();
 });
