@@ -5,8 +5,10 @@
 //! ```sh
 //! fanout-bench run --nodes 127.0.0.1:8090 --clients 5000 --messages 200
 //! fanout-bench report --results r.jsonl --out docs/benchmarks.md --chart docs/benchmarks.png --command "…"
+//! fanout-bench floor --connections 5000 --writer-cpu 0 --reader-cpu 1
 //! ```
 
+mod floor;
 mod report;
 mod run;
 mod sse;
@@ -27,6 +29,9 @@ enum Command {
     Run(run::RunArgs),
     /// Write the side-by-side markdown table and PNG chart.
     Report(report::ReportArgs),
+    /// Time the kernel's floor: one thread writing one frame to each of N
+    /// loopback sockets (one JSON line on stdout).
+    Floor(floor::FloorArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -53,5 +58,21 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Report(args) => report::report(args),
+        Command::Floor(args) => {
+            let json_out = args.json_out.clone();
+            let r = floor::floor(args)?;
+            eprintln!(
+                "floor: {} sockets x {} B: write sweep {:.1} ms, last read {:.1} ms; arrival p50 {:.1} ms, p99 {:.1} ms",
+                r.connections, r.bytes, r.write_sweep_ms, r.last_read_ms, r.latency_ms.p50, r.latency_ms.p99
+            );
+            let line = serde_json::to_string(&r)?;
+            println!("{line}");
+            if let Some(path) = json_out {
+                use std::io::Write;
+                let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+                writeln!(f, "{line}")?;
+            }
+            Ok(())
+        }
     }
 }
