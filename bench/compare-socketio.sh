@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# Fanout's cluster against the cluster a team would pick instead (socket.io 4
+# with @socket.io/redis-adapter), against the kernel's floor, and at low load
+# through the relay, all in one run on this machine. Writes
+# docs/benchmarks-cluster.md and the raw lines to docs/benchmarks-cluster.jsonl.
+#
+#   bench/compare-socketio.sh
+#
+# Both clusters: 3 servers + 1 Redis pinned to core 0, the load generator on
+# core 1. Fanout's generator is fanout-bench (SSE); socket.io's is the
+# official socket.io-client on WebSocket (bench/peers/socketio/loadgen.mjs).
+# The no-op row runs socket.io's generator against a server that does no
+# socket.io work (pre-encoded frames), to show the generator's own ceiling.
+# Needs: cargo, node + npm, redis-server, taskset. About 6 minutes on 2 cores.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export BENCH_WORK="$(mktemp -d /tmp/fanout-compare-sio.XXXXXX)"
+export RESULTS="$BENCH_WORK/results.jsonl"
+source bench/scenarios/lib.sh
+build
+PEER="$ROOT/bench/peers/socketio"
+(cd "$PEER" && npm ci --no-audit --no-fund --loglevel=error)
+
+start_socketio() { # start_socketio PORT [env...]; sets LAST_PID
+  local port=$1; shift
+  env "$@" PORT="$port" "${ON_SERVER_CPU[@]}" node "$PEER/server.mjs" >>"$WORK/socketio-$port.log" 2>&1 &
+  LAST_PID=$!
+  PIDS+=("$LAST_PID")
+  wait_http "http://127.0.0.1:$port/api/health"
+}
+
+loadgen() { # loadgen ARGS...: socket.io's generator on the bench core
+  "${ON_BENCH_CPU[@]}" node "$PEER/loadgen.mjs" --json-out "$RESULTS" "$@" >/dev/null
+}
+
+# cluster SYSTEM SCENARIO NODES ARGS...: a fresh cluster of NODES servers
+# (+ Redis when NODES > 1), one run, everything stopped.
+cluster() {
+  local system=$1 scenario=$2 n=$3; shift 3
+  local label="$system-$n-node"; [ "$n" -gt 1 ] && label="$system-$n-nodes+redis"
+  log "$scenario: $label"
+  local env=() pids=() nodes=()
+  if [ "$n" -gt 1 ]; then
+    local rport; rport=$(free_port)
+    start_redis "$rport"; pids+=("$LAST_PID")
+    if [ "$system" = fanout ]; then env=(FANOUT_REDIS_URL="redis://127.0.0.1:$rport"); else env=(REDIS_URL="redis://127.0.0.1:$rport"); fi
+  fi
+  for _ in $(seq 1 "$n"); do
+    local p; p=$(free_port)
+    if [ "$system" = fanout ]; then start_fanout "$p" "${env[@]}"; else start_socketio "$p" "${env[@]}"; fi
+    pids+=("$LAST_PID"); nodes+=("127.0.0.1:$p")
+  done
+  local csv_nodes csv_pids
+  csv_nodes=$(IFS=,; echo "${nodes[*]}"); csv_pids=$(IFS=,; echo "${pids[*]}")
+  if [ "$system" = fanout ]; then
+    run_bench --label "$label" --scenario "$scenario" --nodes "$csv_nodes" --pids "$csv_pids" "$@"
+  else
+    loadgen --label "$label" --scenario "$scenario" --servers "$csv_nodes" --pids "$csv_pids" "$@"
+  fi
+  stop_all
+}
+
+ONE_ROOM=(--clients 6000 --topics 1 --messages 200 --publishers 4)
+MANY_ROOMS=(--clients 6000 --topics 1000 --messages 20000 --publishers 6)
+LOW_LOAD=(--clients 300 --topics 1 --messages 200 --publishers 1 --rate 20)
+for system in fanout socketio; do
+  cluster "$system" one-room 3 "${ONE_ROOM[@]}"
+  cluster "$system" many-rooms 3 "${MANY_ROOMS[@]}"
+  cluster "$system" low-load 3 "${LOW_LOAD[@]}"
+  cluster "$system" low-load 1 "${LOW_LOAD[@]}"
+done
+
+log "one-room: socket.io's generator against the no-op server (its ceiling)"
+port=$(free_port)
+start_socketio "$port" NOOP=1
+loadgen --label socketio-generator-vs-noop --scenario one-room --servers "127.0.0.1:$port" --pids "$LAST_PID" "${ONE_ROOM[@]}"
+stop_all
+
+log "the kernel's floor at 5,000 sockets, then Fanout paced at 5,000 subscribers"
+FLOOR="$BENCH_WORK/floor.jsonl"
+"$BENCH" floor --connections 5000 --bytes 150 --sweeps 20 \
+  --writer-cpu "$SERVER_CPU" --reader-cpu "$BENCH_CPU" --json-out "$FLOOR" >/dev/null
+scenario fanout broadcast-5k-paced --clients 5000 --topics 1 --messages 100 --publishers 1 --rate 5
+
+cp "$RESULTS" docs/benchmarks-cluster.jsonl
+cp "$FLOOR" docs/benchmarks-floor.jsonl
+python3 bench/cluster_report.py --results "$RESULTS" --floor "$FLOOR" --out docs/benchmarks-cluster.md \
+  --command "bench/compare-socketio.sh   # socket.io $(cd "$PEER" && node -p 'require("socket.io/package.json").version'), @socket.io/redis-adapter $(cd "$PEER" && node -p 'require("@socket.io/redis-adapter/package.json").version'), Fanout $(git rev-parse --short HEAD)"
+log "wrote docs/benchmarks-cluster.md (work files in $BENCH_WORK)"
