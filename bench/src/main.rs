@@ -63,13 +63,21 @@ fn main() -> anyhow::Result<()> {
             let r = floor::floor(args)?;
             eprintln!(
                 "floor: {} sockets x {} B: write sweep {:.1} ms, last read {:.1} ms; arrival p50 {:.1} ms, p99 {:.1} ms",
-                r.connections, r.bytes, r.write_sweep_ms, r.last_read_ms, r.latency_ms.p50, r.latency_ms.p99
+                r.connections,
+                r.bytes,
+                r.write_sweep_ms,
+                r.last_read_ms,
+                r.latency_ms.p50,
+                r.latency_ms.p99
             );
             let line = serde_json::to_string(&r)?;
             println!("{line}");
             if let Some(path) = json_out {
                 use std::io::Write;
-                let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+                let mut f = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)?;
                 writeln!(f, "{line}")?;
             }
             Ok(())
