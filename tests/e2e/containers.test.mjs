@@ -287,6 +287,10 @@ function readiness(pod, probe) {
 }
 
 test("podman kube play runs deploy/k8s: the fanout pod starts as uid 10001 with the ConfigMap and Secret, reaches Redis, and passes its readinessProbe", async () => {
+  // The compose stack goes first: podman runs one aardvark-dns for every
+  // network, in the network namespace where it started, so with the compose
+  // network still up, the pods' network would get no name server.
+  compose("down", "-t", "2");
   kubeCleanup();
   run("ip", ["netns", "add", NETNS]);
   inNetns("ip", ["link", "set", "lo", "up"]);
@@ -321,7 +325,10 @@ test("podman kube play runs deploy/k8s: the fanout pod starts as uid 10001 with 
   const probe = deployment.spec.template.spec.containers[0].readinessProbe;
   const pod = `${deployment.metadata.name}-pod-0`;
   let ready;
-  await waitFor(() => (ready = readiness(pod, probe)).ok, "the readinessProbe passes", 30000);
+  await waitFor(() => (ready = readiness(pod, probe)).ok, "the readinessProbe passes", 30000).catch((e) => {
+    const logs = spawnSync("podman", ["logs", "--tail", "20", `${pod}-fanout`], { env, encoding: "utf8" });
+    throw new Error(`${e.message} (last answer ${ready?.code}); the pod's log:\n${logs.stdout}${logs.stderr}`);
+  });
 
   const pid = kpodman("inspect", `${pod}-fanout`, "--format", "{{.State.Pid}}");
   assert.match(readFileSync(`/proc/${pid}/status`, "utf8"), /^Uid:\s+10001\s/m, "runAsUser");
