@@ -43,16 +43,7 @@ fn main() -> anyhow::Result<()> {
             let json_out = args.json_out.clone();
             let report = rt.block_on(run::run(args))?;
             eprint!("{}", run::summary(&report));
-            let line = serde_json::to_string(&report)?;
-            println!("{line}");
-            if let Some(path) = json_out {
-                use std::io::Write;
-                let mut f = std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)?;
-                writeln!(f, "{line}")?;
-            }
+            emit(&report, json_out)?;
             // Open streams and tasks are dropped with the runtime.
             rt.shutdown_background();
             Ok(())
@@ -70,17 +61,26 @@ fn main() -> anyhow::Result<()> {
                 r.latency_ms.p50,
                 r.latency_ms.p99
             );
-            let line = serde_json::to_string(&r)?;
-            println!("{line}");
-            if let Some(path) = json_out {
-                use std::io::Write;
-                let mut f = std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)?;
-                writeln!(f, "{line}")?;
-            }
+            emit(&r, json_out)?;
             Ok(())
         }
     }
+}
+
+/// A result as one JSON line on stdout, also appended to `json_out`.
+fn emit(
+    result: &impl serde::Serialize,
+    json_out: Option<std::path::PathBuf>,
+) -> anyhow::Result<()> {
+    let line = serde_json::to_string(result)?;
+    println!("{line}");
+    if let Some(path) = json_out {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)?;
+        writeln!(f, "{line}")?;
+    }
+    Ok(())
 }

@@ -85,7 +85,18 @@ async function subscriber(topic) {
   const pb = new PocketBase(NGINX);
   sdk.push(pb);
   const got = [];
-  await pb.realtime.subscribe(topic, (e) => got.push(e.n));
+  // 503 means "try again" (docs/protocol.md). A client that lands right
+  // after a replica restarted can get one; it is printed, not hidden.
+  for (let attempt = 1; ; attempt++) {
+    try {
+      await pb.realtime.subscribe(topic, (e) => got.push(e.n));
+      break;
+    } catch (e) {
+      if (e?.status !== 503 || attempt >= 20) throw e;
+      console.log(`# subscribe answered 503, trying again: ${e.message}`);
+      await sleep(250);
+    }
+  }
   return { pb, got, id: pb.realtime.clientId };
 }
 const ownerTag = (c) => c.pb.realtime.clientId?.slice(0, 8);
@@ -105,7 +116,12 @@ before(async () => {
 });
 
 after(() => {
-  for (const pb of sdk) pb.realtime.unsubscribe().catch(() => {});
+  // A test that failed midway leaves clients reconnecting: stop them all,
+  // or their retries keep this process alive.
+  for (const pb of sdk) {
+    pb.realtime.unsubscribe().catch(() => {});
+    pb.realtime.disconnect?.();
+  }
   spawnSync("podman-compose", [...COMPOSE, "down", "-t", "2"], { cwd: root, env });
   spawnSync("podman", ["rm", "-f", "fanout-image-check"], { env });
   kubeCleanup();
