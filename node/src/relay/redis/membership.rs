@@ -144,7 +144,9 @@ pub(super) async fn run_heartbeat(shared: Arc<Shared>) {
         else {
             continue;
         };
-        if let Ok(mut reads) = shared.reads() {
+        if shared.partitions().is_none()
+            && let Ok(mut reads) = shared.reads()
+        {
             let ping = redis::cmd("PING");
             let ping = ping.query_async::<()>(&mut reads);
             if shared.command("PING (reads)", ping).await.is_err() {
