@@ -222,9 +222,15 @@ export async function startRedisTopology(kind = process.env.FANOUT_E2E_REDIS ?? 
   if (kind === "sentinel") {
     const primary = await freePort();
     const replica = await freePort();
-    server(["--port", String(primary), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]);
+    // Each in its own directory: the replica writes its full sync's RDB there.
+    const dataDir = (port) => {
+      const d = path.join(dir, String(port));
+      mkdirSync(d);
+      return d;
+    };
+    server(["--port", String(primary), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", dataDir(primary)]);
     server([
-      "--port", String(replica), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+      "--port", String(replica), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", dataDir(replica),
       "--replicaof", "127.0.0.1", String(primary),
     ]);
     await waitFor(answers(primary), "primary");

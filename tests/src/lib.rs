@@ -1070,9 +1070,15 @@ impl RedisSentinels {
                 vec!["--replicaof".to_owned(), format!("127.0.0.1 {primary}")],
             ),
         ] {
+            // Its own directory: a replica writes the RDB of its full sync
+            // there (in the working directory otherwise).
+            let data_dir = dir.0.join(port.to_string());
+            std::fs::create_dir(&data_dir).expect("a data directory");
             let child = Command::new("redis-server")
                 .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
                 .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+                .arg("--dir")
+                .arg(&data_dir)
                 .args(&extra)
                 .stdout(Stdio::null())
                 .kill_on_drop(true)
