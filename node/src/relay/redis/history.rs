@@ -24,7 +24,7 @@
 //! default), the topic's local streams are closed: the SDKs reconnect and
 //! apps re-fetch their state, as after any missed message.
 
-use std::{collections::VecDeque, sync::Arc};
+use std::{collections::VecDeque, sync::Arc, time::Duration};
 
 use redis::Value;
 
@@ -529,6 +529,33 @@ pub(super) fn script_receivers(v: &Value) -> Option<i64> {
         },
         Value::Int(n) => Some(*n),
         _ => None,
+    }
+}
+
+/// Pings the history reads connection every heartbeat interval. It may sit
+/// idle through a Redis restart, and a dead one must show in health (and be
+/// replaced, see `Backend::renew`), not fail the first catch-up or resume
+/// after. A task of its own, so that a slow answer never holds up the
+/// membership heartbeat, whose key lives only three intervals.
+pub(super) async fn run_reads_check(shared: Arc<Shared>) {
+    let every = shared
+        .config
+        .heartbeat_interval
+        .max(Duration::from_millis(100));
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shared.stop.cancelled() => return,
+        }
+        let Ok(mut reads) = shared.reads() else {
+            continue;
+        };
+        let ping = redis::cmd("PING");
+        let state = shared
+            .bounded("PING (reads)", ping.query_async::<()>(&mut reads))
+            .await;
+        shared.set_reads(state);
     }
 }
 

@@ -98,9 +98,7 @@ impl Shared {
 }
 
 /// Refreshes this node's heartbeat key; its success or failure is also the
-/// health of the command connection. It also pings the reads connection,
-/// which may sit idle through a Redis restart: a dead one is found (and
-/// reconnected) here and shows in health, not in the first subscribe after.
+/// health of the command connection.
 pub(super) async fn run_heartbeat(shared: Arc<Shared>) {
     let every = shared
         .config
@@ -144,15 +142,6 @@ pub(super) async fn run_heartbeat(shared: Arc<Shared>) {
         else {
             continue;
         };
-        if shared.partitions().is_none()
-            && let Ok(mut reads) = shared.reads()
-        {
-            let ping = redis::cmd("PING");
-            let ping = ping.query_async::<()>(&mut reads);
-            if shared.command("PING (reads)", ping).await.is_err() {
-                continue;
-            }
-        }
         if !dead.is_empty() {
             // Forget members past their time.
             let mut pipe = redis::pipe();

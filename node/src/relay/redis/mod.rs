@@ -194,6 +194,9 @@ struct Shared {
     next_request: AtomicU64,
     /// `Err(reason)` while commands (heartbeat, publish) fail.
     command_health: Mutex<Result<(), String>>,
+    /// `Err(reason)` while the history reads connection does not answer
+    /// (`history::run_reads_check`).
+    reads_health: Mutex<Result<(), String>>,
     /// A command timed out: the heartbeat replaces the connections (see
     /// `Backend::renew`).
     stalled: std::sync::atomic::AtomicBool,
@@ -257,6 +260,7 @@ impl RedisRelay {
             pending: Mutex::new(HashMap::new()),
             next_request: AtomicU64::new(1),
             command_health: Mutex::new(Ok(())),
+            reads_health: Mutex::new(Ok(())),
             stalled: Default::default(),
             confirmed: Mutex::new(HashSet::new()),
             positions: Mutex::new(HashMap::new()),
@@ -407,8 +411,16 @@ impl Shared {
     }
 
     fn set_commands(&self, state: Result<(), String>) {
+        self.set_health(&self.command_health, state);
+    }
+
+    fn set_reads(&self, state: Result<(), String>) {
+        self.set_health(&self.reads_health, state);
+    }
+
+    fn set_health(&self, slot: &Mutex<Result<(), String>>, state: Result<(), String>) {
         let changed = {
-            let mut h = self.command_health.lock();
+            let mut h = slot.lock();
             let changed = h.is_ok() != state.is_ok();
             *h = state;
             changed
@@ -421,9 +433,10 @@ impl Shared {
     fn health(&self) -> RelayHealth {
         let sub = self.subscriber_health();
         let cmd = self.command_health.lock().clone();
-        let reason = match (sub, cmd) {
-            (Ok(()), Ok(())) => None,
-            (Err(e), _) | (_, Err(e)) => Some(e),
+        let reads = self.reads_health.lock().clone();
+        let reason = match (sub, cmd, reads) {
+            (Ok(()), Ok(()), Ok(())) => None,
+            (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => Some(e),
         };
         let shards = match self.partitions() {
             Some(_) => self
@@ -466,26 +479,32 @@ impl Shared {
     where
         F: std::future::Future<Output = redis::RedisResult<T>>,
     {
+        let result = self.bounded(what, f).await;
+        self.set_commands(result.as_ref().map(|_| ()).map_err(Clone::clone));
+        result.map_err(RelayError::Unavailable)
+    }
+
+    /// A Redis call bounded by `COMMAND_TIMEOUT`; `Err` names what failed.
+    /// A timeout marks the connections stalled, for the heartbeat to renew.
+    async fn bounded<T, F>(&self, what: &str, f: F) -> Result<T, String>
+    where
+        F: std::future::Future<Output = redis::RedisResult<T>>,
+    {
+        let stalled = || {
+            self.stalled
+                .store(true, std::sync::atomic::Ordering::Relaxed)
+        };
         match tokio::time::timeout(COMMAND_TIMEOUT, f).await {
-            Ok(Ok(v)) => {
-                self.set_commands(Ok(()));
-                Ok(v)
-            }
+            Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => {
                 if e.is_timeout() {
-                    self.stalled
-                        .store(true, std::sync::atomic::Ordering::Relaxed);
+                    stalled();
                 }
-                let reason = format!("Redis {what} failed: {e}");
-                self.set_commands(Err(reason.clone()));
-                Err(RelayError::Unavailable(reason))
+                Err(format!("Redis {what} failed: {e}"))
             }
             Err(_) => {
-                self.stalled
-                    .store(true, std::sync::atomic::Ordering::Relaxed);
-                let reason = format!("Redis {what} timed out");
-                self.set_commands(Err(reason.clone()));
-                Err(RelayError::Unavailable(reason))
+                stalled();
+                Err(format!("Redis {what} timed out"))
             }
         }
     }

@@ -60,6 +60,7 @@ pub(super) async fn run(
     *shared.heartbeat.lock() = Some(tokio::spawn(super::membership::run_heartbeat(
         shared.clone(),
     )));
+    tokio::spawn(super::history::run_reads_check(shared.clone()));
     for (k, control) in controls.into_iter().enumerate().take(links) {
         tokio::spawn(run_link(shared.clone(), k, control));
     }
