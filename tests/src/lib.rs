@@ -291,6 +291,22 @@ impl Api {
             Err(_) => (StatusCode::BAD_GATEWAY, Value::Null),
         }
     }
+
+    /// Wait until `/api/health` answers 200; its body.
+    pub async fn wait_healthy(&self) -> Value {
+        wait_for("the node healthy", || async {
+            self.get_json("/api/health").await.0 == StatusCode::OK
+        })
+        .await;
+        self.get_json("/api/health").await.1
+    }
+}
+
+/// A resume key: `topic?options=` with `{"query":{"since":…}}`, URL-encoded.
+pub fn since_key(topic: &str, since: &str) -> String {
+    let options = serde_json::json!({"query": {"since": since}}).to_string();
+    let encoded: String = form_urlencoded::byte_serialize(options.as_bytes()).collect();
+    format!("{topic}?options={encoded}")
 }
 
 /// A private `redis-server` process.
@@ -589,6 +605,8 @@ pub struct TcpProxy {
     cut: tokio::sync::watch::Sender<u64>,
     /// Connections numbered below this forward nothing.
     silenced_below: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// What clients sent, as read (before any delay), up to `SENT_CAP`.
+    sent: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
     accepted: std::sync::Arc<std::sync::atomic::AtomicU64>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -604,6 +622,8 @@ impl TcpProxy {
         let delay = delay_ms.clone();
         let silenced_below = Arc::new(AtomicU64::new(0));
         let accepted = Arc::new(AtomicU64::new(0));
+        let sent = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let record = sent.clone();
         let (silenced, count) = (silenced_below.clone(), accepted.clone());
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
@@ -621,9 +641,10 @@ impl TcpProxy {
                 let mut cut2 = cut.clone();
                 let delay = delay.clone();
                 let mute2 = mute.clone();
+                let record = record.clone();
                 tokio::spawn(async move {
                     tokio::select! {
-                        _ = pump(cr, sw, Some(delay), mute) => {}
+                        _ = pump(cr, sw, Some(ClientSide { delay, sent: record }), mute) => {}
                         _ = cut.changed() => {}
                     }
                 });
@@ -641,8 +662,20 @@ impl TcpProxy {
             cut,
             silenced_below,
             accepted,
+            sent,
             task,
         }
+    }
+
+    /// How many times `needle` occurs in what clients have sent so far (a
+    /// command counts once it reached the proxy, before any delay).
+    pub fn sent_count(&self, needle: &[u8]) -> usize {
+        self.sent
+            .lock()
+            .unwrap()
+            .windows(needle.len())
+            .filter(|w| *w == needle)
+            .count()
     }
 
     /// From now on, the connections open now forward nothing in either
@@ -673,6 +706,15 @@ impl Drop for TcpProxy {
     }
 }
 
+/// What a proxy does to what clients send: delay it, and record it.
+struct ClientSide {
+    delay: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    sent: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+}
+
+/// How much of what clients send `TcpProxy` keeps for `sent_count`.
+const SENT_CAP: usize = 16 << 20;
+
 /// A proxied connection's number, and the number below which connections
 /// are silenced.
 #[derive(Clone)]
@@ -681,7 +723,7 @@ struct Mute(std::sync::Arc<std::sync::atomic::AtomicU64>, u64);
 async fn pump(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
-    delay: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
+    client_side: Option<ClientSide>,
     Mute(silenced_below, conn): Mute,
 ) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -691,7 +733,13 @@ async fn pump(
             Ok(0) | Err(_) => return,
             Ok(n) => n,
         };
-        if let Some(d) = &delay {
+        if let Some(ClientSide { delay: d, sent }) = &client_side {
+            {
+                let mut sent = sent.lock().unwrap();
+                if sent.len() + n <= SENT_CAP {
+                    sent.extend_from_slice(&buf[..n]);
+                }
+            }
             let ms = d.load(std::sync::atomic::Ordering::Relaxed);
             if ms > 0 {
                 tokio::time::sleep(Duration::from_millis(ms)).await;

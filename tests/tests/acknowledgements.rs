@@ -36,8 +36,12 @@ async fn a_204_waits_for_the_subscribe_another_client_started() {
     // the same topic while it is in flight.
     let api = slow.api.clone();
     let id = first.client_id.clone();
+    let subscribes = proxy.sent_count(b"SUBSCRIBE");
     let starter = tokio::spawn(async move { api.subscribe(&id, &["t"]).await });
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    wait_for("the first POST's SUBSCRIBE on its way", || async {
+        proxy.sent_count(b"SUBSCRIBE") > subscribes
+    })
+    .await;
     let asked = Instant::now();
     slow.subscribe(&second.client_id, &["t"]).await;
     let waited = asked.elapsed();
@@ -80,10 +84,7 @@ async fn while_the_subscriber_reconnects_publishes_get_503_and_none_acknowledged
     redis.stop().await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     redis = RedisServer::start_on(port).await;
-    wait_for("node healthy again", || async {
-        node.get_json("/api/health").await.0 == StatusCode::OK
-    })
-    .await;
+    node.wait_healthy().await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let (acked, refused) = publisher.await.unwrap();
@@ -122,10 +123,7 @@ async fn a_forward_to_a_frozen_owner_gets_503_and_is_never_applied_later() {
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
     assert!(started.elapsed() < Duration::from_secs(3));
     // Once it runs again, the owner drops the expired request.
-    wait_for("owner healthy", || async {
-        owner.get_json("/api/health").await.0 == StatusCode::OK
-    })
-    .await;
+    owner.wait_healthy().await;
     wait_for("the expired request counted", || async {
         owner.metric("fanout_forwards_expired_total").await >= 1.0
     })
@@ -264,12 +262,16 @@ async fn a_failed_posts_rollback_never_undoes_a_later_post_that_got_204() {
     proxy.set_delay(Duration::from_millis(400));
     let api = node.api.clone();
     let id = sse.client_id.clone();
+    let subscribes = proxy.sent_count(b"SUBSCRIBE");
     let first = tokio::spawn(async move {
         api.post_subscriptions(json!({"clientId": id, "subscriptions": ["a"]}), &[])
             .await
             .0
     });
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    wait_for("the first POST's SUBSCRIBE on its way", || async {
+        proxy.sent_count(b"SUBSCRIBE") > subscribes
+    })
+    .await;
     let api = node.api.clone();
     let id = sse.client_id.clone();
     let second = tokio::spawn(async move {

@@ -377,10 +377,7 @@ async fn redis_outage_fails_loudly_and_recovers_without_restarts() {
     // Redis returns empty; nodes re-subscribe by themselves.
     c.redis = RedisServer::start_on(port).await;
     for n in &c.nodes {
-        wait_for("health back to 200", || async {
-            n.get_json("/api/health").await.0 == StatusCode::OK
-        })
-        .await;
+        n.wait_healthy().await;
     }
     assert_eq!(
         c.channels().await,
@@ -463,10 +460,7 @@ async fn a_node_dropped_by_redis_for_being_slow_recovers() {
         pubsub_clients().await == 2
     })
     .await;
-    wait_for("node 0 healthy", || async {
-        c.node(0).get_json("/api/health").await.0 == StatusCode::OK
-    })
-    .await;
+    c.node(0).wait_healthy().await;
     c.node(1).publish("flood", json!("marker")).await;
     loop {
         let (_, v) = sse.next_json().await;
@@ -550,7 +544,13 @@ async fn a_standalone_redis_over_tls_works_through_a_rediss_url() {
     assert_eq!(sse.next_json().await, ("tls".into(), json!("secret")));
     // Without the CA, the certificate is refused: the node stays unhealthy.
     let untrusted = NodeProcess::start_unchecked(&[("FANOUT_REDIS_URL", url.as_str())]).await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Once it has tried: its health names the failed connection.
+    wait_for("the untrusted node has tried Redis", || async {
+        untrusted.get_json("/api/health").await.1["data"]["relay"]["reason"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("cannot reach Redis"))
+    })
+    .await;
     assert_eq!(
         untrusted.get_json("/api/health").await.0,
         StatusCode::SERVICE_UNAVAILABLE

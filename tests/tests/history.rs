@@ -89,10 +89,7 @@ async fn redis_restarted_with_aof_loses_and_duplicates_nothing() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     redis = RedisServer::start_on_with(port, &aof).await;
     for n in &nodes {
-        wait_for("node healthy again", || async {
-            n.get_json("/api/health").await.0 == StatusCode::OK
-        })
-        .await;
+        n.wait_healthy().await;
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (acked, _) = publisher.finish().await;
@@ -113,10 +110,7 @@ async fn redis_restarted_empty_is_a_new_epoch_and_the_streams_are_closed() {
     redis.stop().await;
     redis = RedisServer::start_on(port).await;
     for n in &nodes {
-        wait_for("node healthy again", || async {
-            n.get_json("/api/health").await.0 == StatusCode::OK
-        })
-        .await;
+        n.wait_healthy().await;
     }
     // The first message after the restart carries a new epoch: whatever
     // was published in between is unknowable, so every stream of the topic
@@ -232,23 +226,6 @@ async fn ten_thousand_topics_are_caught_up_after_the_subscriber_connection_is_ki
 }
 
 /// The subscription key the JS SDK makes for `subscribe(topic, cb, {since})`.
-fn since_key(topic: &str, since: &str) -> String {
-    let options = json!({"query": {"since": since}}).to_string();
-    let encoded: String = url_encode(&options);
-    format!("{topic}?options={encoded}")
-}
-
-fn url_encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscription_with_since_resumes_on_another_node_with_no_gap_and_no_duplicate() {
     let redis = RedisServer::start().await;

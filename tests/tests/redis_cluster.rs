@@ -32,14 +32,6 @@ fn env(url: &str) -> Vec<(&str, &str)> {
     ]
 }
 
-async fn healthy(node: &NodeProcess) -> Value {
-    wait_for("node healthy", || async {
-        node.get_json("/api/health").await.0 == StatusCode::OK
-    })
-    .await;
-    node.get_json("/api/health").await.1
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nodes_on_different_primaries_relay_everything_over_sharded_channels() {
     let redis = RedisCluster::start(None).await;
@@ -51,13 +43,13 @@ async fn nodes_on_different_primaries_relay_everything_over_sharded_channels() {
     let url_b = redis.cluster_url();
     let a = NodeProcess::start(&env(&url_a)).await;
     let b = NodeProcess::start(&env(&url_b)).await;
-    let health = healthy(&a).await;
+    let health = a.wait_healthy().await;
     assert_eq!(health["data"]["relay"]["mode"], "cluster", "{health}");
     let shards = health["data"]["relay"]["shards"].as_array().unwrap();
     assert_eq!(shards.len(), 16);
     assert!(shards.iter().all(|s| s["healthy"] == true), "{health}");
     assert!(a.logs().contains("switching to cluster mode"));
-    healthy(&b).await;
+    b.wait_healthy().await;
 
     // Topics spread over partitions, hence over primaries.
     let topics: Vec<String> = (0..12).map(|i| format!("topic-{i}")).collect();
@@ -144,7 +136,7 @@ async fn a_standalone_redis_with_a_password_works_through_the_url() {
     let url = format!("redis://:pw@127.0.0.1:{}", redis.port);
     let a = NodeProcess::start(&env(&url)).await;
     let b = NodeProcess::start(&env(&url)).await;
-    let health = healthy(&a).await;
+    let health = a.wait_healthy().await;
     assert_eq!(health["data"]["relay"]["mode"], "standalone");
     let mut sse = a.connect().await;
     a.subscribe(&sse.client_id, &["secure"]).await;
@@ -167,8 +159,8 @@ async fn a_killed_primary_fails_over_and_delivery_resumes_in_order() {
     redis.kill(owner).await;
     redis.wait_ok().await;
     // Both nodes follow the new primary by themselves.
-    healthy(&a).await;
-    healthy(&b).await;
+    a.wait_healthy().await;
+    b.wait_healthy().await;
     let recovered = killed_at.elapsed();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (ok, refused) = publisher.finish().await;
@@ -320,8 +312,8 @@ async fn a_primary_added_and_rebalanced_onto_is_followed_while_publishing() {
     let added = redis.add_primary().await;
     redis.rebalance().await;
     redis.wait_ok().await;
-    healthy(&a).await;
-    healthy(&b).await;
+    a.wait_healthy().await;
+    b.wait_healthy().await;
     let (ok, refused) = publisher.finish().await;
     let seen = received_numbers(&mut watch).await;
     check_delivery("rebalance", &seen, &ok, &refused, true);
@@ -385,8 +377,8 @@ async fn a_failover_that_loses_writes_is_detected_and_new_messages_still_arrive(
     }
     redis.kill(owner).await;
     redis.wait_ok().await;
-    healthy(&a).await;
-    healthy(&b).await;
+    a.wait_healthy().await;
+    b.wait_healthy().await;
     // The new primary's history stops at offset 5; new messages reuse 6..
     // Node a, which delivered up to 10, must not take them for duplicates.
     b.publish_retrying("lossy", json!("after")).await;

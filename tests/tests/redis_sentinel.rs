@@ -14,13 +14,6 @@ fn env(url: &str) -> Vec<(&str, &str)> {
     ]
 }
 
-async fn healthy(node: &NodeProcess) {
-    wait_for("node healthy", || async {
-        node.get_json("/api/health").await.0 == StatusCode::OK
-    })
-    .await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nodes_follow_the_primary_through_a_commanded_failover_and_a_killed_primary() {
     let mut group = RedisSentinels::start().await;
@@ -44,16 +37,16 @@ async fn nodes_follow_the_primary_through_a_commanded_failover_and_a_killed_prim
         matches!(v.get(1), Some(redis::Value::Int(n)) if *n >= 1)
     })
     .await;
-    healthy(&a).await;
-    healthy(&b).await;
+    a.wait_healthy().await;
+    b.wait_healthy().await;
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     // 2. The new primary is killed: the old one takes over again.
     group.kill(second).await;
     let third = group.wait_new_primary(second).await;
     assert_eq!(third, first);
-    healthy(&a).await;
-    healthy(&b).await;
+    a.wait_healthy().await;
+    b.wait_healthy().await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (ok, refused) = publisher.finish().await;
     let seen = received_numbers(&mut sse).await;
