@@ -309,6 +309,17 @@ pub fn since_key(topic: &str, since: &str) -> String {
     format!("{topic}?options={encoded}")
 }
 
+/// A `redis-server` on loopback `port` that keeps nothing on disk, quiet,
+/// killed with its handle; callers add their own arguments.
+fn redis_server(port: u16) -> Command {
+    let mut cmd = Command::new("redis-server");
+    cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+        .stdout(Stdio::null())
+        .kill_on_drop(true);
+    cmd
+}
+
 /// A private `redis-server` process.
 pub struct RedisServer {
     pub port: u16,
@@ -345,22 +356,8 @@ impl RedisServer {
             .position(|a| *a == "--requirepass")
             .and_then(|i| extra.get(i + 1))
             .map(|p| p.to_string());
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--protected-mode",
-                "no",
-            ])
+        let child = redis_server(port)
             .args(extra)
-            .stdout(Stdio::null())
-            .kill_on_drop(true)
             .spawn()
             .expect("redis-server is installed (scripts/test installs it)");
         let server = Self {
@@ -821,11 +818,8 @@ impl RedisCluster {
     fn spawn_node(dir: &TempDir, port: u16, password: Option<&str>) -> Child {
         let node_dir = dir.0.join(port.to_string());
         std::fs::create_dir_all(&node_dir).unwrap();
-        let mut args: Vec<String> = [
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
+        let mut cmd = redis_server(port);
+        cmd.args([
             "--cluster-enabled",
             "yes",
             "--cluster-config-file",
@@ -836,27 +830,13 @@ impl RedisCluster {
             // off: the tests kill primaries on purpose.
             "--cluster-replica-validity-factor",
             "0",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--protected-mode",
-            "no",
-            "--dir",
-            node_dir.to_str().unwrap(),
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+        ])
+        .arg("--dir")
+        .arg(&node_dir);
         if let Some(pw) = password {
-            args.extend(["--requirepass", pw, "--masterauth", pw].map(String::from));
+            cmd.args(["--requirepass", pw, "--masterauth", pw]);
         }
-        Command::new("redis-server")
-            .args(&args)
-            .stdout(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("redis-server is installed")
+        cmd.spawn().expect("redis-server is installed")
     }
 
     async fn start_tail(self) -> Self {
@@ -1122,14 +1102,10 @@ impl RedisSentinels {
             // there (in the working directory otherwise).
             let data_dir = dir.0.join(port.to_string());
             std::fs::create_dir(&data_dir).expect("a data directory");
-            let child = Command::new("redis-server")
-                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-                .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+            let child = redis_server(port)
                 .arg("--dir")
                 .arg(&data_dir)
                 .args(&extra)
-                .stdout(Stdio::null())
-                .kill_on_drop(true)
                 .spawn()
                 .expect("redis-server is installed");
             children.insert(port, child);
