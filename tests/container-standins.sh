@@ -42,6 +42,16 @@ missing() { [ -n "$force" ] || ! podman image exists "$1"; }
 build() { podman build --isolation chroot --network host --format docker "$@"; }
 
 debian=docker.io/library/debian:bookworm-slim
+# context NAME: a fresh build-context directory; prints its path.
+context() { local d="$work/$1-context"; rm -rf "$d"; mkdir -p "$d"; echo "$d"; }
+# from_debian PACKAGES...: Dockerfile lines, the debian stand-in plus packages.
+from_debian() {
+  printf 'FROM %s\nRUN apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends %s && rm -rf /var/lib/apt/lists/*\n' \
+    "$debian" "$*"
+}
+# make_image IMAGE CONTEXT: build CONTEXT/Dockerfile as IMAGE, then drop CONTEXT.
+make_image() { build -q -t "$1" "$2" >/dev/null; rm -rf "$2"; }
+
 if missing "$debian"; then
   log "$debian from mmdebstrap (minbase bookworm)"
   rm -f "$work/rootfs.tar"
@@ -62,31 +72,26 @@ fi
 rust=docker.io/library/rust:1.95-bookworm
 if missing "$rust"; then
   log "$rust from $debian and the host's Rust toolchain"
-  ctx="$work/rust-context"
-  rm -rf "$ctx"; mkdir -p "$ctx/toolchain"
+  ctx=$(context rust); mkdir "$ctx/toolchain"
   sysroot="$(rustc --print sysroot)"
   # bin/ lib/ libexec/ etc/ are the toolchain; share/ is documentation.
   cp -a "$sysroot/bin" "$sysroot/lib" "$sysroot/libexec" "$sysroot/etc" "$ctx/toolchain/"
   # The Rust package registry is reached through a TLS-inspecting path whose
   # CA is only in the host's bundle.
   cp /etc/ssl/certs/ca-certificates.crt "$ctx/ca-certificates.crt"
-  cat >"$ctx/Dockerfile" <<EOF
-FROM $debian
-RUN apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \\
-      gcc libc6-dev ca-certificates pkg-config && rm -rf /var/lib/apt/lists/*
+  { from_debian gcc libc6-dev ca-certificates pkg-config; cat <<EOF
 COPY ca-certificates.crt /etc/ssl/certs/ca-certificates.crt
 COPY toolchain /usr/local/rust
 ENV CARGO_HOME=/usr/local/cargo PATH=/usr/local/rust/bin:/usr/local/cargo/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 EOF
-  build -q -t "$rust" "$ctx" >/dev/null
-  rm -rf "$ctx"
+  } >"$ctx/Dockerfile"
+  make_image "$rust" "$ctx"
 fi
 
 redis=docker.io/library/redis:7-alpine
 if missing "$redis"; then
   log "$redis from $debian and Debian's redis-server"
-  ctx="$work/redis-context"
-  rm -rf "$ctx"; mkdir -p "$ctx"
+  ctx=$(context redis)
   # As the official image does: without a config file, listen on every
   # interface with protected mode off (other containers must reach it).
   cat >"$ctx/docker-entrypoint.sh" <<'EOF'
@@ -98,37 +103,32 @@ if [ "$1" = redis-server ]; then
 fi
 exec "$@"
 EOF
-  cat >"$ctx/Dockerfile" <<EOF
-FROM $debian
-RUN apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \\
-      redis-server redis-tools && rm -rf /var/lib/apt/lists/* && mkdir /data
+  { from_debian redis-server redis-tools; cat <<EOF
+RUN mkdir /data
 COPY --chmod=0755 docker-entrypoint.sh /usr/local/bin/docker-entrypoint.sh
 WORKDIR /data
 EXPOSE 6379
 ENTRYPOINT ["docker-entrypoint.sh"]
 CMD ["redis-server"]
 EOF
-  build -q -t "$redis" "$ctx" >/dev/null
-  rm -rf "$ctx"
+  } >"$ctx/Dockerfile"
+  make_image "$redis" "$ctx"
 fi
 
 nginx=docker.io/library/nginx:1.27-alpine
 if missing "$nginx"; then
   log "$nginx from $debian and Debian's nginx-light"
-  ctx="$work/nginx-context"
-  rm -rf "$ctx"; mkdir -p "$ctx"
+  ctx=$(context nginx)
   # Debian's nginx.conf includes conf.d/*.conf, as the official image's does;
   # its default site would also listen on :80, so it goes.
-  cat >"$ctx/Dockerfile" <<EOF
-FROM $debian
-RUN apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \\
-      nginx-light && rm -rf /var/lib/apt/lists/* /etc/nginx/sites-enabled/default \\
+  { from_debian nginx-light; cat <<EOF
+RUN rm /etc/nginx/sites-enabled/default \\
  && ln -sf /dev/stdout /var/log/nginx/access.log && ln -sf /dev/stderr /var/log/nginx/error.log
 EXPOSE 80
 STOPSIGNAL SIGQUIT
 CMD ["nginx", "-g", "daemon off;"]
 EOF
-  build -q -t "$nginx" "$ctx" >/dev/null
-  rm -rf "$ctx"
+  } >"$ctx/Dockerfile"
+  make_image "$nginx" "$ctx"
 fi
 log "ready: $debian $rust $redis $nginx"
