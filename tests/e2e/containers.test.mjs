@@ -110,6 +110,8 @@ before(async () => {
   run("podman", ["build", "--isolation", "chroot", "--network", "host", "--format", "docker",
     "-f", "deploy/Dockerfile", "-t", "fanout", "."], { stdio: ["ignore", "ignore", "inherit"] });
   console.log(`# podman build of deploy/Dockerfile: ${((Date.now() - t0) / 1000).toFixed(0)} s`);
+  // The build stages of earlier runs, now untagged: each is a gigabyte.
+  spawnSync("podman", ["image", "prune", "-f"], { env });
   // Leftovers of an interrupted run.
   spawnSync("podman-compose", [...COMPOSE, "down", "-t", "2"], { cwd: root, env });
   spawnSync("podman", ["rm", "-f", "fanout-image-check"], { env });
@@ -279,11 +281,15 @@ const K8S = path.join(root, "deploy/k8s");
 const NETNS = "fanout-k8s-test";
 const inNetns = (cmd, args) => run("nsenter", [`--net=/var/run/netns/${NETNS}`, cmd, ...args]);
 const kpodman = (...args) => inNetns("podman", args);
-/** A manifest's YAML documents, parsed by the tools venv's PyYAML. */
-const manifest = (file) =>
-  JSON.parse(
-    run("python3", ["-c", "import json,sys,yaml; print(json.dumps(list(yaml.safe_load_all(open(sys.argv[1])))))", path.join(K8S, file)]),
-  );
+/** A manifest's YAML documents, parsed (once) by the tools venv's PyYAML. */
+const manifests = new Map();
+const manifest = (file) => {
+  if (!manifests.has(file)) {
+    const script = "import json,sys,yaml; print(json.dumps(list(yaml.safe_load_all(open(sys.argv[1])))))";
+    manifests.set(file, JSON.parse(run("python3", ["-c", script, path.join(K8S, file)])));
+  }
+  return manifests.get(file);
+};
 
 function kubeCleanup() {
   for (const file of ["deployment.yaml", "redis.yaml"]) spawnSync("podman", ["kube", "down", path.join(K8S, file)], { env });
