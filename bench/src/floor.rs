@@ -24,8 +24,8 @@ pub struct FloorArgs {
     #[arg(long, default_value_t = 5000)]
     pub connections: usize,
     /// Bytes per frame (an SSE event of a small publication is about 150).
-    #[arg(long, default_value_t = 150)]
-    pub bytes: usize,
+    #[arg(long, default_value_t = 150, value_parser = clap::value_parser!(u64).range(20..))]
+    pub bytes: u64,
     /// Sweeps to run; figures are over all of them.
     #[arg(long, default_value_t = 20)]
     pub sweeps: usize,
@@ -79,7 +79,7 @@ pub fn floor(args: FloorArgs) -> anyhow::Result<FloorReport> {
     let (done_tx, done_rx) = std::sync::mpsc::channel::<Vec<u64>>();
     // One more sweep than asked: the first warms the sockets and the reader
     // and is not counted.
-    let (n, bytes, sweeps) = (args.connections, args.bytes, args.sweeps + 1);
+    let (n, bytes, sweeps) = (args.connections, args.bytes as usize, args.sweeps + 1);
     let reader_cpu = args.reader_cpu;
     let start = sweep_start.clone();
     let reader = std::thread::spawn(move || -> anyhow::Result<()> {
@@ -89,10 +89,11 @@ pub fn floor(args: FloorArgs) -> anyhow::Result<FloorReport> {
             .build()?;
         rt.block_on(async move {
             let arrivals = Arc::new(parking_lot::Mutex::new(Vec::with_capacity(n)));
+            let mut tasks = tokio::task::JoinSet::new();
             for s in readers {
                 let mut s = tokio::net::TcpStream::from_std(s)?;
                 let (arrivals, start, done) = (arrivals.clone(), start.clone(), done_tx.clone());
-                tokio::spawn(async move {
+                tasks.spawn(async move {
                     let mut buf = vec![0u8; bytes];
                     for _ in 0..sweeps {
                         if s.read_exact(&mut buf).await.is_err() {
@@ -109,9 +110,7 @@ pub fn floor(args: FloorArgs) -> anyhow::Result<FloorReport> {
             }
             drop(done_tx);
             // Until every task has read every sweep.
-            while Arc::strong_count(&arrivals) > 1 {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
+            tasks.join_all().await;
             anyhow::Ok(())
         })
     });
