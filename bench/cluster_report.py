@@ -4,6 +4,7 @@ the result lines of both load generators (fanout-bench's `Report` format) and
 the floor line of `fanout-bench floor`."""
 import argparse
 import json
+import os
 import platform
 
 
@@ -16,8 +17,6 @@ def machine():
         )
     except (OSError, StopIteration):
         model = platform.processor()
-    import os
-
     return f"{os.cpu_count()} cores ({model})"
 
 
