@@ -32,6 +32,10 @@ use super::{
 };
 use crate::{metrics as m, relay::RelayError};
 
+/// How long a lost connection's dispatcher may keep passing on what had
+/// already arrived before the link reconnects.
+const DRAIN: Duration = Duration::from_millis(250);
+
 /// Reach Redis, find out what it is, then run its links.
 pub(super) async fn run(
     shared: Arc<Shared>,
@@ -147,11 +151,17 @@ async fn run_link(
                 )
                 .await;
                 shared.unconfirm(k);
-                // Make sure the old connection's dispatcher has stopped
-                // before a new one subscribes, or messages would arrive
-                // twice or out of order.
-                dispatcher.abort();
-                if !dispatcher.is_finished() {
+                // The old connection's dispatcher must stop before a new
+                // one subscribes, or messages would arrive twice or out of
+                // order. First it passes on what already arrived: a closed
+                // connection's stream ends once drained (a failed PING can
+                // notice the close first, and aborting then dropped
+                // messages Redis had acknowledged to their publishers); one
+                // still open gets `DRAIN`, then is stopped.
+                if !dispatcher.is_finished()
+                    && tokio::time::timeout(DRAIN, &mut dispatcher).await.is_err()
+                {
+                    dispatcher.abort();
                     let _ = dispatcher.await;
                 }
                 if shared.stop.is_cancelled() {
