@@ -86,6 +86,22 @@ pub struct RunArgs {
     /// No progress bars.
     #[arg(long)]
     pub quiet: bool,
+    /// Connect and subscribe, then only receive: another process publishes
+    /// (`--publishers` and `--messages` say what it will send). For runs
+    /// larger than one process's open-files limit.
+    #[arg(long)]
+    pub listen_only: bool,
+    /// Create this file once every client is connected and subscribed.
+    #[arg(long)]
+    pub ready_file: Option<std::path::PathBuf>,
+}
+
+/// Microseconds since the Unix epoch: publish and delivery times are
+/// compared across processes.
+fn unix_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
 }
 
 fn humantime_secs(s: &str) -> Result<Duration, String> {
@@ -138,6 +154,12 @@ pub struct Report {
     /// closes by reason.
     #[serde(default)]
     pub server_counters: std::collections::BTreeMap<String, f64>,
+    /// When publishing began and when the last delivery arrived
+    /// (`unix_us`), so that runs split over processes add up.
+    #[serde(default)]
+    pub publish_start_unix_us: u64,
+    #[serde(default)]
+    pub last_delivery_unix_us: u64,
 }
 
 #[derive(Debug, Clone, Serialize, serde::Deserialize, Default)]
@@ -203,7 +225,7 @@ struct Stats {
     duplicated: AtomicU64,
     out_of_order: AtomicU64,
     misrouted: AtomicU64,
-    /// Micros since start of the last delivery.
+    /// When the last delivery arrived (`unix_us`).
     last_us: AtomicU64,
     shards: Vec<Mutex<Histogram<u64>>>,
 }
@@ -264,7 +286,6 @@ pub async fn run(args: RunArgs) -> anyhow::Result<Report> {
     if args.nodes.is_empty() || args.topics == 0 || args.publishers == 0 {
         bail!("need at least one node, topic and publisher");
     }
-    let start = Instant::now();
     let sources = source_ips(&args);
     let http_for: Vec<reqwest::Client> = sources
         .iter()
@@ -310,7 +331,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<Report> {
                 sse::Mode::Read
             },
             ready,
-            reader(stats.clone(), topic, args.publishers, start),
+            reader(stats.clone(), topic, args.publishers),
         );
         let bar = connect_bar.clone();
         connecting.spawn(async move {
@@ -364,6 +385,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<Report> {
     })
     .await;
     let connected_rss = rss_kib(&args.pids);
+    if let Some(path) = &args.ready_file {
+        std::fs::write(path, format!("{connected}\n"))?;
+    }
     let mut report = Report {
         scenario: args.scenario.clone(),
         label: args.label.clone(),
@@ -409,9 +433,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<Report> {
     let pad = "x".repeat(args.payload_bytes);
     let cpu_before = (servers_cpu(&args.pids), cpu_secs("self"));
     let publish_started = Instant::now();
-    let publish_started_us = start.elapsed().as_micros() as u64;
+    let publish_started_us = unix_us();
     let mut publishers = tokio::task::JoinSet::new();
-    for p in 0..args.publishers {
+    for p in (0..args.publishers).filter(|_| !args.listen_only) {
         let node = args.nodes[p % args.nodes.len()];
         let http = http_for[0].clone();
         let key = args.publish_key.clone();
@@ -434,7 +458,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<Report> {
                 let k = j % topics;
                 let s = seq[k];
                 seq[k] += 1;
-                let t_us = start.elapsed().as_micros();
+                let t_us = unix_us();
                 let body = format!(
                     r#"{{"topic":"{}","data":{{"s":{s},"t":{t_us},"p":{p},"k":{k},"x":"{pad}"}}}}"#,
                     topic_name(k)
@@ -468,7 +492,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<Report> {
         }
         let got = stats.received.load(Ordering::Relaxed);
         deliver_bar.set_position(got);
-        if got != last_progress.0 {
+        // A listener's clock starts with the first delivery.
+        if got != last_progress.0 || (args.listen_only && got == 0) {
             last_progress = (got, Instant::now());
         }
         if publishers.is_empty() && (got >= expected || last_progress.1.elapsed() > args.settle) {
@@ -504,6 +529,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<Report> {
     report.deliveries_per_sec = received as f64 / deliver_secs.max(1e-9);
     report.publish_secs = publish_secs.unwrap_or(args.max_duration.as_secs_f64());
     report.deliver_secs = deliver_secs;
+    report.publish_start_unix_us = publish_started_us;
+    report.last_delivery_unix_us = stats.last_us.load(Ordering::Relaxed);
     report.latency_ms = Latency {
         p50: ms(0.5),
         p90: ms(0.9),
@@ -550,12 +577,11 @@ fn reader(
     stats: Arc<Stats>,
     topic: usize,
     publishers: usize,
-    start: Instant,
 ) -> impl FnMut(&[u8]) + Send + 'static {
     let mut next = vec![0u64; publishers];
     let shard = topic % stats.shards.len();
     move |data| {
-        let now = start.elapsed().as_micros() as u64;
+        let now = unix_us();
         let (Some(s), Some(t), Some(p), Some(k)) = (
             sse::json_u64(data, b"\"s\":"),
             sse::json_u64(data, b"\"t\":"),
