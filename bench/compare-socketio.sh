@@ -7,11 +7,12 @@
 #   bench/compare-socketio.sh
 #
 # Both clusters: 3 servers + 1 Redis pinned to core 0, the load generator on
-# core 1. Fanout's generator is fanout-bench (SSE); socket.io's is the
+# core 1. The largest-scale runs (bench/scenarios/large-scale.sh) spread about
+# 50,000 connections over 4 generator processes. Fanout's generator is fanout-bench (SSE); socket.io's is the
 # official socket.io-client on WebSocket (bench/peers/socketio/loadgen.mjs).
 # The no-op row runs socket.io's generator against a server that does no
 # socket.io work (pre-encoded frames), to show the generator's own ceiling.
-# Needs: cargo, node + npm, redis-server, taskset. About 6 minutes on 2 cores.
+# Needs: cargo, node + npm, redis-server, taskset. About 10 minutes on 2 cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export BENCH_WORK="$(mktemp -d /tmp/fanout-compare-sio.XXXXXX)"
@@ -82,8 +83,14 @@ FLOOR="$BENCH_WORK/floor.jsonl"
   --writer-cpu "$SERVER_CPU" --reader-cpu "$BENCH_CPU" --json-out "$FLOOR" >/dev/null
 scenario fanout broadcast-5k-paced --clients 5000 --topics 1 --messages 100 --publishers 1 --rate 5
 
+log "the largest scale here: ~50,000 connections on 3 nodes + Redis, broadcast as fast as accepted, then paced"
+LABEL=large bench/scenarios/large-scale.sh
+LABEL=large-paced MESSAGES=20 PUBLISHERS=1 RATE=2 bench/scenarios/large-scale.sh
+LARGE="${RESULTS%.jsonl}-large.jsonl"
+
 cp "$RESULTS" docs/benchmarks-cluster.jsonl
+cp "$LARGE" docs/benchmarks-large.jsonl
 cp "$FLOOR" docs/benchmarks-floor.jsonl
-python3 bench/cluster_report.py --results "$RESULTS" --floor "$FLOOR" --out docs/benchmarks-cluster.md \
+python3 bench/cluster_report.py --results "$RESULTS" --floor "$FLOOR" --large "$LARGE" --out docs/benchmarks-cluster.md \
   --command "bench/compare-socketio.sh   # socket.io $(cd "$PEER" && node -p 'require("socket.io/package.json").version'), @socket.io/redis-adapter $(cd "$PEER" && node -p 'require("@socket.io/redis-adapter/package.json").version'), Fanout $(git rev-parse --short HEAD)"
 log "wrote docs/benchmarks-cluster.md (work files in $BENCH_WORK)"
