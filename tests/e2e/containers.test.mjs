@@ -254,6 +254,15 @@ test("scaled to 5 replicas with nginx reloaded as the docs say, new clients reac
   assert.equal(nodes.length, 3);
   const live = new Set(nodes.map((n) => n.tag));
   await waitFor(() => clients.every((c) => live.has(ownerTag(c))), "clients of removed replicas reconnected", 20000);
+  // A new id comes before the SDK has re-sent its subscriptions: markers
+  // (negative numbers) are published until every client has one, so the
+  // messages that count are published after every client is subscribed.
+  let marker = 0;
+  await waitFor(async () => {
+    await publish(nodes[0].base, { topic: "scaled", data: { n: --marker } });
+    await sleep(50);
+    return clients.every((c) => c.got.some((n) => n < 0));
+  }, "every client subscribed again", 20000);
   const sent = [];
   for (let n = 0; n < 30; n++) {
     assert.equal((await publish(nodes[n % 3].base, { topic: "scaled", data: { n } })).status, 200);
@@ -265,8 +274,8 @@ test("scaled to 5 replicas with nginx reloaded as the docs say, new clients reac
 
 // ---------------------------------------------------------------------------
 // deploy/k8s under `podman kube play` (podman 4.3). What it runs here: the
-// Deployments (one pod each: podman ignores `replicas`), the ConfigMap, the
-// Secret, securityContext and resources. What it cannot: Services (no
+// Deployments (one pod per replica, of which one can serve: see below),
+// the ConfigMap, the Secret, securityContext and resources. What it cannot: Services (no
 // kube-proxy; the test gives the Redis pod the Service's DNS name as a
 // network alias), HPA, PDB, rolling updates, and probes as the kubelet runs
 // them (podman 4.3 turns only liveness probes into health checks), so the
