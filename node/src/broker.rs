@@ -34,7 +34,9 @@ use crate::{
     client::Client,
     error::{ApiError, field_error},
     hub::{Audience, Hub, SubscribeError},
-    metrics as m, protocol,
+    metrics as m,
+    pocketbase::Companion,
+    protocol,
     relay::{NodeInfo, Publication, Relay, RelayError, RelayHealth},
 };
 
@@ -61,6 +63,8 @@ pub struct Broker {
     hub: Hub,
     relay: Arc<dyn Relay>,
     auth: Authenticator,
+    /// Companion mode: identities verified by PocketBase instead of `auth`.
+    companion: Option<Arc<Companion>>,
     publish_wait: Duration,
 }
 
@@ -89,8 +93,21 @@ impl Broker {
             hub,
             relay,
             auth,
+            companion: None,
             publish_wait: DEFAULT_PUBLISH_WAIT,
         }
+    }
+
+    /// Verify realtime tokens through PocketBase (companion mode) instead
+    /// of the [`Authenticator`].
+    pub fn with_companion(mut self, companion: Arc<Companion>) -> Self {
+        self.companion = Some(companion);
+        self
+    }
+
+    /// The companion, in companion mode.
+    pub fn companion(&self) -> Option<&Arc<Companion>> {
+        self.companion.as_ref()
     }
 
     /// How long a publish waits for a full fan-out backlog before it is
@@ -226,7 +243,10 @@ impl Broker {
         if client.ip() != req.ip {
             return Err(ApiError::bad_request("Invalid realtime client."));
         }
-        let auth = self.auth.verify_header(req.authorization.as_deref());
+        let auth = tokio::select! {
+            a = self.identify(&req) => a?,
+            _ = until(deadline) => return Err(late()),
+        };
         let previous_auth = client.auth();
         if let Some(prev) = &previous_auth
             && !auth.as_ref().is_some_and(|a| a.same_as(prev))
@@ -248,6 +268,9 @@ impl Broker {
             .filter(|k| !held_before.contains(k.as_str()))
             .filter_map(|k| protocol::since_of(k).map(|since| (k.clone(), since)))
             .collect();
+        if let (Some(companion), Some(record)) = (&self.companion, &auth) {
+            companion.bind(&req.client_id, req.authorization.as_deref(), req.ip, record);
+        }
         let changes = self
             .hub
             .replace_subscriptions_holding(&client, &req.subscriptions, auth.map(Arc::new), true)
@@ -295,6 +318,22 @@ impl Broker {
 }
 
 impl Broker {
+    /// The identity a subscription request binds: verified by PocketBase in
+    /// companion mode (503 when it cannot answer), else by the
+    /// [`Authenticator`]. `None` is a guest.
+    async fn identify(
+        &self,
+        req: &SubscribeRequest,
+    ) -> Result<Option<crate::auth::AuthRecord>, ApiError> {
+        match &self.companion {
+            Some(c) => c
+                .identify(req.authorization.as_deref(), req.ip)
+                .await
+                .map_err(|e| ApiError::unavailable(format!("{e}."))),
+            None => Ok(self.auth.verify_header(req.authorization.as_deref())),
+        }
+    }
+
     /// Confirm the topics on the relay, then replay the history of each
     /// resumed key (released for live messages once replayed).
     async fn sync_and_replay(

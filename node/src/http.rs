@@ -679,6 +679,7 @@ async fn health(State(state): State<AppState>) -> Response {
         "subscriptions": hub.total_subscriptions(),
         "backlog": backlog,
         "relay": relay,
+        "pocketbase": s.streams.broker.companion().map(|c| c.health()),
         "shuttingDown": s.streams.shutdown.is_cancelled(),
     });
     let (status, message) = if !relay.healthy {

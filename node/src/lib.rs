@@ -9,6 +9,7 @@
 //!   relay, and the cluster relay over Redis (`relay::redis`);
 //! * [`broker`]: hub + relay, the library's entry point;
 //! * [`http`] and [`sse`]: the HTTP routes and the stream body;
+//! * [`pocketbase`]: companion mode, identities verified by PocketBase;
 //! * [`server`]: listener, startup and graceful shutdown; `conn`: each
 //!   accepted connection (the SSE fast path, hyper for the rest).
 
@@ -22,6 +23,7 @@ pub mod error;
 pub mod http;
 pub mod hub;
 pub mod metrics;
+pub mod pocketbase;
 pub mod protocol;
 pub mod realip;
 pub mod relay;

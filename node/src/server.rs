@@ -150,7 +150,13 @@ impl Server {
             Some(s) if !s.is_empty() => KeySource::Hs256(s.as_bytes().to_vec()),
             _ => KeySource::None,
         });
-        let broker = Broker::new(hub, relay, auth).with_publish_wait(config.publish_wait);
+        let pocketbase = config.pocketbase().map_err(anyhow::Error::msg)?;
+        let mut broker =
+            Broker::new(hub.clone(), relay, auth).with_publish_wait(config.publish_wait);
+        if let Some(pb) = pocketbase {
+            tracing::info!(url = %pb.url, "companion mode: PocketBase verifies realtime tokens");
+            broker = broker.with_companion(crate::pocketbase::Companion::start(hub, pb));
+        }
         let shutdown = CancellationToken::new();
         if let Some(incoming) = incoming {
             tokio::spawn(serve_forwarded(broker.clone(), incoming, shutdown.clone()));
@@ -210,6 +216,9 @@ impl Server {
             .hub()
             .close_all(crate::client::CloseReason::Shutdown);
         self.broker.close().await;
+        if let Some(c) = self.broker.companion() {
+            c.close();
+        }
         // The accept loop drains for at most the drain timeout itself.
         match tokio::time::timeout(self.drain + Duration::from_secs(1), self.task).await {
             Ok(joined) => joined.context("server task failed"),
