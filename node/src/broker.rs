@@ -135,6 +135,9 @@ impl Broker {
     /// Unregister a client and release the relay topics it alone held.
     pub fn disconnect(&self, client_id: &str) {
         self.hub.unregister(client_id);
+        if let Some(c) = &self.companion {
+            c.bridges().leave(client_id);
+        }
     }
 
     /// Publish messages to every subscriber on every node.
@@ -271,9 +274,10 @@ impl Broker {
         if let (Some(companion), Some(record)) = (&self.companion, &auth) {
             companion.bind(&req.client_id, req.authorization.as_deref(), req.ip, record);
         }
+        let bound = auth.map(Arc::new);
         let changes = self
             .hub
-            .replace_subscriptions_holding(&client, &req.subscriptions, auth.map(Arc::new), true)
+            .replace_subscriptions_holding(&client, &req.subscriptions, bound.clone(), true)
             .map_err(subscribe_error)?;
         // Every topic of the new set, not only the new ones: a topic
         // another client just added may still be subscribing, and this
@@ -286,28 +290,34 @@ impl Broker {
                 topics.push(Arc::from(base));
             }
         }
-        if topics.is_empty() {
+        // In companion mode PocketBase hears of every change, even to none.
+        if topics.is_empty() && self.companion.is_none() {
             return Ok(());
         }
         let synced = tokio::select! {
             r = self.sync_and_replay(&client, topics.clone(), resumes) => r,
             _ = until(deadline) => Err(RelayError::Unavailable(late().message)),
         };
+        // Companion mode: PocketBase must have acknowledged the keys too.
+        let bridged = match (&synced, &self.companion) {
+            (Ok(()), Some(c)) => tokio::select! {
+                r = c.bridges().set(&client, bound.as_deref(), req.authorization.as_deref(), &req.subscriptions) => r.map_err(bridge_error),
+                _ = until(deadline) => Err(late()),
+            },
+            _ => Ok(()),
+        };
+        let synced = match (synced, bridged) {
+            (Ok(()), Err(refusal)) => {
+                self.revert(&client, &previous, previous_auth, topics);
+                return Err(refusal);
+            }
+            (synced, _) => synced,
+        };
         match synced {
             Ok(()) => Ok(()),
             Err(e) => {
                 tracing::warn!(client = client.id(), error = %e, "subscription failed; reverting");
-                let back = self
-                    .hub
-                    .replace_subscriptions(&client, &previous, previous_auth);
-                if back.is_ok() {
-                    // Best effort: interest follows the hub again once the
-                    // relay is back.
-                    let sync = self.relay.sync_topics(topics);
-                    tokio::spawn(async move {
-                        let _ = sync.await;
-                    });
-                }
+                self.revert(&client, &previous, previous_auth, topics);
                 Err(ApiError::new(
                     StatusCode::SERVICE_UNAVAILABLE,
                     format!("Subscriptions could not be applied: {e}"),
@@ -318,6 +328,28 @@ impl Broker {
 }
 
 impl Broker {
+    /// Put a client's previous set and auth back after a failed change;
+    /// relay interest follows the hub again (best effort, once the relay
+    /// is back).
+    fn revert(
+        &self,
+        client: &Arc<Client>,
+        previous: &[String],
+        previous_auth: Option<Arc<crate::auth::AuthRecord>>,
+        topics: Vec<Arc<str>>,
+    ) {
+        if self
+            .hub
+            .replace_subscriptions(client, previous, previous_auth)
+            .is_ok()
+        {
+            let sync = self.relay.sync_topics(topics);
+            tokio::spawn(async move {
+                let _ = sync.await;
+            });
+        }
+    }
+
     /// The identity a subscription request binds: verified by PocketBase in
     /// companion mode (503 when it cannot answer), else by the
     /// [`Authenticator`]. `None` is a guest.
@@ -354,6 +386,23 @@ impl Broker {
             self.relay.replay(client.clone(), stored, since).await?;
         }
         synced
+    }
+}
+
+/// The answer to a subscription PocketBase did not take: its own status
+/// and error JSON for a refusal, 503 otherwise.
+fn bridge_error(e: crate::pocketbase::BridgeError) -> ApiError {
+    use crate::pocketbase::BridgeError;
+    match e {
+        BridgeError::Refused { status, body } => ApiError {
+            status: StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST),
+            message: body["message"]
+                .as_str()
+                .unwrap_or(crate::error::DEFAULT_BAD_REQUEST)
+                .to_owned(),
+            data: body["data"].as_object().cloned().unwrap_or_default(),
+        },
+        e => ApiError::unavailable(format!("{e}.")),
     }
 }
 

@@ -221,6 +221,18 @@ pub struct Config {
     #[arg(long, env = "FANOUT_POCKETBASE_VERIFY_PER_IP", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..))]
     pub pocketbase_verify_per_ip: u32,
 
+    /// Comma-separated subscription key prefixes bridged to PocketBase in
+    /// companion mode (e.g. `posts/,comments/,example`); none bridges every
+    /// key, so the custom messages of the app's hooks keep working.
+    #[arg(long, env = "FANOUT_POCKETBASE_TOPICS", value_delimiter = ',')]
+    pub pocketbase_topics: Vec<String>,
+
+    /// Most realtime connections a node opens to PocketBase in companion
+    /// mode (one per identity and 1,000 keys); beyond it a subscription
+    /// request that needs one more gets 503.
+    #[arg(long, env = "FANOUT_POCKETBASE_MAX_BRIDGES", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub pocketbase_max_bridges: u32,
+
     /// Log format.
     #[arg(long, env = "FANOUT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -239,7 +251,15 @@ impl Config {
     /// # Errors
     /// A URL that is not `http://…`, a missing `--pocketbase-secret`, or
     /// `--jwt-secret` given as well.
-    pub fn pocketbase(&self) -> Result<Option<crate::pocketbase::VerifierConfig>, String> {
+    pub fn pocketbase(
+        &self,
+    ) -> Result<
+        Option<(
+            crate::pocketbase::VerifierConfig,
+            crate::pocketbase::BridgeConfig,
+        )>,
+        String,
+    > {
         let Some(url) = self.pocketbase_url.as_deref().filter(|u| !u.is_empty()) else {
             return Ok(None);
         };
@@ -264,7 +284,19 @@ impl Config {
                     .to_owned(),
             );
         }
-        Ok(Some(crate::pocketbase::VerifierConfig {
+        let bridges = crate::pocketbase::BridgeConfig {
+            url: url.to_owned(),
+            secret: secret.clone(),
+            timeout: self.pocketbase_timeout,
+            max_lanes: self.pocketbase_max_bridges as usize,
+            topics: self
+                .pocketbase_topics
+                .iter()
+                .map(|t| t.trim().to_owned())
+                .filter(|t| !t.is_empty())
+                .collect(),
+        };
+        let verifier = crate::pocketbase::VerifierConfig {
             url: url.to_owned(),
             secret,
             timeout: self.pocketbase_timeout,
@@ -272,7 +304,8 @@ impl Config {
             recheck: self.pocketbase_auth_recheck,
             concurrency: self.pocketbase_verify_concurrency as usize,
             per_ip: self.pocketbase_verify_per_ip as usize,
-        }))
+        };
+        Ok(Some((verifier, bridges)))
     }
 
     /// The defaults, as if started with no flags and no environment.

@@ -153,9 +153,10 @@ impl Server {
         let pocketbase = config.pocketbase().map_err(anyhow::Error::msg)?;
         let mut broker =
             Broker::new(hub.clone(), relay, auth).with_publish_wait(config.publish_wait);
-        if let Some(pb) = pocketbase {
-            tracing::info!(url = %pb.url, "companion mode: PocketBase verifies realtime tokens");
-            broker = broker.with_companion(crate::pocketbase::Companion::start(hub, pb));
+        if let Some((verifier, bridges)) = pocketbase {
+            tracing::info!(url = %verifier.url, "companion mode: realtime bridged to PocketBase");
+            broker =
+                broker.with_companion(crate::pocketbase::Companion::start(hub, verifier, bridges));
         }
         let shutdown = CancellationToken::new();
         if let Some(incoming) = incoming {

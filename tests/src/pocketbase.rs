@@ -46,10 +46,19 @@ impl PocketBase {
 
     /// Start PocketBase with the companion hooks file and `env`.
     pub async fn start_with(env: &[(&str, &str)]) -> Self {
+        Self::start_with_hooks(env, &[]).await
+    }
+
+    /// Start PocketBase with the companion hooks file, the app's own
+    /// `hooks` (file name, JavaScript) and `env`.
+    pub async fn start_with_hooks(env: &[(&str, &str)], app_hooks: &[(&str, &str)]) -> Self {
         let dir = TempDir::new("fanout-pocketbase");
         let hooks = dir.0.join("pb_hooks");
         std::fs::create_dir_all(&hooks).unwrap();
         std::fs::copy(companion_hooks(), hooks.join("fanout.pb.js")).expect("hooks file");
+        for (name, js) in app_hooks {
+            std::fs::write(hooks.join(name), js).unwrap();
+        }
         let status = Command::new(pocketbase_bin())
             .args(["superuser", "upsert", SUPERUSER, PASSWORD, "--dir"])
             .arg(dir.0.join("pb_data"))
@@ -193,6 +202,35 @@ impl PocketBase {
             )
             .await;
         assert_eq!(status, StatusCode::OK, "password change: {body}");
+    }
+
+    /// Create a collection as the superuser (PocketBase's collection JSON).
+    pub async fn create_collection(&self, definition: Value) {
+        let su = self.superuser_token().await;
+        let (status, body) = self
+            .request(
+                reqwest::Method::POST,
+                "/api/collections",
+                Some(&su),
+                Some(definition),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "create collection: {body}");
+    }
+
+    /// Create a record as the superuser; the record.
+    pub async fn create_record(&self, collection: &str, fields: Value) -> Value {
+        let su = self.superuser_token().await;
+        let (status, body) = self
+            .request(
+                reqwest::Method::POST,
+                &format!("/api/collections/{collection}/records"),
+                Some(&su),
+                Some(fields),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "create record: {body}");
+        body
     }
 
     /// What PocketBase logged so far.

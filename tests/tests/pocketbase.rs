@@ -148,10 +148,19 @@ async fn a_password_change_makes_the_bound_stream_a_guest_within_the_recheck_bou
 }
 
 #[tokio::test]
-async fn while_pocketbase_is_down_a_token_answers_503_and_changes_nothing_and_guests_go_on() {
+async fn while_pocketbase_is_down_a_token_answers_503_and_changes_nothing_and_guests_keep_unbridged_topics()
+ {
     let mut pb = PocketBase::start().await;
     let (alice, token) = pb.user("alice@fanout.test").await;
-    let node = companion_node(&pb.url(), &[("FANOUT_POCKETBASE_TIMEOUT", "1s")]).await;
+    // Only `posts/` keys are bridged: `t` and `u` are Fanout's alone.
+    let node = companion_node(
+        &pb.url(),
+        &[
+            ("FANOUT_POCKETBASE_TIMEOUT", "1s"),
+            ("FANOUT_POCKETBASE_TOPICS", "posts/"),
+        ],
+    )
+    .await;
     wait_for("PocketBase healthy in the node's health", || async {
         node.get_json("/api/health").await.1["data"]["pocketbase"]["healthy"] == json!(true)
     })
@@ -280,4 +289,166 @@ async fn a_flood_of_forged_tokens_from_one_address_leaves_room_for_another_addre
     );
     directed_then_marker(&node, "t", &alice, 1).await;
     assert_eq!(directed(&until_marker(&mut real, 1).await), 1);
+}
+
+/// The app's own hooks in the bridge tests: PocketBase's "Realtime
+/// messaging" example (send `example` to every subscribed client), and a
+/// subscription hook that refuses the key `forbidden`.
+const APP_HOOKS: &str = r#"
+routerAdd("POST", "/api/app/notify", (e) => {
+  const message = new SubscriptionMessage({ name: "example", data: JSON.stringify(e.requestInfo().body) });
+  const clients = $app.subscriptionsBroker().clients();
+  for (let id in clients) {
+    if (clients[id].hasSubscription("example")) { clients[id].send(message); }
+  }
+  return e.json(200, {});
+});
+onRealtimeSubscribeRequest((e) => {
+  if (e.subscriptions.indexOf("forbidden") >= 0) {
+    throw new ForbiddenError("This app forbids that topic.");
+  }
+  e.next();
+});
+"#;
+
+/// PocketBase with a public `posts` collection and an owner-only `notes`.
+async fn pocketbase_app() -> PocketBase {
+    let pb =
+        PocketBase::start_with_hooks(&[("FANOUT_SECRET", SECRET)], &[("app.pb.js", APP_HOOKS)])
+            .await;
+    pb.create_collection(json!({
+        "name": "posts", "type": "base", "listRule": "", "viewRule": "",
+        "fields": [{"name": "title", "type": "text"}],
+    }))
+    .await;
+    pb.create_collection(json!({
+        "name": "notes", "type": "base",
+        "listRule": "owner = @request.auth.id", "viewRule": "owner = @request.auth.id",
+        "fields": [
+            {"name": "text", "type": "text"},
+            {"name": "owner", "type": "relation", "collectionId": "_pb_users_auth_", "maxSelect": 1},
+        ],
+    }))
+    .await;
+    pb
+}
+
+/// The next event's name and data, skipping nothing.
+async fn next_event(sse: &mut Sse) -> (String, Value) {
+    sse.next_json().await
+}
+
+#[tokio::test]
+async fn record_events_reach_bridged_clients_as_pocketbase_decides_for_each_identity() {
+    let pb = pocketbase_app().await;
+    let (alice, alice_token) = pb.user("alice@fanout.test").await;
+    let (bob, bob_token) = pb.user("bob@fanout.test").await;
+    let node = companion_node(&pb.url(), &[]).await;
+    let mut guests = Vec::new();
+    for _ in 0..3 {
+        let g = node.connect().await;
+        node.subscribe(&g.client_id, &["posts/*"]).await;
+        guests.push(g);
+    }
+    let mut a = node.connect().await;
+    node.subscribe_as(&a.client_id, &["notes/*"], &alice_token)
+        .await;
+    let mut b = node.connect().await;
+    node.subscribe_as(&b.client_id, &["notes/*"], &bob_token)
+        .await;
+
+    let post = pb.create_record("posts", json!({"title": "hello"})).await;
+    for g in &mut guests {
+        let (name, data) = next_event(g).await;
+        assert_eq!(name, "posts/*");
+        assert_eq!(data["action"], "create");
+        assert_eq!(data["record"]["id"], post["id"]);
+    }
+    pb.create_record("notes", json!({"text": "for alice", "owner": alice}))
+        .await;
+    pb.create_record("notes", json!({"text": "for bob", "owner": bob}))
+        .await;
+    let (_, first_a) = next_event(&mut a).await;
+    assert_eq!(first_a["record"]["text"], "for alice");
+    let (_, first_b) = next_event(&mut b).await;
+    assert_eq!(
+        first_b["record"]["text"], "for bob",
+        "the owner rule keeps alice's note from bob"
+    );
+    // One bucket per identity: guests, alice, bob.
+    let health = node.get_json("/api/health").await.1;
+    assert_eq!(
+        health["data"]["pocketbase"]["bridges"]["buckets"],
+        json!(3),
+        "{health}"
+    );
+}
+
+#[tokio::test]
+async fn a_custom_message_sent_by_the_apps_hook_reaches_bridged_subscribers() {
+    let pb = pocketbase_app().await;
+    let node = companion_node(&pb.url(), &[]).await;
+    let mut sse = node.connect().await;
+    node.subscribe(&sse.client_id, &["example"]).await;
+    let (status, _) = pb
+        .request(
+            reqwest::Method::POST,
+            "/api/app/notify",
+            None,
+            Some(json!({"hi": 1})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        next_event(&mut sse).await,
+        ("example".to_owned(), json!({"hi": 1}))
+    );
+}
+
+#[tokio::test]
+async fn a_refusal_from_pocketbase_reaches_the_client_as_sent_and_changes_nothing() {
+    let pb = pocketbase_app().await;
+    let node = companion_node(&pb.url(), &[]).await;
+    let mut sse = node.connect().await;
+    node.subscribe(&sse.client_id, &["posts/*"]).await;
+    let (status, body) = node
+        .post_subscriptions(
+            json!({"clientId": sse.client_id, "subscriptions": ["posts/*", "forbidden"]}),
+            &[],
+        )
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert_eq!(body["message"], "This app forbids that topic.");
+    // Still subscribed to posts/* as before, on Fanout and on PocketBase.
+    pb.create_record("posts", json!({"title": "still here"}))
+        .await;
+    let (name, data) = next_event(&mut sse).await;
+    assert_eq!(name, "posts/*");
+    assert_eq!(data["record"]["title"], "still here");
+}
+
+#[tokio::test]
+async fn a_pocketbase_restart_closes_bridged_streams_and_later_subscriptions_work_again() {
+    let mut pb = pocketbase_app().await;
+    let node = companion_node(&pb.url(), &[("FANOUT_POCKETBASE_TIMEOUT", "1s")]).await;
+    let mut sse = node.connect().await;
+    node.subscribe(&sse.client_id, &["posts/*"]).await;
+    pb.kill().await;
+    assert!(
+        sse.closed_within(WAIT).await,
+        "a bridged stream is closed when its bridge is lost"
+    );
+    let mut late = node.connect().await;
+    let (status, body) = node
+        .post_subscriptions(
+            json!({"clientId": late.client_id, "subscriptions": ["posts/*"]}),
+            &[],
+        )
+        .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    pb.restart().await;
+    node.subscribe(&late.client_id, &["posts/*"]).await;
+    pb.create_record("posts", json!({"title": "after"})).await;
+    let (_, data) = next_event(&mut late).await;
+    assert_eq!(data["record"]["title"], "after");
 }

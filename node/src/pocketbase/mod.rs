@@ -15,10 +15,14 @@
 //!   as PocketBase itself unsets a revoked client's auth
 //!   (`apis/realtime.go`, auth-state maintenance) and keeps it connected.
 //!
-//! The bridges onto PocketBase's own realtime API (record events, custom
-//! messages from hooks) and `/api/oauth2-redirect` are not built yet; see
-//! docs/pocketbase.md.
+//! * [`bridge`]: this node's clients carried onto PocketBase's own realtime
+//!   API, one bucket per verified identity, so record events and the
+//!   custom messages of the app's hooks reach them exactly as PocketBase
+//!   decides.
+//!
+//! `/api/oauth2-redirect` is not served yet; see docs/pocketbase.md.
 
+pub mod bridge;
 pub mod verify;
 
 use std::{collections::HashMap, net::IpAddr, sync::Arc, time::Duration};
@@ -28,6 +32,7 @@ use parking_lot::Mutex;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
+pub use bridge::{BridgeConfig, BridgeError, Bridges, BridgesHealth};
 pub use verify::{TokenVerifier, VerifierConfig, VerifyError};
 
 use crate::{auth::AuthRecord, hub::Hub, metrics as m};
@@ -53,6 +58,8 @@ pub struct PocketBaseHealth {
     /// Streams bound to a verified identity.
     #[serde(rename = "boundStreams")]
     pub bound_streams: usize,
+    /// The bridges' buckets and lanes.
+    pub bridges: BridgesHealth,
 }
 
 /// A stream bound to an identity through a token.
@@ -67,6 +74,7 @@ struct Bound {
 /// the identities bound through them current. Cheap to share (`Arc`).
 pub struct Companion {
     verifier: Arc<TokenVerifier>,
+    bridges: Bridges,
     hub: Hub,
     /// Client id → its binding; at most one entry per local stream
     /// (entries of gone or rebound clients leave at the next recheck).
@@ -85,10 +93,11 @@ impl std::fmt::Debug for Companion {
 impl Companion {
     /// Start the companion of `hub`: its PocketBase probe and its recheck
     /// task run until [`Companion::close`] or the runtime ends.
-    pub fn start(hub: Hub, config: VerifierConfig) -> Arc<Self> {
+    pub fn start(hub: Hub, config: VerifierConfig, bridges: BridgeConfig) -> Arc<Self> {
         let recheck = config.recheck.max(Duration::from_secs(1));
         let companion = Arc::new(Self {
             verifier: TokenVerifier::new(config),
+            bridges: Bridges::new(bridges),
             hub,
             bound: Mutex::new(HashMap::new()),
             stop: CancellationToken::new(),
@@ -150,12 +159,19 @@ impl Companion {
             reason: state.err(),
             cached_tokens: self.verifier.cached_tokens(),
             bound_streams: self.bound.lock().len(),
+            bridges: self.bridges.health(),
         }
+    }
+
+    /// This node's bridges onto PocketBase's realtime API.
+    pub fn bridges(&self) -> &Bridges {
+        &self.bridges
     }
 
     /// Stop the background tasks.
     pub fn close(&self) {
         self.stop.cancel();
+        self.bridges.close();
     }
 
     /// Ask PocketBase again about every token a local stream is bound
@@ -209,6 +225,15 @@ impl Companion {
         };
         if self.hub.unbind_auth_if(&client, record) {
             metrics::counter!(m::POCKETBASE_REVOKED).increment(1);
+            // Its bridged keys move to the guest bucket, as PocketBase now
+            // treats the stream as a guest.
+            let keys: Vec<String> = client.subscriptions(&[]).into_keys().collect();
+            let bridges = self.bridges.clone();
+            tokio::spawn(async move {
+                if let Err(e) = bridges.set(&client, None, None, &keys).await {
+                    tracing::debug!(error = %e, "could not move a revoked stream to the guests");
+                }
+            });
             tracing::info!(
                 client = client_id,
                 collection = %record.collection_id,
