@@ -187,9 +187,11 @@ pub struct Config {
     pub heartbeat_interval: Duration,
 
     /// PocketBase's base URL (`http://host:port`) for companion mode:
-    /// realtime auth tokens are verified by that PocketBase, through the
-    /// route of `deploy/pocketbase/pb_hooks/fanout.pb.js`. Needs
-    /// `--pocketbase-secret`; excludes `--jwt-secret`. Plain HTTP only.
+    /// realtime auth tokens are verified by that PocketBase, and clients are
+    /// bridged onto its realtime API (see docs/pocketbase.md). Needs
+    /// `--pocketbase-secret` and PocketBase's hooks file
+    /// (`deploy/pocketbase/pb_hooks/fanout.pb.js`); excludes `--jwt-secret`;
+    /// plain HTTP only.
     #[arg(long, env = "FANOUT_POCKETBASE_URL")]
     pub pocketbase_url: Option<String>,
 
