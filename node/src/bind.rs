@@ -8,15 +8,19 @@
 //! * A request whose `Content-Length` is 0 binds as an empty form whatever
 //!   its type. A chunked request has no length, so an empty chunked body is
 //!   parsed by its type (and empty JSON is an error).
-//! * `application/json…`: Go's `json.Decoder.Decode` into the form struct.
-//!   Field names match case-insensitively (Unicode simple folding, so `ſ`
-//!   matches `s`); a repeated field is set again (the last one wins); `null`
-//!   leaves a string as it was and empties a list; a `null` in a list is an
-//!   empty string; a top-level `null` binds nothing; any other type is an
-//!   error; unknown fields are ignored. Only the first JSON value is read:
-//!   whatever follows it is ignored. Bytes that are not UTF-8 inside a
-//!   string become U+FFFD, one per byte, and so does a lone surrogate
-//!   escape (`\ud800`).
+//! * `application/json…`: `json.Decoder.Decode` into the form struct, as
+//!   the PocketBase 0.40 release binaries behave (measured against one by
+//!   `tests/binding.rs`; stricter than Go's classic `encoding/json`).
+//!   Field names match without regard to case, `_` or `-` (`CLIENT_ID`
+//!   sets `clientId`; case folds as Go folds it, so `ſ` matches `s`). A
+//!   member name repeated in any object, or two names for one field, is
+//!   an error; so are bytes that are not UTF-8 and lone surrogate escapes.
+//!   `null` is the zero value (an empty string, an empty list; a `null`
+//!   topic is `""`, which subscribes to nothing); a top-level `null` binds
+//!   nothing; any other wrong type is an error; unknown fields are
+//!   ignored. Only the first JSON value is read: whatever follows it is
+//!   ignored. One deliberate difference: nesting deeper than 128 levels is
+//!   refused (serde_json's recursion limit, which bounds the stack).
 //! * `application/x-www-form-urlencoded…`: Go's `Request.ParseForm`: the
 //!   body's pairs, then the URL query's. A `;` in a pair or a bad `%`
 //!   escape is an error; `+` is a space. Field names match exactly;
@@ -32,11 +36,11 @@
 //! Every error here is answered as PocketBase answers a bind error: 400
 //! with its default message and `data:{}`.
 
-use std::borrow::Cow;
+use std::{borrow::Cow, collections::HashSet};
 
 use axum::http::{HeaderMap, header};
 use bytes::Bytes;
-use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 
 /// The body of `POST /api/realtime`, as bound (before validation).
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -93,110 +97,21 @@ pub async fn subscribe_form(
 // ---------------------------------------------------------------------------
 // JSON
 
-/// Go's `json.Decoder.Decode` of the first JSON value of `body`.
+/// The first JSON value of `body`, bound as PocketBase 0.40's
+/// `json.Decoder.Decode` binds it (see the module documentation).
 pub fn json_form(body: &[u8]) -> Result<SubscribeForm, BindError> {
-    let text = go_json_text(body);
-    let mut de = serde_json::Deserializer::from_str(&text);
-    // No `de.end()`: Go's decoder stops after the first value.
-    let form = de.deserialize_any(FormVisitor).map_err(err)?;
-    Ok(form)
+    // `from_slice` refuses bytes that are not UTF-8 and lone surrogate
+    // escapes, as PocketBase does. No `de.end()`: PocketBase reads one
+    // value and ignores what follows it.
+    let mut de = serde_json::Deserializer::from_slice(body);
+    de.deserialize_any(FormVisitor).map_err(err)
 }
 
-/// `body` with what Go's decoder replaces by U+FFFD already replaced: each
-/// byte of an invalid UTF-8 sequence, and lone surrogate escapes.
-fn go_json_text(body: &[u8]) -> Cow<'_, str> {
-    let text = match std::str::from_utf8(body) {
-        Ok(s) => Cow::Borrowed(s),
-        Err(_) => {
-            let mut out = String::with_capacity(body.len() + 8);
-            let mut rest = body;
-            while !rest.is_empty() {
-                match std::str::from_utf8(rest) {
-                    Ok(s) => {
-                        out.push_str(s);
-                        break;
-                    }
-                    Err(e) => {
-                        let (ok, bad) = rest.split_at(e.valid_up_to());
-                        out.push_str(std::str::from_utf8(ok).unwrap_or_default());
-                        let n = e.error_len().unwrap_or(bad.len());
-                        out.extend(std::iter::repeat_n('\u{FFFD}', n));
-                        rest = &bad[n..];
-                    }
-                }
-            }
-            Cow::Owned(out)
-        }
-    };
-    if !text.contains("\\u") {
-        return text;
-    }
-    match replace_lone_surrogates(&text) {
-        Some(fixed) => Cow::Owned(fixed),
-        None => text,
-    }
-}
-
-/// `text` with every `\uXXXX` escape of a surrogate that is not part of a
-/// valid pair replaced by `\ufffd`, if there is one.
-fn replace_lone_surrogates(text: &str) -> Option<String> {
-    let b = text.as_bytes();
-    let hex = |i: usize| -> Option<u16> {
-        let s = text.get(i..i + 4)?;
-        u16::from_str_radix(s, 16).ok()
-    };
-    // `\u` escapes of surrogates in strings: (start, code unit).
-    let mut escapes = Vec::new();
-    let (mut i, mut in_string) = (0, false);
-    while i < b.len() {
-        match b[i] {
-            b'"' => in_string = !in_string,
-            b'\\' if in_string => {
-                if b.get(i + 1) == Some(&b'u')
-                    && let Some(u) = hex(i + 2)
-                    && (0xD800..0xE000).contains(&u)
-                {
-                    escapes.push((i, u));
-                }
-                i += 2;
-                continue;
-            }
-            _ => {}
-        }
-        i += 1;
-    }
-    let mut lone = Vec::new();
-    let mut k = 0;
-    while k < escapes.len() {
-        let (at, u) = escapes[k];
-        let paired = (0xD800..0xDC00).contains(&u)
-            && escapes
-                .get(k + 1)
-                .is_some_and(|&(next, v)| next == at + 6 && (0xDC00..0xE000).contains(&v));
-        if paired {
-            k += 2;
-        } else {
-            lone.push(at);
-            k += 1;
-        }
-    }
-    if lone.is_empty() {
-        return None;
-    }
-    let mut out = String::with_capacity(text.len());
-    let mut last = 0;
-    for at in lone {
-        out.push_str(&text[last..at]);
-        out.push_str("\\ufffd");
-        last = at + 6;
-    }
-    out.push_str(&text[last..]);
-    Some(out)
-}
-
-/// Which field a JSON object key sets, as Go's `encoding/json` matches
-/// names: exactly, or else under Unicode simple case folding.
-#[derive(Debug, PartialEq, Eq)]
+/// Which field a JSON object key sets. PocketBase matches names without
+/// regard to case, `_` or `-` (`client_id` is `clientId`), folding case
+/// as Go does: ASCII letters, and `ſ` (U+017F) with `s`, the Kelvin sign
+/// (U+212A) with `k`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Field {
     ClientId,
     Subscriptions,
@@ -204,15 +119,15 @@ enum Field {
 }
 
 fn field_of(key: &str) -> Field {
-    // The smallest rune of each fold set, as Go's `foldName`: for ASCII
-    // letters the upper case; `ſ` (U+017F) folds with `s`, the Kelvin sign
-    // (U+212A) with `k`.
-    let folded = key.chars().map(|c| match c {
-        'a'..='z' => c.to_ascii_uppercase(),
-        '\u{017F}' => 'S',
-        '\u{212A}' => 'K',
-        c => c,
-    });
+    let folded = key
+        .chars()
+        .filter(|c| !matches!(c, '_' | '-'))
+        .map(|c| match c {
+            'a'..='z' => c.to_ascii_uppercase(),
+            '\u{017F}' => 'S',
+            '\u{212A}' => 'K',
+            c => c,
+        });
     if folded.clone().eq("CLIENTID".chars()) {
         Field::ClientId
     } else if folded.eq("SUBSCRIPTIONS".chars()) {
@@ -220,6 +135,10 @@ fn field_of(key: &str) -> Field {
     } else {
         Field::Other
     }
+}
+
+fn duplicate<E: de::Error>(key: &str) -> E {
+    E::custom(format_args!("duplicate object member {key:?}"))
 }
 
 struct FormVisitor;
@@ -238,22 +157,83 @@ impl<'de> Visitor<'de> for FormVisitor {
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<SubscribeForm, A::Error> {
         let mut form = SubscribeForm::default();
+        let mut names = HashSet::new();
+        let (mut have_id, mut have_subs) = (false, false);
         while let Some(key) = map.next_key::<Cow<'de, str>>()? {
-            match field_of(&key) {
+            let field = field_of(&key);
+            if !names.insert(key.clone().into_owned()) {
+                return Err(duplicate(&key));
+            }
+            match field {
                 Field::ClientId => {
-                    if let Some(v) = map.next_value::<GoString>()?.0 {
-                        form.client_id = v;
+                    if std::mem::replace(&mut have_id, true) {
+                        return Err(duplicate(&key));
                     }
+                    form.client_id = map.next_value::<GoString>()?.0.unwrap_or_default();
                 }
                 Field::Subscriptions => {
+                    if std::mem::replace(&mut have_subs, true) {
+                        return Err(duplicate(&key));
+                    }
                     form.subscriptions = map.next_value::<GoStrings>()?.0;
                 }
                 Field::Other => {
-                    map.next_value::<IgnoredAny>()?;
+                    map.next_value::<Checked>()?;
                 }
             }
         }
         Ok(form)
+    }
+}
+
+/// Any JSON value, ignored, but refused if one of its objects repeats a
+/// member name (PocketBase's decoder refuses those anywhere).
+struct Checked;
+
+impl<'de> serde::Deserialize<'de> for Checked {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(CheckedVisitor)
+    }
+}
+
+struct CheckedVisitor;
+
+impl<'de> Visitor<'de> for CheckedVisitor {
+    type Value = Checked;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Checked, A::Error> {
+        while seq.next_element::<Checked>()?.is_some() {}
+        Ok(Checked)
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Checked, A::Error> {
+        let mut names = HashSet::new();
+        while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+            map.next_value::<Checked>()?;
+            if !names.insert(key.clone().into_owned()) {
+                return Err(duplicate(&key));
+            }
+        }
+        Ok(Checked)
     }
 }
 
@@ -476,38 +456,32 @@ mod tests {
     }
 
     #[test]
-    fn json_binds_like_go_encoding_json() {
+    fn json_binds_like_pocketbase() {
         assert_eq!(
             json(r#"{"CLIENTID":"a","Subscriptions":["x"]}"#).unwrap(),
             form("a", &["x"])
         );
-        assert_eq!(json(r#"{"ſubſcriptionſ":["x"]}"#).unwrap(), form("", &["x"]));
         assert_eq!(
-            json(r#"{"clientId":"a","clientid":null}"#).unwrap(),
-            form("a", &[])
+            json(r#"{"ſubſcriptionſ":["x"]}"#).unwrap(),
+            form("", &["x"])
         );
         assert_eq!(
-            json(r#"{"clientId":"a","clientId":"b"}"#).unwrap(),
-            form("b", &[])
-        );
-        assert_eq!(
-            json(r#"{"subscriptions":["x"],"subscriptions":null}"#).unwrap(),
-            form("", &[])
+            json(r#"{"client_id":"a","sub-scriptions":["x"]}"#).unwrap(),
+            form("a", &["x"])
         );
         assert_eq!(
             json(r#"{"subscriptions":[null,"x"]}"#).unwrap(),
             form("", &["", "x"])
         );
+        assert_eq!(json(r#"{"clientId":null}"#).unwrap(), form("", &[]));
         assert_eq!(json("null").unwrap(), form("", &[]));
-        assert_eq!(json(r#"{"clientId":"a"} trailing"#).unwrap(), form("a", &[]));
-        assert_eq!(json(r#"{"clientId":"\ud800x"}"#).unwrap(), form("\u{FFFD}x", &[]));
+        assert_eq!(
+            json(r#"{"clientId":"a"} trailing"#).unwrap(),
+            form("a", &[])
+        );
         assert_eq!(
             json(r#"{"clientId":"\ud83d\ude00"}"#).unwrap(),
             form("\u{1F600}", &[])
-        );
-        assert_eq!(
-            json_form(b"{\"clientId\":\"a\xe2\x82b\"}").unwrap(),
-            form("a\u{FFFD}\u{FFFD}b", &[])
         );
         for bad in [
             "",
@@ -518,9 +492,14 @@ mod tests {
             r#"{"subscriptions":"x"}"#,
             r#"{"subscriptions":[1]}"#,
             r#"{"clientId":"a""#,
+            r#"{"clientId":"a","clientid":"b"}"#,
+            r#"{"x":1,"x":1}"#,
+            r#"{"x":[{"y":1,"y":2}]}"#,
+            r#"{"clientId":"\ud800"}"#,
         ] {
             assert!(json(bad).is_err(), "{bad}");
         }
+        assert!(json_form(b"{\"clientId\":\"a\xe2\x82b\"}").is_err());
     }
 
     #[test]
