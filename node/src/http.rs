@@ -478,6 +478,7 @@ async fn publish(
         }
         return Err(e);
     }
+    check_batch_fits_a_queue(&publications, s.config.client_queue_bytes)?;
     let n = publications.len();
     s.streams
         .broker
@@ -494,6 +495,35 @@ async fn publish(
             }
         })?;
     Ok(Json(json!({ "published": n })).into_response())
+}
+
+/// Refuse (413) a batch that no subscriber could receive: a client holding
+/// just its topics would be charged more than `--client-queue-bytes` for
+/// it (each message's data, `id:` line and `event:<topic>` head), so it
+/// would be disconnected as slow by this one request. One message always
+/// fits: `--max-payload-bytes` is checked against the queue at start.
+fn check_batch_fits_a_queue(
+    publications: &[Publication],
+    queue_bytes: u64,
+) -> Result<(), ApiError> {
+    if publications.len() < 2 {
+        return Ok(());
+    }
+    let least: u64 = publications
+        .iter()
+        .map(|p| {
+            (p.data.len() + p.topic.len() + protocol::MAX_EVENT_OVERHEAD - MAX_TOPIC_LEN) as u64
+        })
+        .sum();
+    if least > queue_bytes {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "The batch takes at least {least} bytes as events, more than a client queue holds ({queue_bytes} bytes, --client-queue-bytes); send it in smaller batches."
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// A validated publication, or its field errors and whether one of them is

@@ -334,3 +334,38 @@ async fn at_the_largest_payload_limit_a_full_size_publication_is_delivered_and_o
     node.publish("big", json!("after")).await;
     expect_one_event_per_key(&mut sse, &keys, &json!("after")).await;
 }
+
+/// A batch whose messages together exceed what a client queue holds would
+/// disconnect a prompt subscriber of its topic in one request: it gets 413
+/// with PocketBase's error JSON instead of 200, and the subscriber stays.
+#[tokio::test]
+async fn a_batch_larger_than_a_client_queue_is_413_and_its_subscriber_stays() {
+    let node = start_with(|c| {
+        c.client_queue_bytes = 64 * 1024;
+        c.max_payload_bytes = 32 * 1024;
+    })
+    .await;
+    let mut sse = node.connect().await;
+    node.subscribe(&sse.client_id, &["t"]).await;
+    let data = json!("x".repeat(30 * 1024));
+    let messages: Vec<_> = (0..10)
+        .map(|_| json!({"topic": "t", "data": data}))
+        .collect();
+    let (status, body) = node.publish_raw(json!({"messages": messages}), &[]).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{body}");
+    assert_eq!(body["status"], 413, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("--client-queue-bytes")
+    );
+    // Two of them fit, and arrive.
+    let (status, body) = node
+        .publish_raw(json!({"messages": &messages[..2]}), &[])
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    for _ in 0..2 {
+        assert_eq!(sse.next_json().await, ("t".to_owned(), data.clone()));
+    }
+}
