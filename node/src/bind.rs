@@ -27,7 +27,8 @@
 //!   `clientId` is the first value, `subscriptions` all of them.
 //! * `multipart/form-data…`: Go's `Request.ParseMultipartForm`: the URL
 //!   query's pairs, then the body's non-file parts. The boundary is
-//!   required; file parts are ignored.
+//!   required, the media type's parameters must parse; file parts and
+//!   parts without a name are ignored; lines may end in a bare LF.
 //! * Any other type (including `Application/JSON`: the prefix is matched
 //!   case-sensitively) is an error, except XML, which PocketBase would
 //!   decode with Go's XML package: Fanout refuses it (400), a documented
@@ -415,6 +416,39 @@ fn parse_media_type(ct: &str) -> Result<(), BindError> {
     }
 }
 
+/// A multipart body whose first boundary line ends in a bare LF, with
+/// every bare LF made CRLF: Go's reader accepts such bodies (it takes the
+/// line ending from the first boundary line), multer only CRLF. Only
+/// values with line breaks change, and those are refused anyway (a topic
+/// with CR or LF is invalid, a client id with one is unknown).
+fn crlf_lines(body: Bytes, boundary: &str) -> Bytes {
+    let delimiter = format!("--{boundary}");
+    let Some(at) = body
+        .windows(delimiter.len())
+        .position(|w| w == delimiter.as_bytes())
+    else {
+        return body;
+    };
+    let after = &body[at + delimiter.len()..];
+    let after = &after[after
+        .iter()
+        .take_while(|&&b| b == b' ' || b == b'\t')
+        .count()..];
+    if !after.starts_with(b"\n") {
+        return body;
+    }
+    let mut out = Vec::with_capacity(body.len() + body.len() / 16);
+    let mut prev = 0u8;
+    for &b in body.iter() {
+        if b == b'\n' && prev != b'\r' {
+            out.push(b'\r');
+        }
+        out.push(b);
+        prev = b;
+    }
+    out.into()
+}
+
 /// The non-file parts of a `multipart/form-data` body, in order.
 async fn multipart_values(
     ct: &str,
@@ -425,7 +459,9 @@ async fn multipart_values(
     if !media.eq_ignore_ascii_case("multipart/form-data") {
         return Err(err("not multipart/form-data"));
     }
+    parse_media_type(ct)?;
     let boundary = multer::parse_boundary(ct).map_err(err)?;
+    let body = crlf_lines(body, &boundary);
     let stream = futures_util::stream::once(async move { Ok::<_, std::io::Error>(body) });
     let mut parts = multer::Multipart::new(stream, boundary);
     while let Some(field) = parts.next_field().await.map_err(err)? {

@@ -389,6 +389,51 @@ fn rows() -> Vec<Row> {
             "--XyZ\r\nContent-Disposition: form-data; name=\"clientId\"\r\n\r\n{CID}\r\n--XyZ\r\nContent-Disposition: form-data; name=\"subscriptions\"\r\n\r\n{P}a\r\n--XyZ--\r\n",
         ),
         row("multipart with a broken body", MULTIPART, "clientId={CID}"),
+        row(
+            "multipart type in capitals",
+            Some("Multipart/Form-Data; boundary=XyZ"),
+            "--XyZ\r\nContent-Disposition: form-data; name=\"clientId\"\r\n\r\n{CID}\r\n--XyZ\r\nContent-Disposition: form-data; name=\"subscriptions\"\r\n\r\n{P}a\r\n--XyZ--\r\n",
+        ),
+        row(
+            "multipart/mixed",
+            Some("multipart/mixed; boundary=XyZ"),
+            "--XyZ\r\nContent-Disposition: form-data; name=\"clientId\"\r\n\r\n{CID}\r\n--XyZ\r\nContent-Disposition: form-data; name=\"subscriptions\"\r\n\r\n{P}a\r\n--XyZ--\r\n",
+        ),
+        row(
+            "multipart type with a suffix",
+            Some("multipart/form-datax; boundary=XyZ"),
+            "--XyZ\r\nContent-Disposition: form-data; name=\"clientId\"\r\n\r\n{CID}\r\n--XyZ\r\nContent-Disposition: form-data; name=\"subscriptions\"\r\n\r\n{P}a\r\n--XyZ--\r\n",
+        ),
+        row(
+            "multipart boundary parameter in capitals",
+            Some("multipart/form-data; BOUNDARY=XyZ"),
+            "--XyZ\r\nContent-Disposition: form-data; name=\"clientId\"\r\n\r\n{CID}\r\n--XyZ\r\nContent-Disposition: form-data; name=\"subscriptions\"\r\n\r\n{P}a\r\n--XyZ--\r\n",
+        ),
+        row(
+            "multipart repeated boundary parameter",
+            Some("multipart/form-data; boundary=XyZ; boundary=Other"),
+            "--XyZ\r\nContent-Disposition: form-data; name=\"clientId\"\r\n\r\n{CID}\r\n--XyZ\r\nContent-Disposition: form-data; name=\"subscriptions\"\r\n\r\n{P}a\r\n--XyZ--\r\n",
+        ),
+        row(
+            "multipart part without a name",
+            MULTIPART,
+            "--XyZ\r\nContent-Disposition: form-data; name=\"clientId\"\r\n\r\n{CID}\r\n--XyZ\r\nContent-Disposition: form-data\r\n\r\n{P}b\r\n--XyZ\r\nContent-Disposition: form-data; name=\"subscriptions\"\r\n\r\n{P}a\r\n--XyZ--\r\n",
+        ),
+        row(
+            "multipart with a preamble and LF line ends",
+            MULTIPART,
+            "preamble\r\n--XyZ\nContent-Disposition: form-data; name=\"clientId\"\n\n{CID}\n--XyZ\nContent-Disposition: form-data; name=\"subscriptions\"\n\n{P}a\n--XyZ--\n",
+        ),
+        row(
+            "json with a byte order mark",
+            JSON,
+            "\u{FEFF}{\"clientId\":\"{CID}\",\"subscriptions\":[\"{P}a\"]}",
+        ),
+        row(
+            "json-patch+json is json",
+            Some("application/json-patch+json"),
+            r#"{"clientId":"{CID}","subscriptions":["{P}a"]}"#,
+        ),
     ];
     // Bytes that are not UTF-8 inside a topic.
     rows.push(Row {
@@ -441,6 +486,10 @@ fn rows() -> Vec<Row> {
             JSON,
             r#"{"subscriptions":["{P}a"]}"#,
         )
+    });
+    rows.push(Row {
+        query: Some("clientId={CID}&subscriptions={P}a"),
+        ..row("form empty body with the fields in the query", FORM, "")
     });
     rows.push(Row {
         query: Some("a=%zz"),
