@@ -59,8 +59,10 @@ pub struct Config {
     #[arg(long, env = "FANOUT_CLIENT_QUEUE", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
     pub client_queue: u32,
 
-    /// Bytes of events (as written, `id:` lines included) a client may have
-    /// waiting before it is disconnected as slow.
+    /// Bytes of events a client may have waiting before it is disconnected
+    /// as slow (default 4 MiB): each event's `id:` line and head, and the
+    /// data of a publication once however many of the client's keys it
+    /// matches. An empty queue always takes the next event.
     #[arg(long, env = "FANOUT_CLIENT_QUEUE_BYTES", default_value_t = 4 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(1..))]
     pub client_queue_bytes: u64,
 
@@ -126,7 +128,10 @@ pub struct Config {
     #[arg(long, env = "FANOUT_MAX_HTTP_CONNECTIONS", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_http_connections: u32,
 
-    /// Largest `data` of one published message, in bytes of JSON.
+    /// Largest `data` of one published message, in bytes of JSON (default
+    /// 256 KiB; larger gets 413). With the largest event framing
+    /// ([`protocol::MAX_EVENT_OVERHEAD`]) it must fit
+    /// `--client-queue-bytes`, or the node refuses to start.
     #[arg(long, env = "FANOUT_MAX_PAYLOAD_BYTES", default_value_t = 256 * 1024)]
     pub max_payload_bytes: usize,
 

@@ -369,3 +369,27 @@ async fn a_batch_larger_than_a_client_queue_is_413_and_its_subscriber_stays() {
         assert_eq!(sse.next_json().await, ("t".to_owned(), data.clone()));
     }
 }
+
+/// The same refusal from the `fanout` binary an operator starts: it exits
+/// with an error naming both settings instead of serving.
+#[tokio::test]
+async fn the_binary_exits_naming_both_settings_when_no_client_queue_can_carry_the_payload_limit() {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_fanout"))
+        .env("FANOUT_LISTEN", "127.0.0.1:0")
+        .env("FANOUT_MAX_PAYLOAD_BYTES", ((4 << 20) + 1024).to_string())
+        .env("FANOUT_MAX_BODY_BYTES", (8 << 20).to_string())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(WAIT, out)
+        .await
+        .expect("the binary exits instead of serving")
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--max-payload-bytes")
+            && stderr.contains("FANOUT_CLIENT_QUEUE_BYTES")
+            && stderr.contains("--client-queue-bytes"),
+        "{stderr}"
+    );
+}
