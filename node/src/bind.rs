@@ -10,7 +10,7 @@
 //!   parsed by its type (and empty JSON is an error).
 //! * `application/json…`: `json.Decoder.Decode` into the form struct, as
 //!   the PocketBase 0.40 release binaries behave (measured against one by
-//!   `tests/binding.rs`; stricter than Go's classic `encoding/json`).
+//!   `node/tests/binding.rs`; stricter than Go's classic `encoding/json`).
 //!   Field names match without regard to case, `_` or `-` (`CLIENT_ID`
 //!   sets `clientId`; case folds as Go folds it, so `ſ` matches `s`). A
 //!   member name repeated in any object, or two names for one field, is
@@ -24,7 +24,9 @@
 //! * `application/x-www-form-urlencoded…`: Go's `Request.ParseForm`: the
 //!   body's pairs, then the URL query's. A `;` in a pair or a bad `%`
 //!   escape is an error; `+` is a space. Field names match exactly;
-//!   `clientId` is the first value, `subscriptions` all of them.
+//!   `clientId` is the first value, `subscriptions` all of them. A value
+//!   that is not UTF-8 once unescaped gets U+FFFD where Go keeps the raw
+//!   bytes (a documented difference: keys are UTF-8 here).
 //! * `multipart/form-data…`: Go's `Request.ParseMultipartForm`: the URL
 //!   query's pairs, then the body's non-file parts. The boundary is
 //!   required, the media type's parameters must parse; file parts and
