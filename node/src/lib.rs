@@ -8,12 +8,14 @@
 //! * [`relay`]: how publications reach every node's hub: the in-process
 //!   relay, and the cluster relay over Redis (`relay::redis`);
 //! * [`broker`]: hub + relay, the library's entry point;
-//! * [`http`] and [`sse`]: the HTTP routes and the stream body;
+//! * [`http`] and [`sse`]: the HTTP routes and the stream body; [`bind`]:
+//!   request bodies bound as PocketBase binds them;
 //! * [`server`]: listener, startup and graceful shutdown; `conn`: each
 //!   accepted connection (the SSE fast path, hyper for the rest).
 
 pub mod admission;
 pub mod auth;
+pub mod bind;
 pub mod broker;
 pub mod client;
 pub mod config;
