@@ -8,9 +8,22 @@
 //! non-blocking push into a bounded FIFO: order is kept, the sender never
 //! waits, and a client that falls `queue capacity` events, or `queue bytes`
 //! bytes of events, behind is disconnected (it reconnects and resubscribes,
-//! as the SDKs do anyway). The bytes counted are those the stream will
-//! write; the queue itself holds only refcounted parts ([`Frame`]), so one
-//! large publication queued for many keys and clients is in memory once.
+//! as the SDKs do anyway). The queue holds only refcounted parts
+//! ([`Frame`]), so one large publication queued for many keys and clients
+//! is in memory once.
+//!
+//! ## What the byte bound counts
+//! The bound is there to catch a client that falls behind, never one
+//! delivery. So each event is charged its `id:` line and its head, and the
+//! data of a publication is charged once per client however many of the
+//! client's keys it matches: a client holding `t` and fifteen `t?options=…`
+//! keys is charged a 256 KiB publication once, not sixteen times (the
+//! sixteen frames share one [`Bytes`] of data, which is what is in memory).
+//! And an empty queue always takes the next event: a client that has read
+//! everything is not behind, whatever the size of what comes next. The
+//! configuration refuses a payload limit that no queue could carry
+//! ([`crate::Config::validate`]), so this only matters for relayed
+//! publications from a node configured otherwise.
 
 use std::{
     collections::{HashMap, HashSet, VecDeque},
@@ -125,9 +138,46 @@ pub(crate) enum Take {
 
 struct Queue {
     frames: VecDeque<Frame>,
-    /// Bytes the queued frames will take on the wire, `id:` lines included.
+    /// Bytes held against the byte bound: every frame's `id:` line and
+    /// head, and the data of each distinct publication once (see the
+    /// module documentation).
     bytes: usize,
+    /// Queued frames per shared data of at least [`SHARED_DATA_MIN`]
+    /// bytes, keyed by the data's address and length: its bytes are
+    /// charged when the first such frame is queued and released when the
+    /// last one is taken.
+    shared: HashMap<(usize, usize), u32, foldhash::fast::FixedState>,
     closed: Option<CloseReason>,
+}
+
+/// Data shorter than this is charged with every frame, so the common small
+/// event costs no lookup; what that overcounts is at most this many bytes
+/// per event.
+const SHARED_DATA_MIN: usize = 1024;
+
+/// How a frame is charged: its whole length, or without its data when
+/// the data is shared (`Some(key)`).
+fn shared_key(frame: &Frame) -> Option<(usize, usize)> {
+    (frame.data.len() >= SHARED_DATA_MIN).then(|| (frame.data.as_ptr() as usize, frame.data.len()))
+}
+
+impl Queue {
+    fn new() -> Self {
+        Self {
+            frames: VecDeque::new(),
+            bytes: 0,
+            shared: HashMap::with_hasher(foldhash::fast::FixedState::default()),
+            closed: None,
+        }
+    }
+
+    /// Drop everything queued and mark the queue closed.
+    fn close(&mut self, reason: CloseReason) {
+        self.closed = Some(reason);
+        self.frames = VecDeque::new();
+        self.shared = HashMap::with_hasher(foldhash::fast::FixedState::default());
+        self.bytes = 0;
+    }
 }
 
 /// Per-client mutable state, behind one lock.
@@ -183,11 +233,7 @@ impl Client {
             connected_at: SystemTime::now(),
             capacity: capacity.max(1),
             max_bytes: max_bytes.max(1),
-            queue: Mutex::new(Queue {
-                frames: VecDeque::new(),
-                bytes: 0,
-                closed: None,
-            }),
+            queue: Mutex::new(Queue::new()),
             waker: AtomicWaker::new(),
             state: Mutex::new(ClientState {
                 registered: true,
@@ -273,18 +319,25 @@ impl Client {
     }
 
     pub(crate) fn push(&self, frame: Frame) -> Result<(), SendError> {
-        let size = frame.len() + self.id_line.len();
+        let shared = shared_key(&frame);
         let mut q = self.queue.lock();
         if q.closed.is_some() {
             return Err(SendError::Closed);
         }
-        if q.frames.len() >= self.capacity || q.bytes + size > self.max_bytes {
-            q.closed = Some(CloseReason::Slow);
-            q.frames = VecDeque::new();
-            q.bytes = 0;
+        let data_held = shared.is_some_and(|k| q.shared.contains_key(&k));
+        let size =
+            self.id_line.len() + frame.head.len() + if data_held { 0 } else { frame.data.len() };
+        // An empty queue always takes the event: the client is not behind.
+        if !q.frames.is_empty()
+            && (q.frames.len() >= self.capacity || q.bytes + size > self.max_bytes)
+        {
+            q.close(CloseReason::Slow);
             drop(q);
             self.waker.wake();
             return Err(SendError::Full);
+        }
+        if let Some(k) = shared {
+            *q.shared.entry(k).or_insert(0) += 1;
         }
         q.bytes += size;
         q.frames.push_back(frame);
@@ -307,9 +360,7 @@ impl Client {
     pub(crate) fn close(&self, reason: CloseReason) {
         let mut q = self.queue.lock();
         if q.closed.is_none() {
-            q.closed = Some(reason);
-            q.frames = VecDeque::new();
-            q.bytes = 0;
+            q.close(reason);
         }
         drop(q);
         self.waker.wake();
@@ -324,7 +375,9 @@ impl Client {
         self.queue.lock().frames.len()
     }
 
-    /// Bytes waiting to be written.
+    /// Bytes held against the queue's byte bound: what waits to be
+    /// written, with the data of one publication counted once however many
+    /// of the client's keys it was queued for.
     pub fn queued_bytes(&self) -> usize {
         self.queue.lock().bytes
     }
@@ -341,14 +394,30 @@ impl Client {
             }
             while size < max_bytes {
                 let Some(f) = q.frames.pop_front() else { break };
-                let n = f.len() + self.id_line.len();
-                size += n;
-                q.bytes -= n;
+                size += f.len() + self.id_line.len();
+                let mut charged = self.id_line.len() + f.head.len();
+                match shared_key(&f) {
+                    Some(k) => {
+                        let last = q.shared.get_mut(&k).is_none_or(|n| {
+                            *n -= 1;
+                            *n == 0
+                        });
+                        if last {
+                            q.shared.remove(&k);
+                            charged += f.data.len();
+                        }
+                    }
+                    None => charged += f.data.len(),
+                }
+                q.bytes -= charged;
                 batch.push(f);
             }
             if q.frames.is_empty() && q.frames.capacity() > 64 {
                 // Give back a burst's worth of queue memory.
                 q.frames.shrink_to(8);
+            }
+            if q.shared.is_empty() && q.shared.capacity() > 64 {
+                q.shared.shrink_to(8);
             }
         }
         if batch.is_empty() {
@@ -439,6 +508,49 @@ mod tests {
             c.take(&mut Vec::new(), 1),
             Take::Closed(CloseReason::Slow)
         ));
+    }
+
+    fn key(k: &str) -> SubKey {
+        SubKey::new(k).unwrap()
+    }
+
+    #[test]
+    fn data_shared_by_several_keys_is_charged_once() {
+        let c = Client::new(1, "c".repeat(40), "127.0.0.1".parse().unwrap(), 100, 8000);
+        let data = protocol::event_data(&[b'1'; 4000]).unwrap();
+        let keys: Vec<SubKey> = (0..16).map(|i| key(&format!("t?options={i}"))).collect();
+        for k in &keys {
+            c.push(Frame::new(k, &data)).unwrap();
+        }
+        let heads: usize = keys.iter().map(|k| 44 + k.head().len()).sum();
+        assert_eq!(c.queued_bytes(), 4002 + heads);
+        // Taking one frame leaves the data charged for the other fifteen.
+        let mut batch = Vec::new();
+        c.take(&mut batch, 1);
+        assert_eq!(batch.len(), 1);
+        assert_eq!(c.queued_bytes(), 4002 + heads - 44 - keys[0].head().len());
+        let out = take_all(&c);
+        let out = String::from_utf8(out).unwrap();
+        assert_eq!(out.matches("event:t?options=").count(), 15);
+        assert_eq!(c.queued_bytes(), 0);
+        // Different data is charged on its own: two 4 KB publications
+        // queued together exceed 8000 bytes.
+        c.push(Frame::new(&keys[0], &data)).unwrap();
+        let other = protocol::event_data(&[b'2'; 4000]).unwrap();
+        assert_eq!(c.push(Frame::new(&keys[0], &other)), Err(SendError::Full));
+    }
+
+    #[test]
+    fn an_empty_queue_takes_an_event_larger_than_its_byte_bound() {
+        let c = Client::new(1, "c".repeat(40), "127.0.0.1".parse().unwrap(), 100, 200);
+        let m = Message::new("m", &[b'1'; 1000]).unwrap();
+        c.send(&m).unwrap();
+        assert!(take_all(&c).len() > 1000);
+        c.send(&m).unwrap();
+        assert_eq!(
+            c.send(&Message::new("m", b"1").unwrap()),
+            Err(SendError::Full)
+        );
     }
 
     #[test]

@@ -6,6 +6,8 @@ use std::{net::SocketAddr, time::Duration};
 use clap::{Parser, ValueEnum};
 use ipnet::IpNet;
 
+use crate::protocol;
+
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -57,8 +59,10 @@ pub struct Config {
     #[arg(long, env = "FANOUT_CLIENT_QUEUE", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
     pub client_queue: u32,
 
-    /// Bytes of events (as written, `id:` lines included) a client may have
-    /// waiting before it is disconnected as slow.
+    /// Bytes of events a client may have waiting before it is disconnected
+    /// as slow (default 4 MiB): each event's `id:` line and head, and the
+    /// data of a publication once however many of the client's keys it
+    /// matches. An empty queue always takes the next event.
     #[arg(long, env = "FANOUT_CLIENT_QUEUE_BYTES", default_value_t = 4 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(1..))]
     pub client_queue_bytes: u64,
 
@@ -124,7 +128,10 @@ pub struct Config {
     #[arg(long, env = "FANOUT_MAX_HTTP_CONNECTIONS", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_http_connections: u32,
 
-    /// Largest `data` of one published message, in bytes of JSON.
+    /// Largest `data` of one published message, in bytes of JSON (default
+    /// 256 KiB; larger gets 413). With the largest event framing
+    /// ([`protocol::MAX_EVENT_OVERHEAD`]) it must fit
+    /// `--client-queue-bytes`, or the node refuses to start.
     #[arg(long, env = "FANOUT_MAX_PAYLOAD_BYTES", default_value_t = 256 * 1024)]
     pub max_payload_bytes: usize,
 
@@ -314,6 +321,34 @@ impl Config {
     pub fn defaults() -> Self {
         Self::parse_from(["fanout"])
     }
+
+    /// Settings that cannot work together; [`crate::Server::start`]
+    /// refuses to start with them.
+    ///
+    /// * `--max-payload-bytes` must fit a client queue: a message of the
+    ///   largest payload, framed as an event (at most
+    ///   [`protocol::MAX_EVENT_OVERHEAD`] bytes more), must not exceed
+    ///   `--client-queue-bytes`. Otherwise a publish could be answered 200
+    ///   and then disconnect every subscriber of its topic.
+    pub fn validate(&self) -> Result<(), String> {
+        let framed = self
+            .max_payload_bytes
+            .saturating_add(protocol::MAX_EVENT_OVERHEAD);
+        if framed as u64 > self.client_queue_bytes {
+            return Err(format!(
+                "--max-payload-bytes (FANOUT_MAX_PAYLOAD_BYTES) is {} bytes, but a client queue \
+                 holds at most --client-queue-bytes (FANOUT_CLIENT_QUEUE_BYTES) = {} bytes, and \
+                 a message of the largest payload takes up to {framed} bytes as an event: no \
+                 subscriber could receive it. Raise --client-queue-bytes to at least {framed} \
+                 or lower --max-payload-bytes to at most {}.",
+                self.max_payload_bytes,
+                self.client_queue_bytes,
+                self.client_queue_bytes
+                    .saturating_sub(protocol::MAX_EVENT_OVERHEAD as u64),
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl Default for Config {
@@ -343,5 +378,18 @@ mod tests {
         assert_eq!(c.idle_timeout, Duration::from_secs(90));
         assert!(Config::try_parse_from(["fanout", "--trusted-proxies", "nope"]).is_err());
         assert!(Config::try_parse_from(["fanout", "--chunk-size", "0"]).is_err());
+    }
+
+    #[test]
+    fn a_payload_limit_no_client_queue_can_carry_is_refused() {
+        assert_eq!(Config::defaults().validate(), Ok(()));
+        let mut c = Config::defaults();
+        c.max_payload_bytes = 4 << 20;
+        let e = c.validate().unwrap_err();
+        assert!(e.contains("--max-payload-bytes") && e.contains("--client-queue-bytes"));
+        c.max_payload_bytes = (c.client_queue_bytes as usize) - protocol::MAX_EVENT_OVERHEAD;
+        assert_eq!(c.validate(), Ok(()));
+        c.max_payload_bytes += 1;
+        assert!(c.validate().is_err());
     }
 }

@@ -240,25 +240,20 @@ async fn realtime_connect(
 // ---------------------------------------------------------------------------
 // POST /api/realtime
 
-/// The subscription form. `null` binds like a missing field, as in Go.
-#[derive(Debug, Default, Deserialize)]
-struct SubscribeForm {
-    #[serde(rename = "clientId", default)]
-    client_id: Option<String>,
-    #[serde(default)]
-    subscriptions: Option<Vec<String>>,
-}
-
 async fn realtime_subscribe(
     State(state): State<AppState>,
     ConnectInfo(PeerAddr(peer)): ConnectInfo<PeerAddr>,
     req: Request,
 ) -> Result<StatusCode, ApiError> {
     let s = &state.inner;
+    let query = req.uri().query().map(str::to_owned);
     let (headers, body) = s.body(req).await?;
-    let form = bind_subscribe_form(&headers, &body)?;
-    let client_id = form.client_id.unwrap_or_default();
-    let subscriptions = form.subscriptions.unwrap_or_default();
+    let crate::bind::SubscribeForm {
+        client_id,
+        subscriptions,
+    } = crate::bind::subscribe_form(&headers, query.as_deref(), body)
+        .await
+        .map_err(|_| bind_error())?;
     validate_subscribe_form(&client_id, &subscriptions)?;
     s.streams
         .broker
@@ -277,33 +272,6 @@ async fn realtime_subscribe(
 
 fn bind_error() -> ApiError {
     ApiError::bad_request(crate::error::DEFAULT_BAD_REQUEST)
-}
-
-/// PocketBase binds JSON and url-encoded forms; an empty body binds as an
-/// empty form whatever its content type.
-fn bind_subscribe_form(headers: &HeaderMap, body: &[u8]) -> Result<SubscribeForm, ApiError> {
-    if body.is_empty() {
-        return Ok(SubscribeForm::default());
-    }
-    let ct = content_type(headers);
-    if ct.starts_with("application/json") {
-        serde_json::from_slice(body).map_err(|_| bind_error())
-    } else if ct.starts_with("application/x-www-form-urlencoded") {
-        let mut form = SubscribeForm::default();
-        for (k, v) in form_urlencoded::parse(body) {
-            match &*k {
-                "clientId" => form.client_id = Some(v.into_owned()),
-                "subscriptions" => form
-                    .subscriptions
-                    .get_or_insert_with(Vec::new)
-                    .push(v.into_owned()),
-                _ => {}
-            }
-        }
-        Ok(form)
-    } else {
-        Err(bind_error())
-    }
 }
 
 fn content_type(headers: &HeaderMap) -> String {
@@ -510,6 +478,7 @@ async fn publish(
         }
         return Err(e);
     }
+    check_batch_fits_a_queue(&publications, s.config.client_queue_bytes)?;
     let n = publications.len();
     s.streams
         .broker
@@ -526,6 +495,35 @@ async fn publish(
             }
         })?;
     Ok(Json(json!({ "published": n })).into_response())
+}
+
+/// Refuse (413) a batch that no subscriber could receive: a client holding
+/// just its topics would be charged more than `--client-queue-bytes` for
+/// it (each message's data, `id:` line and `event:<topic>` head), so it
+/// would be disconnected as slow by this one request. One message always
+/// fits: `--max-payload-bytes` is checked against the queue at start.
+fn check_batch_fits_a_queue(
+    publications: &[Publication],
+    queue_bytes: u64,
+) -> Result<(), ApiError> {
+    if publications.len() < 2 {
+        return Ok(());
+    }
+    let least: u64 = publications
+        .iter()
+        .map(|p| {
+            (p.data.len() + p.topic.len() + protocol::MAX_EVENT_OVERHEAD - MAX_TOPIC_LEN) as u64
+        })
+        .sum();
+    if least > queue_bytes {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "The batch takes at least {least} bytes as events, more than a client queue holds ({queue_bytes} bytes, --client-queue-bytes); send it in smaller batches."
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// A validated publication, or its field errors and whether one of them is
@@ -790,27 +788,5 @@ mod tests {
             e.data["subscriptions"]["1"]["code"],
             "validation_match_invalid"
         );
-    }
-
-    #[test]
-    fn forms_bind_like_pocketbase() {
-        let mut h = HeaderMap::new();
-        assert!(bind_subscribe_form(&h, b"").unwrap().client_id.is_none());
-        assert!(bind_subscribe_form(&h, b"{}").is_err());
-        h.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-        assert!(bind_subscribe_form(&h, b"{bad").is_err());
-        assert!(bind_subscribe_form(&h, br#"{"subscriptions":"a"}"#).is_err());
-        let f =
-            bind_subscribe_form(&h, br#"{"clientId":"c","subscriptions":["a"],"x":1}"#).unwrap();
-        assert_eq!(f.client_id.as_deref(), Some("c"));
-        h.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/x-www-form-urlencoded"),
-        );
-        let f = bind_subscribe_form(&h, b"clientId=c&subscriptions=a&subscriptions=b%3F").unwrap();
-        assert_eq!(f.subscriptions.unwrap(), ["a", "b?"]);
     }
 }

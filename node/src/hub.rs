@@ -24,8 +24,8 @@
 //! by every key and client it goes to; an event is two refcounted parts (the
 //! key's head and the data), and each stream adds its own `id:` line when it
 //! writes. So a 244 KiB message that matches 1,000 keys of a client costs
-//! 1,000 × two pointers in its queue, and the client's queue bound in bytes
-//! disconnects that client long before the node notices the memory.
+//! 1,000 × two pointers in its queue, and is charged once against the
+//! client's queue bound in bytes (see [`crate::client`]).
 //!
 //! Pushing is done by a fixed set of fan-out workers (one per core by
 //! default). Every client belongs to one worker (`seq % workers`), and each

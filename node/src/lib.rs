@@ -8,13 +8,16 @@
 //! * [`relay`]: how publications reach every node's hub: the in-process
 //!   relay, and the cluster relay over Redis (`relay::redis`);
 //! * [`broker`]: hub + relay, the library's entry point;
-//! * [`http`] and [`sse`]: the HTTP routes and the stream body;
-//! * [`pocketbase`]: companion mode, identities verified by PocketBase;
+//! * [`http`] and [`sse`]: the HTTP routes and the stream body; [`bind`]:
+//!   request bodies bound as PocketBase binds them;
+//! * [`pocketbase`]: companion mode, identities verified by PocketBase and
+//!   bridges onto its realtime API;
 //! * [`server`]: listener, startup and graceful shutdown; `conn`: each
 //!   accepted connection (the SSE fast path, hyper for the rest).
 
 pub mod admission;
 pub mod auth;
+pub mod bind;
 pub mod broker;
 pub mod client;
 pub mod config;

@@ -25,6 +25,11 @@ pub const MAX_SUBSCRIPTIONS: usize = 1000;
 pub const MAX_TOPIC_LEN: usize = 2500;
 /// PocketBase's limit on a client id, in bytes.
 pub const MAX_CLIENT_ID_LEN: usize = 255;
+/// Most bytes an event adds around its data on one of our streams: the
+/// `id:<client id>\n` line, `event:<key>\ndata:` with the longest key, and
+/// the closing `\n\n`.
+pub const MAX_EVENT_OVERHEAD: usize =
+    "id:\n".len() + CLIENT_ID_LEN + "event:\ndata:".len() + MAX_TOPIC_LEN + "\n\n".len();
 
 const ALPHANUMERIC: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
 

@@ -105,7 +105,11 @@ pub struct Server {
 
 impl Server {
     /// Bind the listener and start serving.
+    ///
+    /// Errors: settings that cannot work together ([`Config::validate`]),
+    /// an address that cannot be bound, an invalid Redis URL.
     pub async fn start(config: Config) -> anyhow::Result<Self> {
+        config.validate().map_err(anyhow::Error::msg)?;
         let listener =
             bind(config.listen).with_context(|| format!("cannot listen on {}", config.listen))?;
         let addr = listener.local_addr()?;

@@ -239,3 +239,157 @@ async fn without_redis_a_subscription_with_since_replays_what_followed_then_goes
     assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
     assert_eq!(body["data"]["id"]["code"], "validation_length_out_of_range");
 }
+
+/// `t` and fifteen `t?options=…` keys, as an SDK subscribing to one topic
+/// with sixteen option sets holds them.
+fn sixteen_keys_of(topic: &str) -> Vec<String> {
+    std::iter::once(topic.to_owned())
+        .chain((1..16).map(|i| format!("{topic}?options={{\"query\":{{\"n\":\"{i}\"}}}}")))
+        .collect()
+}
+
+/// Read `keys.len()` events and check that each key got `data` once.
+async fn expect_one_event_per_key(sse: &mut Sse, keys: &[String], data: &serde_json::Value) {
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..keys.len() {
+        let (name, got) = sse.next_json().await;
+        assert!(&got == data, "event {name} carries other data");
+        assert!(seen.insert(name.clone()), "{name} twice");
+    }
+    assert_eq!(seen, keys.iter().cloned().collect());
+}
+
+/// Issue 17 item 6: one 256 KiB publication (within the default payload
+/// limit) matching sixteen keys of a client that reads promptly reaches
+/// all sixteen, and the client stays connected. The data is held once, so
+/// it is charged once against the 4 MiB queue bound, not sixteen times.
+#[tokio::test]
+async fn a_publication_within_the_payload_limit_reaches_sixteen_keys_of_a_prompt_reader() {
+    let node = start().await;
+    let mut sse = node.connect().await;
+    let keys = sixteen_keys_of("t");
+    let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+    node.subscribe(&sse.client_id, &refs).await;
+    // `"…"`: exactly the default 262,144 bytes of JSON.
+    let data = json!("x".repeat(256 * 1024 - 2));
+    node.publish("t", data.clone()).await;
+    expect_one_event_per_key(&mut sse, &keys, &data).await;
+    node.publish("t", json!("after")).await;
+    expect_one_event_per_key(&mut sse, &keys, &json!("after")).await;
+}
+
+/// Issue 17 item 6, the large-payload variant: a payload limit that no
+/// client queue can carry is refused at start, naming both settings,
+/// instead of answering 200 to a publish that then disconnects every
+/// subscriber of its topic.
+#[tokio::test]
+async fn a_payload_limit_no_client_queue_can_carry_is_refused_at_start() {
+    let mut config = fanout::Config::defaults();
+    config.listen = "127.0.0.1:0".parse().unwrap();
+    config.max_body_bytes = 8 << 20;
+    config.max_payload_bytes = (4 << 20) + 1024;
+    let e = match fanout::Server::start(config).await {
+        Ok(_) => panic!("a 4 MiB + 1 KiB payload limit with a 4 MiB client queue started"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        e.contains("--max-payload-bytes") && e.contains("--client-queue-bytes"),
+        "{e}"
+    );
+}
+
+/// At the largest payload limit the client queue admits, a publication of
+/// exactly that size reaches several keys of a prompt reader, and one byte
+/// more is refused with PocketBase's 413 error JSON: nothing is answered
+/// 200 that a subscriber could not receive.
+#[tokio::test]
+async fn at_the_largest_payload_limit_a_full_size_publication_is_delivered_and_one_byte_more_is_413()
+ {
+    let queue = 4usize << 20;
+    let limit = queue - fanout::protocol::MAX_EVENT_OVERHEAD;
+    let node = start_with(|c| {
+        c.client_queue_bytes = queue as u64;
+        c.max_payload_bytes = limit;
+        c.max_body_bytes = 8 << 20;
+    })
+    .await;
+    let mut sse = node.connect().await;
+    let keys: Vec<String> = sixteen_keys_of("big").into_iter().take(4).collect();
+    let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+    node.subscribe(&sse.client_id, &refs).await;
+
+    let (status, body) = node
+        .publish_raw(json!({"topic": "big", "data": "x".repeat(limit - 1)}), &[])
+        .await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{body}");
+    assert_eq!(body["status"], 413, "{body}");
+    assert_eq!(
+        body["data"]["data"]["code"], "validation_length_too_long",
+        "{body}"
+    );
+
+    let data = json!("x".repeat(limit - 2));
+    node.publish("big", data.clone()).await;
+    expect_one_event_per_key(&mut sse, &keys, &data).await;
+    node.publish("big", json!("after")).await;
+    expect_one_event_per_key(&mut sse, &keys, &json!("after")).await;
+}
+
+/// A batch whose messages together exceed what a client queue holds would
+/// disconnect a prompt subscriber of its topic in one request: it gets 413
+/// with PocketBase's error JSON instead of 200, and the subscriber stays.
+#[tokio::test]
+async fn a_batch_larger_than_a_client_queue_is_413_and_its_subscriber_stays() {
+    let node = start_with(|c| {
+        c.client_queue_bytes = 64 * 1024;
+        c.max_payload_bytes = 32 * 1024;
+    })
+    .await;
+    let mut sse = node.connect().await;
+    node.subscribe(&sse.client_id, &["t"]).await;
+    let data = json!("x".repeat(30 * 1024));
+    let messages: Vec<_> = (0..10)
+        .map(|_| json!({"topic": "t", "data": data}))
+        .collect();
+    let (status, body) = node.publish_raw(json!({"messages": messages}), &[]).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{body}");
+    assert_eq!(body["status"], 413, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("--client-queue-bytes")
+    );
+    // Two of them fit, and arrive.
+    let (status, body) = node
+        .publish_raw(json!({"messages": &messages[..2]}), &[])
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    for _ in 0..2 {
+        assert_eq!(sse.next_json().await, ("t".to_owned(), data.clone()));
+    }
+}
+
+/// The same refusal from the `fanout` binary an operator starts: it exits
+/// with an error naming both settings instead of serving.
+#[tokio::test]
+async fn the_binary_exits_naming_both_settings_when_no_client_queue_can_carry_the_payload_limit() {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_fanout"))
+        .env("FANOUT_LISTEN", "127.0.0.1:0")
+        .env("FANOUT_MAX_PAYLOAD_BYTES", ((4 << 20) + 1024).to_string())
+        .env("FANOUT_MAX_BODY_BYTES", (8 << 20).to_string())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(WAIT, out)
+        .await
+        .expect("the binary exits instead of serving")
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--max-payload-bytes")
+            && stderr.contains("FANOUT_CLIENT_QUEUE_BYTES")
+            && stderr.contains("--client-queue-bytes"),
+        "{stderr}"
+    );
+}

