@@ -6,13 +6,22 @@
 //! the topic's epoch (a random id, new whenever the meta hash is gone: the
 //! topic's history was lost), appends the message to the topic's stream
 //! (`XADD … MAXLEN <--history-size>`, entry id `<offset>-1`), refreshes
-//! both keys' TTL (`--history-ttl`), and publishes the envelope with
-//! `"offset"` and `"epoch"` added. One atomic step: no reader can see a
-//! message in the stream that was not published, or the reverse.
+//! the stream's TTL (`--history-ttl`) and the meta hash's (much longer,
+//! [`meta_ttl`]), and publishes the envelope with `"offset"` and `"epoch"`
+//! added. One atomic step: no reader can see a message in the stream that
+//! was not published, or the reverse.
 //!
-//! Keys: `<prefix>m:<topic>` and `<prefix>h:<topic>`; on a cluster,
-//! `<prefix>{p<k>}:m:<topic>` and `<prefix>{p<k>}:h:<topic>`, with the
-//! topic channel's hash tag, so the script's keys and channel share a slot.
+//! A quiet topic's messages expire; its offsets do not: the next message
+//! continues them in the same epoch, so expiry is never taken for a loss.
+//!
+//! A message with a publisher `id` that the topic's recent ids already
+//! hold (the ids set: the last `--history-size` ids, for `--history-ttl`)
+//! is not published again: a publisher may retry a publish whose outcome it
+//! does not know (a timeout) without delivering it twice.
+//!
+//! Keys: `<prefix>m:<topic>`, `<prefix>h:<topic>` and `<prefix>i:<topic>`;
+//! on a cluster, `<prefix>{p<k>}:m:<topic>` and so on, with the topic
+//! channel's hash tag, so the script's keys and channel share a slot.
 //!
 //! Each node remembers, per subscribed topic, the epoch and offset it last
 //! dispatched. A message with the next offset is dispatched; one already
@@ -31,22 +40,61 @@ use redis::Value;
 use super::Shared;
 use crate::{client::CloseReason, metrics as m};
 
-/// The publish script. KEYS: meta hash, stream. ARGV: channel, envelope
-/// without its closing brace, history size, TTL (ms), a fresh epoch, and
-/// the publish command (`publish` or `spublish`). Returns
-/// `{offset, epoch, receivers}`.
+/// How long a topic's meta hash (epoch and offset counter) outlives its
+/// last publish, at least: [`meta_ttl`] takes the longer of this and twice
+/// `--history-ttl`. The messages expire after `--history-ttl`; the meta
+/// hash must outlive them by far, or a quiet topic's next message would
+/// start a new epoch and every node would take the expiry for a loss. Its
+/// cost: one hash of ~100 bytes per topic published in the last day.
+pub(super) const META_TTL: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// The meta hash's TTL for a given `--history-ttl`.
+pub(super) fn meta_ttl(history_ttl: Duration) -> Duration {
+    META_TTL.max(history_ttl * 2)
+}
+
+/// The publish script. KEYS: meta hash, stream, ids (a sorted set: the
+/// publisher ids of the last messages, scored by offset). ARGV: channel,
+/// envelope without its closing brace, history size, history TTL (ms), a
+/// fresh epoch, the publish command (`publish` or `spublish`), the meta
+/// TTL (ms), and the message's publisher id (empty: none). Returns
+/// `{offset, epoch, receivers}`; receivers is -1 for a message whose id
+/// the topic's history already holds (a retry): it is not published again.
+///
+/// Expiry is not a loss: the meta hash lives [`meta_ttl`], so when the
+/// stream expires, offsets go on from where they were. The meta keeps the
+/// id of the last message (`i`); when the stream was gone, the script
+/// first writes a cursor entry (`<last offset>-1`, field `c`: that id), so
+/// a resume from the last message before the expiry still finds its
+/// cursor and replays what came after.
 const PUBLISH_SCRIPT: &str = r#"
+local id = ARGV[8]
 local e = redis.call('hget', KEYS[1], 'e')
+if e and id ~= '' then
+  local o = redis.call('zscore', KEYS[3], id)
+  if o then return {tonumber(o), e, -1} end
+end
 if not e then
   e = ARGV[5]
-  redis.call('del', KEYS[2])
+  redis.call('del', KEYS[2], KEYS[3])
   redis.call('hset', KEYS[1], 'e', e)
+elseif redis.call('exists', KEYS[2]) == 0 then
+  local last = redis.call('hmget', KEYS[1], 's', 'i')
+  if last[1] and last[2] and last[2] ~= '' then
+    redis.call('xadd', KEYS[2], last[1] .. '-1', 'c', last[2])
+  end
 end
 local s = redis.call('hincrby', KEYS[1], 's', 1)
 local msg = ARGV[2] .. ',"offset":' .. s .. ',"epoch":"' .. e .. '"}'
 redis.call('xadd', KEYS[2], 'MAXLEN', ARGV[3], s .. '-1', 'm', msg)
+redis.call('hset', KEYS[1], 'i', id)
 redis.call('pexpire', KEYS[2], ARGV[4])
-redis.call('pexpire', KEYS[1], ARGV[4])
+redis.call('pexpire', KEYS[1], ARGV[7])
+if id ~= '' then
+  redis.call('zadd', KEYS[3], s, id)
+  redis.call('zremrangebyrank', KEYS[3], 0, -1 - tonumber(ARGV[3]))
+  redis.call('pexpire', KEYS[3], ARGV[4])
+end
 local n = redis.call(ARGV[6], ARGV[1], msg)
 return {s, e, n}
 "#;
@@ -126,7 +174,14 @@ impl Shared {
     }
 
     /// The publish script for one message: `envelope` is the JSON envelope.
-    pub(super) fn history_cmd(&self, base: &str, mut envelope: Vec<u8>) -> redis::Cmd {
+    /// `id` is the publisher's id of the message, if any: a retry with the
+    /// same id is answered without publishing again.
+    pub(super) fn history_cmd(
+        &self,
+        base: &str,
+        mut envelope: Vec<u8>,
+        id: Option<&str>,
+    ) -> redis::Cmd {
         envelope.pop(); // the closing brace; the script adds offset and epoch
         let verb = if self.partitions().is_some() {
             "spublish"
@@ -135,15 +190,18 @@ impl Shared {
         };
         let mut c = redis::cmd("EVAL");
         c.arg(PUBLISH_SCRIPT)
-            .arg(2)
+            .arg(3)
             .arg(self.history_key("m", base))
             .arg(self.history_key("h", base))
+            .arg(self.history_key("i", base))
             .arg(self.topic_channel(base))
             .arg(envelope)
             .arg(self.config.history_size)
             .arg(self.config.history_ttl.as_millis() as u64)
             .arg(crate::protocol::random_alphanumeric(12))
-            .arg(verb);
+            .arg(verb)
+            .arg(meta_ttl(self.config.history_ttl).as_millis() as u64)
+            .arg(id.unwrap_or(""));
         c
     }
 
@@ -482,18 +540,28 @@ impl Shared {
             Err(e) => Err(e),
         };
         if let Ok(entries) = entries {
-            let messages: Vec<Vec<u8>> = entries
+            // Messages (`m`), and the cursor entry (`c`: the id of the last
+            // message before the stream expired, see `PUBLISH_SCRIPT`).
+            let entries: Vec<(bool, Vec<u8>)> = entries
                 .into_iter()
                 .filter_map(|(_, fields)| {
-                    fields.into_iter().find(|(f, _)| f == "m").map(|(_, m)| m)
+                    fields
+                        .into_iter()
+                        .find(|(f, _)| f == "m" || f == "c")
+                        .map(|(f, v)| (f == "m", v))
                 })
                 .collect();
-            let from = messages.iter().rposition(|m| {
-                Self::id_of(m).is_some_and(|(id, _)| id.as_deref() == Some(req.since.as_str()))
+            let from = entries.iter().rposition(|(message, v)| {
+                if *message {
+                    Self::id_of(v)
+                        .is_some_and(|(id, _)| id.as_deref() == Some(req.since.as_str()))
+                } else {
+                    v == req.since.as_bytes()
+                }
             });
             match from {
                 Some(i) => {
-                    for m in &messages[i + 1..] {
+                    for (_, m) in entries[i + 1..].iter().filter(|(message, _)| *message) {
                         self.replay_to(&req.client, &req.key, &base, m);
                         metrics::counter!(m::RESUME_REPLAYED).increment(1);
                     }

@@ -572,7 +572,7 @@ impl Shared {
             let p = &batch[i];
             let base = protocol::base_topic(&p.topic);
             if self.history_on() {
-                self.history_cmd(base, envelope(p))
+                self.history_cmd(base, envelope(p), p.id.as_deref())
             } else {
                 self.publish_cmd(self.topic_channel(base), envelope(p))
             }
