@@ -393,3 +393,51 @@ async fn a_quiet_topic_whose_history_expired_delivers_its_next_message_and_a_cur
         assert_eq!(n.metric("fanout_history_gaps_total").await, 0.0);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_database_number_is_refused_and_two_prefixes_keep_two_deployments_apart() {
+    // Issue 17, item 5: pub/sub ignores the database number, so a
+    // deployment on /1 and another on /0 of one Redis received each
+    // other's messages, and the victim's next own publish closed its
+    // streams as a new epoch.
+    let redis = RedisServer::start().await;
+    let url = redis.url();
+    let on_db1 = format!("{url}/1");
+    let out = tokio::time::timeout(
+        Duration::from_secs(30),
+        tokio::process::Command::new(fanout_bin())
+            .env("FANOUT_LISTEN", format!("127.0.0.1:{}", free_port()))
+            .env("FANOUT_REDIS_URL", &on_db1)
+            .output(),
+    )
+    .await
+    .expect("a node on database 1 exits at once instead of serving")
+    .unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success(), "{said}");
+    assert!(said.contains("FANOUT_REDIS_PREFIX"), "{said}");
+
+    // What the refusal points to: one prefix per deployment, database 0.
+    let a = NodeProcess::start(&env(&url, &[("FANOUT_REDIS_PREFIX", "a:")])).await;
+    let b = NodeProcess::start(&env(&url, &[("FANOUT_REDIS_PREFIX", "b:")])).await;
+    let mut on_a = a.connect().await;
+    a.subscribe(&on_a.client_id, &["q"]).await;
+    let mut on_b = b.connect().await;
+    b.subscribe(&on_b.client_id, &["q"]).await;
+    for n in 1..=3 {
+        a.publish("q", json!(n)).await;
+    }
+    b.publish("q", json!(100)).await;
+    assert_eq!(received_numbers(&mut on_a).await, vec![1, 2, 3]);
+    assert_eq!(
+        received_numbers(&mut on_b).await,
+        vec![100],
+        "b got only its own message, and its stream stayed open"
+    );
+    assert_eq!(b.metric("fanout_history_gaps_total").await, 0.0);
+    assert_eq!(a.metric("fanout_history_gaps_total").await, 0.0);
+}

@@ -104,7 +104,8 @@ use topology::{Backend, Commands, Target};
 /// Settings of the Redis relay.
 #[derive(Debug, Clone)]
 pub struct RedisConfig {
-    /// `redis://[user:password@]host:port[/db]` or
+    /// `redis://[user:password@]host:port[/0]` (another database is
+    /// refused: pub/sub ignores it, see `topology.rs`) or
     /// `redis+cluster://[user:password@]h1:p1,h2:p2,...`.
     pub url: String,
     /// Prefix of every channel and key.
