@@ -389,3 +389,62 @@ async fn a_failover_that_loses_writes_is_detected_and_new_messages_still_arrive(
         "the rollback is logged"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_over_a_stalled_and_a_healthy_primary_answers_504_with_each_outcome_and_its_retry_delivers_once()
+ {
+    // Issue 18, item 4 (cluster): the healthy primary's message was
+    // delivered while the batch was answered 503 "nothing was published".
+    let redis = RedisCluster::start(None).await;
+    let node = NodeProcess::start(&env(&redis.cluster_url())).await;
+    // Two topics on two different primaries.
+    let first = "b-0".to_owned();
+    let first_owner = redis.owner_of(&topic_channel(&first)).await;
+    let mut second = String::new();
+    for i in 1.. {
+        second = format!("b-{i}");
+        if redis.owner_of(&topic_channel(&second)).await != first_owner {
+            break;
+        }
+    }
+    let stalled = redis.owner_of(&topic_channel(&second)).await;
+    let mut sse = node.connect().await;
+    node.subscribe(&sse.client_id, &[&first, &second]).await;
+    let batch = json!({"messages": [
+        {"topic": first, "id": "y1", "data": 1},
+        {"topic": second, "id": "y2", "data": 2},
+    ]});
+    let _: () = redis
+        .cmd(stalled, &["CLIENT", "PAUSE", "4500", "WRITE"])
+        .await;
+    let (status, reply) = node.publish_raw(batch.clone(), &[]).await;
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT, "{reply}");
+    assert_eq!(reply["data"]["published"], json!([0]), "{reply}");
+    assert_eq!(reply["data"]["unknown"], json!([1]), "{reply}");
+    // The publisher retries the whole batch until it is answered 200.
+    let mut answers = vec![status.as_u16()];
+    loop {
+        let (status, reply) = node.publish_raw(batch.clone(), &[]).await;
+        answers.push(status.as_u16());
+        if status == StatusCode::OK {
+            break;
+        }
+        assert!(
+            [StatusCode::SERVICE_UNAVAILABLE, StatusCode::GATEWAY_TIMEOUT].contains(&status),
+            "{reply}"
+        );
+        assert!(answers.len() < 50, "never 200: {answers:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut got = Vec::new();
+    while let Some(e) = sse.next_within(Duration::from_secs(1)).await {
+        got.push((e.event, e.data));
+    }
+    got.sort();
+    eprintln!("answers {answers:?}; received {got:?}");
+    assert_eq!(
+        got,
+        vec![(first.clone(), "1".to_owned()), (second.clone(), "2".to_owned())],
+        "each message once: 0 missing, 0 duplicated"
+    );
+}
