@@ -26,7 +26,9 @@
 //! Each node remembers, per subscribed topic, the epoch and offset it last
 //! dispatched. A message with the next offset is dispatched; one already
 //! seen is dropped (a duplicate); a jump is filled from the stream first
-//! (`XRANGE`), in order. After a subscriber link reconnects, every topic on
+//! (`XRANGE`), in order; another message at an offset already dispatched
+//! (a failover reused it) is signalled, not dropped. After a subscriber
+//! link reconnects, every topic on
 //! it is caught up the same way before live messages resume. A gap the
 //! stream cannot fill (trimmed, expired, or a new epoch) is counted
 //! (`fanout_history_gaps_total`), logged, and, with `--on-gap close` (the
@@ -37,7 +39,7 @@ use std::{collections::VecDeque, sync::Arc, time::Duration};
 
 use redis::Value;
 
-use super::Shared;
+use super::{Shared, topology::Commands};
 use crate::{client::CloseReason, metrics as m};
 
 /// How long a topic's meta hash (epoch and offset counter) outlives its
@@ -133,6 +135,8 @@ enum Resync {
     Done,
     Gap,
     RolledBack,
+    /// The history ends below the node's position (position moved back).
+    ShortHistory,
 }
 
 /// What to do with a message that carries an offset.
@@ -140,7 +144,8 @@ enum Resync {
 enum Step {
     /// The next one, or the first seen: dispatch it.
     Next,
-    /// Seen already: drop it.
+    /// At an offset already dispatched: a duplicate if it is the same
+    /// message, a rollback if not (see [`Shared::admit_offset`]).
     Duplicate,
     /// Offsets after `after` and before this one are missing.
     Gap { after: u64 },
@@ -217,8 +222,31 @@ impl Shared {
         let known = self.positions.lock().get(base).cloned();
         match step(known.as_ref(), epoch, offset) {
             Step::Duplicate => {
-                metrics::counter!(m::HISTORY_DUPLICATES).increment(1);
-                return false;
+                let seen = known
+                    .as_ref()
+                    .and_then(|p| p.recent.iter().find(|(o, _)| *o == offset))
+                    .map(|(_, d)| *d);
+                match seen {
+                    // Another message at an offset this node delivered: a
+                    // failover promoted a replica without the old primary's
+                    // last writes, and new messages took their offsets.
+                    // What the old primary had after them is unknowable
+                    // here: signal, and follow the new history from this
+                    // message on.
+                    Some(d) if d != digest(payload) => {
+                        metrics::counter!(m::HISTORY_ROLLBACKS).increment(1);
+                        self.lost(
+                            base,
+                            "the topic's history was rolled back by a failover (an offset this node delivered holds another message)",
+                        );
+                    }
+                    // The same message again, or one older than what this
+                    // node remembers (catch-up and live overlap).
+                    _ => {
+                        metrics::counter!(m::HISTORY_DUPLICATES).increment(1);
+                        return false;
+                    }
+                }
             }
             Step::Next => {}
             Step::NewEpoch => self.lost(base, "the topic's history was reset (new epoch)"),
@@ -279,7 +307,7 @@ impl Shared {
         if missing.is_empty() {
             return Ok(());
         }
-        let mut conn = self.reads().map_err(|e| e.to_string())?;
+        let k = self.link_of(&missing[0][..]);
         for chunk in missing.chunks(CATCH_UP_BATCH) {
             let mut pipe = redis::pipe();
             for t in chunk {
@@ -288,10 +316,14 @@ impl Shared {
                     .arg("e")
                     .arg("s");
             }
-            let replies: Vec<(Option<String>, Option<u64>)> = self
-                .command("HMGET", pipe.query_async(&mut conn))
+            let values = self
+                .read_history(k, "HMGET", pipe, chunk.len())
                 .await
                 .map_err(|e| e.to_string())?;
+            let replies: Vec<(Option<String>, Option<u64>)> = values
+                .into_iter()
+                .map(|v| redis::from_redis_value(v).unwrap_or((None, None)))
+                .collect();
             let mut positions = self.positions.lock();
             for (t, (epoch, offset)) in chunk.iter().zip(replies) {
                 positions.entry((*t).clone()).or_insert(Position {
@@ -302,6 +334,47 @@ impl Shared {
             }
         }
         Ok(())
+    }
+
+    /// A pipeline of `count` history reads for link `k`'s topics. On a
+    /// cluster it goes to the primary the link follows, whose channels the
+    /// live messages come from, never to a node the cluster connection's
+    /// slot map may still name: after a failover the former primary holds a
+    /// history the new one does not, and catching up from it would take the
+    /// new primary's messages at reused offsets for duplicates. `Err` when
+    /// it cannot be read there now (a node that no longer owns the slot
+    /// refuses: the link is moving too).
+    async fn read_history(
+        &self,
+        k: usize,
+        what: &str,
+        pipe: redis::Pipeline,
+        count: usize,
+    ) -> Result<Vec<Value>, crate::relay::RelayError> {
+        let mut conn = self.reads()?;
+        let primary = self
+            .partitions()
+            .and_then(|_| self.links[k].primary.lock().clone());
+        let values: Vec<Value> = match (
+            &mut conn,
+            primary.as_deref().and_then(|a| a.rsplit_once(':')),
+        ) {
+            (Commands::Cluster(c), Some((host, port))) => {
+                let route = redis::cluster_routing::SingleNodeRoutingInfo::ByAddress {
+                    host: host.to_owned(),
+                    port: port.parse().unwrap_or_default(),
+                };
+                self.command(what, c.route_pipeline(pipe, 0, count, route))
+                    .await?
+            }
+            _ => self.command(what, pipe.query_async(&mut conn)).await?,
+        };
+        if let Some(e) = values.iter().find(|v| matches!(v, Value::ServerError(_))) {
+            return Err(crate::relay::RelayError::Unavailable(format!(
+                "Redis {what} refused: {e:?}"
+            )));
+        }
+        Ok(values)
     }
 
     /// Forget a topic this node no longer subscribes to.
@@ -320,19 +393,23 @@ impl Shared {
         after: u64,
         until: Option<u64>,
     ) -> Result<bool, ()> {
-        let mut conn = self.reads().map_err(|_| ())?;
         let end = until.map_or_else(|| "+".to_owned(), |u| format!("{u}-1"));
-        let entries: Result<Vec<StreamEntry>, _> = self
-            .command(
-                "XRANGE",
-                redis::cmd("XRANGE")
-                    .arg(self.history_key("h", base))
-                    .arg(format!("{}-1", after + 1))
-                    .arg(end)
-                    .query_async(&mut conn),
-            )
-            .await;
-        let entries = entries.map_err(|_| ())?;
+        let mut pipe = redis::pipe();
+        pipe.cmd("XRANGE")
+            .arg(self.history_key("h", base))
+            .arg(format!("{}-1", after + 1))
+            .arg(end);
+        let values = self
+            .read_history(self.link_of(base), "XRANGE", pipe, 1)
+            .await
+            .map_err(|_| ())?;
+        let entries: Vec<StreamEntry> = values
+            .into_iter()
+            .next()
+            .map(redis::from_redis_value)
+            .transpose()
+            .map_err(|_| ())?
+            .unwrap_or_default();
         if !self.replay(base, epoch, after, entries) {
             return Ok(false);
         }
@@ -367,10 +444,6 @@ impl Shared {
             return;
         }
         let started = std::time::Instant::now();
-        let Ok(mut conn) = self.reads() else {
-            self.links[k].reconnect.lock().cancel();
-            return;
-        };
         for chunk in known.chunks(CATCH_UP_BATCH) {
             let mut pipe = redis::pipe();
             for (topic, p) in chunk {
@@ -386,8 +459,7 @@ impl Shared {
                     .arg(format!("{from}-1"))
                     .arg("+");
             }
-            let replies: Result<Vec<Value>, _> =
-                self.command("XRANGE", pipe.query_async(&mut conn)).await;
+            let replies = self.read_history(k, "XRANGE", pipe, chunk.len() * 2).await;
             let Ok(replies) = replies else {
                 self.links[k].reconnect.lock().cancel();
                 return;
@@ -405,6 +477,10 @@ impl Shared {
                 match self.resync(topic, p, top.unwrap_or(0), entries) {
                     Resync::Done => {}
                     Resync::Gap => self.lost(topic, "the gap is no longer in the topic's history"),
+                    Resync::ShortHistory => self.lost(
+                        topic,
+                        "the topic's history ends below what this node delivered (rolled back by a failover); what the former primary acknowledged after it is unknown",
+                    ),
                     Resync::RolledBack => {
                         // A failover promoted a replica without some of the
                         // old primary's writes, and other messages took
@@ -429,9 +505,10 @@ impl Shared {
     /// and what follows the position is dispatched in order. History that
     /// ends below the position (a failover lost the last writes, and
     /// nothing new came yet) moves the position back, so new messages are
-    /// not taken for duplicates. Another message at an offset this node
-    /// delivered means offsets were reused: that is a gap it cannot
-    /// resolve (`RolledBack`).
+    /// not taken for duplicates, and is signalled (`ShortHistory`): the
+    /// former primary may have acknowledged messages this node never got.
+    /// Another message at an offset this node delivered means offsets
+    /// were reused: that is a gap it cannot resolve (`RolledBack`).
     fn resync(&self, topic: &str, p: &Position, top: u64, entries: Vec<StreamEntry>) -> Resync {
         let delivered = |offset: u64, msg: &[u8]| {
             p.recent
@@ -460,21 +537,27 @@ impl Shared {
             fresh.push(msg);
         }
         if fresh.is_empty() && top < p.offset {
-            // The history ends below this node's position and holds
-            // nothing new: continue from its end.
+            // The history ends below this node's position: a failover lost
+            // the last writes. This node delivered those up to its
+            // position, but whether the former primary acknowledged more
+            // after them, which never reached this node, cannot be told:
+            // signal, then continue from the new history's end, so new
+            // messages are not taken for duplicates.
             tracing::warn!(
                 topic,
                 from = p.offset,
                 to = top,
-                "the topic's history was rolled back by a failover; nothing new was lost here"
+                "the topic's history was rolled back by a failover"
             );
             metrics::counter!(m::HISTORY_ROLLBACKS).increment(1);
-            let mut positions = self.positions.lock();
-            if let Some(pos) = positions.get_mut(topic) {
-                pos.offset = top;
-                pos.recent.retain(|(o, _)| *o <= top);
+            {
+                let mut positions = self.positions.lock();
+                if let Some(pos) = positions.get_mut(topic) {
+                    pos.offset = top;
+                    pos.recent.retain(|(o, _)| *o <= top);
+                }
             }
-            return Resync::Done;
+            return Resync::ShortHistory;
         }
         let entries = fresh
             .into_iter()
@@ -525,21 +608,18 @@ impl Shared {
             .lock()
             .get(base.as_str())
             .map_or(0, |p| p.offset);
-        let entries: Result<Vec<StreamEntry>, _> = match self.reads() {
-            Ok(mut conn) => {
-                self.command(
-                    "XRANGE",
-                    redis::cmd("XRANGE")
-                        .arg(self.history_key("h", &base))
-                        .arg("-")
-                        .arg(format!("{upto}-1"))
-                        .query_async(&mut conn),
-                )
-                .await
-            }
-            Err(e) => Err(e),
-        };
-        if let Ok(entries) = entries {
+        let mut pipe = redis::pipe();
+        pipe.cmd("XRANGE")
+            .arg(self.history_key("h", &base))
+            .arg("-")
+            .arg(format!("{upto}-1"));
+        let entries: Option<Vec<StreamEntry>> = self
+            .read_history(self.link_of(&base), "XRANGE", pipe, 1)
+            .await
+            .ok()
+            .and_then(|v| v.into_iter().next())
+            .and_then(|v| redis::from_redis_value(v).ok());
+        if let Some(entries) = entries {
             // Messages (`m`), and the cursor entry (`c`: the id of the last
             // message before the stream expired, see `PUBLISH_SCRIPT`).
             let entries: Vec<(bool, Vec<u8>)> = entries
