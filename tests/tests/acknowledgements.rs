@@ -375,7 +375,10 @@ async fn after_its_redis_connections_go_silent_a_node_opens_new_ones_and_publish
 
 /// Publish `body` until it is answered 200, whatever the answers before
 /// (504: outcome unknown; 503: nothing published). The answers.
-async fn publish_until_200(node: &Api, body: serde_json::Value) -> Vec<(StatusCode, serde_json::Value)> {
+async fn publish_until_200(
+    node: &Api,
+    body: serde_json::Value,
+) -> Vec<(StatusCode, serde_json::Value)> {
     let mut answers = Vec::new();
     loop {
         let (status, reply) = node.publish_raw(body.clone(), &[]).await;
@@ -429,7 +432,10 @@ async fn a_publish_redis_stalls_on_is_504_unknown_and_its_retry_with_the_same_id
     eprintln!(
         "retries: {:?} / {:?}; client: missing-unsignalled {}, duplicated {}",
         retries.iter().map(|(s, _)| s.as_u16()).collect::<Vec<_>>(),
-        batch_retries.iter().map(|(s, _)| s.as_u16()).collect::<Vec<_>>(),
+        batch_retries
+            .iter()
+            .map(|(s, _)| s.as_u16())
+            .collect::<Vec<_>>(),
         a.missing.len(),
         a.duplicated.len()
     );

@@ -386,9 +386,18 @@ async fn a_quiet_topic_whose_history_expired_delivers_its_next_message_and_a_cur
             a.missing.len(),
             a.duplicated.len()
         );
-        assert_eq!(seen, vec![2], "node {i}: the next message, once, stream open");
+        assert_eq!(
+            seen,
+            vec![2],
+            "node {i}: the next message, once, stream open"
+        );
     }
-    assert!(resumed.next_within(Duration::from_millis(500)).await.is_none());
+    assert!(
+        resumed
+            .next_within(Duration::from_millis(500))
+            .await
+            .is_none()
+    );
     for n in &nodes {
         assert_eq!(n.metric("fanout_history_gaps_total").await, 0.0);
     }

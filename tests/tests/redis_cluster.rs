@@ -454,7 +454,85 @@ async fn a_batch_over_a_stalled_and_a_healthy_primary_answers_504_with_each_outc
     eprintln!("answers {answers:?}; received {got:?}");
     assert_eq!(
         got,
-        vec![(first.clone(), "1".to_owned()), (second.clone(), "2".to_owned())],
+        vec![
+            (first.clone(), "1".to_owned()),
+            (second.clone(), "2".to_owned())
+        ],
         "each message once: 0 missing, 0 duplicated"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_primary_replaced_while_publishing_loses_nothing_silently_and_duplicates_nothing()
+{
+    // Issue 18, item 3: the primary owning a topic stalls (SIGSTOP) while
+    // messages are published; its replica is promoted, then the former
+    // primary wakes up. What the replica lacked got new messages at the
+    // same offsets, and nodes dropped those as duplicates.
+    let redis = RedisCluster::start(None).await;
+    let url = redis.cluster_url();
+    let a = NodeProcess::start(&env(&url)).await;
+    let b = NodeProcess::start(&env(&url)).await;
+    let mut sse = a.connect().await;
+    a.subscribe(&sse.client_id, &["stall"]).await;
+    let publisher = SteadyPublisher::start(b.api.clone(), "stall", Duration::from_millis(5));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let owner = redis.owner_of(&topic_channel("stall")).await;
+    let replica = redis.replica_of(owner).await;
+    redis.signal(owner, SIGSTOP);
+    // Asked of the replica itself: the stalled node answers nobody.
+    wait_for(
+        "the replica took over the stalled primary's slots",
+        || async {
+            redis
+                .try_cmd::<Vec<redis::Value>>(replica, &["ROLE"])
+                .await
+                .is_ok_and(
+                    |r| matches!(r.first(), Some(redis::Value::BulkString(b)) if b == b"master"),
+                )
+        },
+    )
+    .await;
+    redis.signal(owner, SIGCONT);
+    a.wait_healthy().await;
+    b.wait_healthy().await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let (ok, refused) = publisher.finish().await;
+    // Until the stream ends or is quiet: what is missing before the last
+    // message received was skipped silently; what is missing after it was
+    // signalled, if the stream was closed.
+    let mut seen: Vec<u64> = Vec::new();
+    let closed = loop {
+        match tokio::time::timeout(
+            Duration::from_secs(2),
+            futures_util::StreamExt::next(&mut sse.events),
+        )
+        .await
+        {
+            Ok(Some(Ok(e))) => seen.push(e.data.parse().expect("a number")),
+            Ok(None | Some(Err(_))) => break true,
+            Err(_) => break false,
+        }
+    };
+    let account = Account::of(&seen, &ok);
+    let last = seen.last().copied().unwrap_or(0);
+    let (unsignalled, signalled): (Vec<u64>, Vec<u64>) =
+        account.missing.iter().partition(|n| !closed || **n < last);
+    eprintln!(
+        "stalled primary: {} answered 200, {} answered 503/504; client on a: missing-unsignalled {} {unsignalled:?}, missing-signalled {}, duplicated {}; stream closed: {closed}; gaps {}",
+        ok.len(),
+        refused.len(),
+        unsignalled.len(),
+        signalled.len(),
+        account.duplicated.len(),
+        a.metric("fanout_history_gaps_total").await,
+    );
+    assert!(
+        unsignalled.is_empty(),
+        "acknowledged, skipped without a signal: {unsignalled:?}"
+    );
+    assert!(
+        account.duplicated.is_empty() && account.in_order,
+        "{account:?}"
     );
 }

@@ -104,7 +104,10 @@ async fn a_failover_to_a_shorter_history_is_signalled_when_the_former_primary_ac
     // The replica stops replicating (and cannot resume): what the primary
     // acknowledges from now on is lost in a failover.
     let _: () = group
-        .try_cmd(replica, &["CONFIG", "SET", "masterauth", "not-the-password"])
+        .try_cmd(
+            replica,
+            &["CONFIG", "SET", "masterauth", "not-the-password"],
+        )
         .await
         .unwrap();
     let _: i64 = group
@@ -153,7 +156,10 @@ async fn a_failover_to_a_shorter_history_is_signalled_when_the_former_primary_ac
         "client on node a: missing-unsignalled {unsignalled}, missing-signalled {signalled}, duplicated {}; {gaps} gap(s)",
         a_count.duplicated.len()
     );
-    assert!(closed, "messages 10 and 11 were acknowledged and lost: signalled");
+    assert!(
+        closed,
+        "messages 10 and 11 were acknowledged and lost: signalled"
+    );
     assert!(gaps >= 1.0);
     // New messages on the promoted primary reuse offsets node a had
     // delivered: they still arrive.

@@ -633,8 +633,7 @@ impl Shared {
                 .collect();
             let from = entries.iter().rposition(|(message, v)| {
                 if *message {
-                    Self::id_of(v)
-                        .is_some_and(|(id, _)| id.as_deref() == Some(req.since.as_str()))
+                    Self::id_of(v).is_some_and(|(id, _)| id.as_deref() == Some(req.since.as_str()))
                 } else {
                     v == req.since.as_bytes()
                 }
