@@ -34,14 +34,17 @@ async fn nodes_follow_the_primary_through_a_commanded_failover_and_a_killed_prim
     // The new primary may lack what the old one acknowledged last: then
     // node a signals it by closing the stream, and has no subscriber of
     // `s` left to subscribe.
-    wait_for("node a subscribed on the new primary, or signalled a gap", || async {
-        let v: Vec<redis::Value> = group
-            .try_cmd(second, &["PUBSUB", "NUMSUB", "fanout:t:s"])
-            .await
-            .unwrap_or_default();
-        matches!(v.get(1), Some(redis::Value::Int(n)) if *n >= 1)
-            || a.metric("fanout_history_gaps_total").await >= 1.0
-    })
+    wait_for(
+        "node a subscribed on the new primary, or signalled a gap",
+        || async {
+            let v: Vec<redis::Value> = group
+                .try_cmd(second, &["PUBSUB", "NUMSUB", "fanout:t:s"])
+                .await
+                .unwrap_or_default();
+            matches!(v.get(1), Some(redis::Value::Int(n)) if *n >= 1)
+                || a.metric("fanout_history_gaps_total").await >= 1.0
+        },
+    )
     .await;
     a.wait_healthy().await;
     b.wait_healthy().await;

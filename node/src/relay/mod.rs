@@ -166,6 +166,8 @@ pub trait Relay: Send + Sync + 'static {
     /// Hand messages to the relay. Resolves when the relay has accepted them
     /// (for Redis: when PUBLISH returned); they are then delivered, in this
     /// order, to every node with subscribers, this one included.
+    /// [`RelayError::Unavailable`]: none was published;
+    /// [`RelayError::Incomplete`]: some may have been.
     fn publish(&self, batch: Vec<Publication>) -> BoxFuture<'_, Result<(), RelayError>>;
 
     /// Make the relay's interest in these base topics match the hub

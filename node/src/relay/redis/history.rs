@@ -722,6 +722,15 @@ mod tests {
     }
 
     #[test]
+    fn the_meta_hash_outlives_the_messages_by_far() {
+        assert_eq!(meta_ttl(Duration::from_secs(300)), META_TTL);
+        assert_eq!(
+            meta_ttl(Duration::from_secs(48 * 3600)),
+            Duration::from_secs(96 * 3600)
+        );
+    }
+
+    #[test]
     fn offsets_decide_dispatch() {
         let p = Position {
             epoch: "e1".into(),
