@@ -528,10 +528,15 @@ async fn publish(
             }) => {
                 // Not 503 ("nothing changed"): some messages may be out.
                 tracing::warn!(%reason, ?published, ?unknown, ?not_published, "publish incomplete");
+                let what = if unknown.is_empty() {
+                    "some messages were published and others were not"
+                } else {
+                    "the outcome of some messages is unknown"
+                };
                 let mut e = ApiError::new(
                     StatusCode::GATEWAY_TIMEOUT,
                     format!(
-                        "The publish did not complete ({reason}): the outcome of some messages is unknown; retry with the same message ids to publish each at most once"
+                        "The publish did not complete ({reason}): {what}; retry with the same message ids to publish each at most once"
                     ),
                 );
                 e.data = Map::from_iter([
