@@ -417,6 +417,7 @@ async fn a_redis_database_number_is_refused_and_two_prefixes_keep_two_deployment
         tokio::process::Command::new(fanout_bin())
             .env("FANOUT_LISTEN", format!("127.0.0.1:{}", free_port()))
             .env("FANOUT_REDIS_URL", &on_db1)
+            .kill_on_drop(true)
             .output(),
     )
     .await
