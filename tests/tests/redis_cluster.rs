@@ -342,7 +342,7 @@ async fn a_primary_added_and_rebalanced_onto_is_followed_while_publishing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_failover_that_loses_writes_is_detected_and_new_messages_still_arrive() {
+async fn a_failover_that_loses_writes_is_signalled_and_new_messages_still_arrive() {
     let mut redis = RedisCluster::start(None).await;
     let url = redis.cluster_url();
     let a = NodeProcess::start(&env(&url)).await;
@@ -379,13 +379,160 @@ async fn a_failover_that_loses_writes_is_detected_and_new_messages_still_arrive(
     redis.wait_ok().await;
     a.wait_healthy().await;
     b.wait_healthy().await;
-    // The new primary's history stops at offset 5; new messages reuse 6..
-    // Node a, which delivered up to 10, must not take them for duplicates.
+    // The new primary's history stops at offset 5. Node a delivered up to
+    // 10, but cannot know whether the killed primary acknowledged more
+    // that never reached it: it signals (closes the stream).
+    assert!(
+        sse.closed_within(Duration::from_secs(15)).await,
+        "the rolled-back history is signalled"
+    );
+    // New messages reuse offsets 6..: node a must not take them for
+    // duplicates.
+    let mut again = a.connect().await;
+    a.subscribe(&again.client_id, &["lossy"]).await;
     b.publish_retrying("lossy", json!("after")).await;
-    assert_eq!(sse.next_json().await.1, json!("after"));
+    assert_eq!(again.next_json().await.1, json!("after"));
+    assert!(a.metric("fanout_history_gaps_total").await >= 1.0);
     assert!(a.metric("fanout_history_rollbacks_total").await >= 1.0);
     assert!(
         a.logs().contains("rolled back by a failover"),
         "the rollback is logged"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_over_a_stalled_and_a_healthy_primary_answers_504_with_each_outcome_and_its_retry_delivers_once()
+ {
+    // Issue 18, item 4 (cluster): the healthy primary's message was
+    // delivered while the batch was answered 503 "nothing was published".
+    let redis = RedisCluster::start(None).await;
+    let node = NodeProcess::start(&env(&redis.cluster_url())).await;
+    // Two topics on two different primaries.
+    let first = "b-0".to_owned();
+    let first_owner = redis.owner_of(&topic_channel(&first)).await;
+    let mut second = String::new();
+    for i in 1.. {
+        second = format!("b-{i}");
+        if redis.owner_of(&topic_channel(&second)).await != first_owner {
+            break;
+        }
+    }
+    let stalled = redis.owner_of(&topic_channel(&second)).await;
+    let mut sse = node.connect().await;
+    node.subscribe(&sse.client_id, &[&first, &second]).await;
+    let batch = json!({"messages": [
+        {"topic": first, "id": "y1", "data": 1},
+        {"topic": second, "id": "y2", "data": 2},
+    ]});
+    let _: () = redis
+        .cmd(stalled, &["CLIENT", "PAUSE", "4500", "WRITE"])
+        .await;
+    let (status, reply) = node.publish_raw(batch.clone(), &[]).await;
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT, "{reply}");
+    assert_eq!(reply["data"]["published"], json!([0]), "{reply}");
+    assert_eq!(reply["data"]["unknown"], json!([1]), "{reply}");
+    // The publisher retries the whole batch until it is answered 200.
+    let mut answers = vec![status.as_u16()];
+    loop {
+        let (status, reply) = node.publish_raw(batch.clone(), &[]).await;
+        answers.push(status.as_u16());
+        if status == StatusCode::OK {
+            break;
+        }
+        assert!(
+            [StatusCode::SERVICE_UNAVAILABLE, StatusCode::GATEWAY_TIMEOUT].contains(&status),
+            "{reply}"
+        );
+        assert!(answers.len() < 50, "never 200: {answers:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut got = Vec::new();
+    while let Some(e) = sse.next_within(Duration::from_secs(1)).await {
+        got.push((e.event, e.data));
+    }
+    got.sort();
+    eprintln!("answers {answers:?}; received {got:?}");
+    assert_eq!(
+        got,
+        vec![
+            (first.clone(), "1".to_owned()),
+            (second.clone(), "2".to_owned())
+        ],
+        "each message once: 0 missing, 0 duplicated"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_primary_replaced_while_publishing_loses_nothing_silently_and_duplicates_nothing()
+{
+    // Issue 18, item 3: the primary owning a topic stalls (SIGSTOP) while
+    // messages are published; its replica is promoted, then the former
+    // primary wakes up. What the replica lacked got new messages at the
+    // same offsets, and nodes dropped those as duplicates.
+    let redis = RedisCluster::start(None).await;
+    let url = redis.cluster_url();
+    let a = NodeProcess::start(&env(&url)).await;
+    let b = NodeProcess::start(&env(&url)).await;
+    let mut sse = a.connect().await;
+    a.subscribe(&sse.client_id, &["stall"]).await;
+    let publisher = SteadyPublisher::start(b.api.clone(), "stall", Duration::from_millis(5));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let owner = redis.owner_of(&topic_channel("stall")).await;
+    let replica = redis.replica_of(owner).await;
+    redis.signal(owner, SIGSTOP);
+    // Asked of the replica itself: the stalled node answers nobody.
+    wait_for(
+        "the replica took over the stalled primary's slots",
+        || async {
+            redis
+                .try_cmd::<Vec<redis::Value>>(replica, &["ROLE"])
+                .await
+                .is_ok_and(
+                    |r| matches!(r.first(), Some(redis::Value::BulkString(b)) if b == b"master"),
+                )
+        },
+    )
+    .await;
+    redis.signal(owner, SIGCONT);
+    a.wait_healthy().await;
+    b.wait_healthy().await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let (ok, refused) = publisher.finish().await;
+    // Until the stream ends or is quiet: what is missing before the last
+    // message received was skipped silently; what is missing after it was
+    // signalled, if the stream was closed.
+    let mut seen: Vec<u64> = Vec::new();
+    let closed = loop {
+        match tokio::time::timeout(
+            Duration::from_secs(2),
+            futures_util::StreamExt::next(&mut sse.events),
+        )
+        .await
+        {
+            Ok(Some(Ok(e))) => seen.push(e.data.parse().expect("a number")),
+            Ok(None | Some(Err(_))) => break true,
+            Err(_) => break false,
+        }
+    };
+    let account = Account::of(&seen, &ok);
+    let last = seen.last().copied().unwrap_or(0);
+    let (unsignalled, signalled): (Vec<u64>, Vec<u64>) =
+        account.missing.iter().partition(|n| !closed || **n < last);
+    eprintln!(
+        "stalled primary: {} answered 200, {} answered 503/504; client on a: missing-unsignalled {} {unsignalled:?}, missing-signalled {}, duplicated {}; stream closed: {closed}; gaps {}",
+        ok.len(),
+        refused.len(),
+        unsignalled.len(),
+        signalled.len(),
+        account.duplicated.len(),
+        a.metric("fanout_history_gaps_total").await,
+    );
+    assert!(
+        unsignalled.is_empty(),
+        "acknowledged, skipped without a signal: {unsignalled:?}"
+    );
+    assert!(
+        account.duplicated.is_empty() && account.in_order,
+        "{account:?}"
     );
 }

@@ -74,6 +74,20 @@ pub enum RelayError {
     /// The backend (Redis) cannot be reached; nothing was done.
     #[error("relay unavailable: {0}")]
     Unavailable(String),
+    /// A publish that did not complete: some messages may have been
+    /// published (a command timed out, so Redis may still run it) or were
+    /// published while others were not. Indices into the batch. Retrying
+    /// the batch with the same message `id`s publishes each at most once.
+    #[error("publish incomplete: {reason}")]
+    Incomplete {
+        reason: String,
+        /// Published for sure.
+        published: Vec<usize>,
+        /// Sent, but the answer did not come in time: unknown.
+        unknown: Vec<usize>,
+        /// Not published.
+        not_published: Vec<usize>,
+    },
 }
 
 /// What `/api/health` reports about the relay.
@@ -152,6 +166,8 @@ pub trait Relay: Send + Sync + 'static {
     /// Hand messages to the relay. Resolves when the relay has accepted them
     /// (for Redis: when PUBLISH returned); they are then delivered, in this
     /// order, to every node with subscribers, this one included.
+    /// [`RelayError::Unavailable`]: none was published;
+    /// [`RelayError::Incomplete`]: some may have been.
     fn publish(&self, batch: Vec<Publication>) -> BoxFuture<'_, Result<(), RelayError>>;
 
     /// Make the relay's interest in these base topics match the hub

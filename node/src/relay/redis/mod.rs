@@ -104,7 +104,8 @@ use topology::{Backend, Commands, Target};
 /// Settings of the Redis relay.
 #[derive(Debug, Clone)]
 pub struct RedisConfig {
-    /// `redis://[user:password@]host:port[/db]` or
+    /// `redis://[user:password@]host:port[/0]` (another database is
+    /// refused: pub/sub ignores it, see `topology.rs`) or
     /// `redis+cluster://[user:password@]h1:p1,h2:p2,...`.
     pub url: String,
     /// Prefix of every channel and key.
@@ -549,13 +550,42 @@ impl Shared {
         }
     }
 
-    /// Publish a batch and return each message's receiver count: one
-    /// pipeline on a standalone Redis. On a cluster, one pipeline per
-    /// primary involved (the primary each partition's link is connected
-    /// to), all sent concurrently; a message that primary refuses (its slot
-    /// just moved) is sent again through the cluster connection, which
-    /// follows `MOVED`.
-    async fn publish_batch(&self, batch: &[Publication]) -> Result<Vec<i64>, RelayError> {
+    /// A publish command, bounded by `COMMAND_TIMEOUT`, like
+    /// [`Self::command`], but a timeout is told apart: a command that was
+    /// sent and not answered in time may still run (Redis stalled, not
+    /// gone), so its outcome is unknown.
+    async fn publish_command<T, F>(&self, f: F) -> Result<T, Sent>
+    where
+        F: std::future::Future<Output = redis::RedisResult<T>>,
+    {
+        let (reason, unknown) = match tokio::time::timeout(COMMAND_TIMEOUT, f).await {
+            Ok(Ok(v)) => {
+                self.set_commands(Ok(()));
+                return Ok(v);
+            }
+            Ok(Err(e)) => (format!("Redis PUBLISH failed: {e}"), e.is_timeout()),
+            Err(_) => ("Redis PUBLISH timed out".to_owned(), true),
+        };
+        if unknown {
+            // For the heartbeat to renew the connections.
+            self.stalled
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        self.set_commands(Err(reason.clone()));
+        Err(if unknown {
+            Sent::Unknown(reason)
+        } else {
+            Sent::Not(reason)
+        })
+    }
+
+    /// Publish a batch and return each message's outcome: one pipeline on
+    /// a standalone Redis. On a cluster, one pipeline per primary involved
+    /// (the primary each partition's link is connected to), all sent
+    /// concurrently; a message that primary refuses (its slot just moved)
+    /// is sent again through the cluster connection, which follows
+    /// `MOVED`.
+    async fn publish_batch(&self, batch: &[Publication]) -> Result<Vec<Outcome>, RelayError> {
         let conn = self.commands()?;
         let cluster = self.partitions().is_some();
         let mut groups: HashMap<Option<String>, Vec<usize>> = HashMap::new();
@@ -572,7 +602,7 @@ impl Shared {
             let p = &batch[i];
             let base = protocol::base_topic(&p.topic);
             if self.history_on() {
-                self.history_cmd(base, envelope(p))
+                self.history_cmd(base, envelope(p), p.id.as_deref())
             } else {
                 self.publish_cmd(self.topic_channel(base), envelope(p))
             }
@@ -584,7 +614,7 @@ impl Shared {
                 for &i in &idx {
                     pipe.add_command(command(i));
                 }
-                let values: Vec<redis::Value> = match (
+                let values: Result<Vec<redis::Value>, Sent> = match (
                     &mut conn,
                     primary.as_deref().and_then(|a| a.rsplit_once(':')),
                 ) {
@@ -593,37 +623,67 @@ impl Shared {
                             host: host.to_owned(),
                             port: port.parse().unwrap_or_default(),
                         };
-                        self.command("PUBLISH", c.route_pipeline(pipe, 0, idx.len(), route))
-                            .await?
+                        self.publish_command(c.route_pipeline(pipe, 0, idx.len(), route))
+                            .await
                     }
-                    _ => self.command("PUBLISH", pipe.query_async(&mut conn)).await?,
+                    _ => self.publish_command(pipe.query_async(&mut conn)).await,
                 };
-                let mut counts = Vec::with_capacity(idx.len());
+                let values = match values {
+                    Ok(v) => v,
+                    Err(sent) => {
+                        return idx
+                            .into_iter()
+                            .map(|i| (i, Outcome::Failed(sent.clone())))
+                            .collect::<Vec<_>>();
+                    }
+                };
+                let mut outcomes = Vec::with_capacity(idx.len());
                 for (&i, v) in idx.iter().zip(values) {
-                    counts.push(match history::script_receivers(&v) {
-                        Some(n) => n,
+                    outcomes.push(match history::script_receivers(&v) {
+                        Some(n) => (i, Outcome::Published(n)),
                         // Refused by that node (moved): through the
                         // cluster connection's own routing.
-                        None => {
-                            let v: redis::Value = self
-                                .command("PUBLISH", command(i).query_async(&mut conn))
-                                .await?;
-                            history::script_receivers(&v).unwrap_or(0)
-                        }
+                        None => match self
+                            .publish_command(command(i).query_async::<redis::Value>(&mut conn))
+                            .await
+                        {
+                            Ok(v) => (
+                                i,
+                                Outcome::Published(history::script_receivers(&v).unwrap_or(0)),
+                            ),
+                            Err(sent) => (i, Outcome::Failed(sent)),
+                        },
                     });
                 }
-                Ok::<_, RelayError>((idx, counts))
+                outcomes
             }
         });
-        let mut receivers = vec![0; batch.len()];
+        let mut outcomes = vec![Outcome::Published(0); batch.len()];
         for run in join_all(runs).await {
-            let (idx, counts) = run?;
-            for (i, n) in idx.into_iter().zip(counts) {
-                receivers[i] = n;
+            for (i, o) in run {
+                outcomes[i] = o;
             }
         }
-        Ok(receivers)
+        Ok(outcomes)
     }
+}
+
+/// Whether a failed publish command may have run.
+#[derive(Debug, Clone)]
+enum Sent {
+    /// Refused, or never sent: it did not run.
+    Not(String),
+    /// Sent and not answered in time: it may run yet.
+    Unknown(String),
+}
+
+/// What became of one message of a batch.
+#[derive(Debug, Clone)]
+enum Outcome {
+    /// Published: the receiver count Redis reported (-1: a retry of a
+    /// message the history already holds, not published again).
+    Published(i64),
+    Failed(Sent),
 }
 
 impl Relay for RedisRelay {
@@ -636,9 +696,41 @@ impl Relay for RedisRelay {
             if let Err(reason) = s.subscriber_health() {
                 return Err(RelayError::Unavailable(reason));
             }
-            let receivers = s.publish_batch(&batch).await?;
+            let outcomes = s.publish_batch(&batch).await?;
+            let (mut published, mut unknown, mut not_published) = (vec![], vec![], vec![]);
+            let mut receivers = Vec::with_capacity(batch.len());
+            let mut reason = None;
+            for (i, o) in outcomes.into_iter().enumerate() {
+                match o {
+                    Outcome::Published(n) => {
+                        published.push(i);
+                        receivers.push(n);
+                    }
+                    Outcome::Failed(sent) => {
+                        receivers.push(-1);
+                        let (Sent::Not(r) | Sent::Unknown(r)) = &sent;
+                        reason.get_or_insert_with(|| r.clone());
+                        match sent {
+                            Sent::Not(_) => not_published.push(i),
+                            Sent::Unknown(_) => unknown.push(i),
+                        }
+                    }
+                }
+            }
             s.check_receivers(&batch, &receivers);
-            Ok(())
+            match reason {
+                None => Ok(()),
+                // Nothing went out: try again, nothing changed.
+                Some(r) if published.is_empty() && unknown.is_empty() => {
+                    Err(RelayError::Unavailable(r))
+                }
+                Some(reason) => Err(RelayError::Incomplete {
+                    reason,
+                    published,
+                    unknown,
+                    not_published,
+                }),
+            }
         })
     }
 

@@ -1,11 +1,13 @@
 //! Which Redis the relay talks to, and how: one setting, `--redis-url`,
 //! names a standalone Redis or a Redis Cluster.
 //!
-//! * `redis://[user:password@]host:port[/db]` (or `rediss://` for TLS,
+//! * `redis://[user:password@]host:port[/0]` (or `rediss://` for TLS,
 //!   verified against the system's roots, or `SSL_CERT_FILE`): a
 //!   standalone Redis. If that
 //!   address turns out to be a cluster node (`cluster_enabled:1`), the relay
 //!   switches to cluster mode, with that node as the seed, and logs it.
+//!   Another database number than 0 is refused: Redis pub/sub ignores it,
+//!   so it would not isolate two deployments (`--redis-prefix` does).
 //! * `redis+cluster://[user:password@]h1:p1,h2:p2,...` (`rediss+cluster://`
 //!   for TLS): a Redis Cluster, found through any of the seeds.
 //! * `redis+sentinel://[user:password@]s1:p1,s2:p2/<master name>`: the
@@ -88,7 +90,16 @@ impl Target {
         }
         // Let the crate judge the plain form (and refuse what it cannot do,
         // such as TLS without the feature).
-        url.into_connection_info()?;
+        let info = url.into_connection_info()?;
+        anyhow::ensure!(
+            info.redis_settings().db() == 0,
+            "{} names Redis database {}, but pub/sub channels are shared by all \
+             databases of a server: a database number does not keep two deployments \
+             apart (each would receive the other's messages). Use database 0 and give \
+             each deployment its own FANOUT_REDIS_PREFIX (--redis-prefix)",
+            redact(url),
+            info.redis_settings().db()
+        );
         Ok(Self::Plain(url.to_owned()))
     }
 }
@@ -491,6 +502,10 @@ mod tests {
             ])
         );
         assert!(Target::parse("redis+cluster://").is_err());
+        assert!(Target::parse("redis://127.0.0.1:6379/0").is_ok());
+        let e = Target::parse("redis://u:secret@127.0.0.1:6379/1").unwrap_err();
+        assert!(e.to_string().contains("FANOUT_REDIS_PREFIX"), "{e}");
+        assert!(!e.to_string().contains("secret"), "{e}");
         assert_eq!(
             Target::parse("redis+sentinel://u:p@s1:26379,s2:26380/mymaster").unwrap(),
             Target::Sentinel {
