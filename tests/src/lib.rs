@@ -1450,3 +1450,18 @@ pub fn check_delivery(
     }
     a
 }
+
+impl NodeProcess {
+    /// CPU time (user + system) the node has used so far, in seconds, from
+    /// `/proc/<pid>/stat` (clock ticks of 1/100 s, as on Linux).
+    pub fn cpu_seconds(&self) -> f64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid()))
+            .expect("/proc stat of the node");
+        // The fields after the command name, which may hold spaces.
+        let rest = &stat[stat.rfind(')').expect("comm") + 2..];
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ticks: u64 =
+            f[11].parse::<u64>().expect("utime") + f[12].parse::<u64>().expect("stime");
+        ticks as f64 / 100.0
+    }
+}

@@ -164,6 +164,7 @@ impl Relay for LocalRelay {
             mode: None,
             healthy: true,
             reason: None,
+            degraded: Vec::new(),
             shards: Vec::new(),
         }
     }

@@ -73,6 +73,7 @@ mod envelope;
 mod forwarding;
 mod history;
 mod membership;
+mod probe;
 mod subscriber;
 mod topology;
 
@@ -167,6 +168,12 @@ struct Link {
     replay_rx: Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<ReplayRequest>>>,
     /// `Err(reason)` while it is down.
     state: Mutex<Result<(), String>>,
+    /// `Err(reason)` while publishes of this partition fail: the last
+    /// publish's or probe's outcome (`probe.rs`).
+    publish: Mutex<Result<(), String>>,
+    /// The cluster itself has no live primary for this partition (its
+    /// owner is marked failed): every node sees the same.
+    orphaned: std::sync::atomic::AtomicBool,
     /// The Redis node it is connected to (cluster).
     primary: Mutex<Option<String>>,
     /// Cancelled to make the link reconnect now.
@@ -207,6 +214,11 @@ struct Shared {
     /// Cluster nodes to ask where a partition lives: the seeds, then every
     /// node `CLUSTER SLOTS` has named.
     known_nodes: Mutex<Vec<(String, u16)>>,
+    /// The probe topic of each partition (`probe.rs`).
+    probe_topics: OnceLock<Vec<String>>,
+    /// Commands Fanout needs that the Redis user may not run, with
+    /// Redis's reason (`ACL DRYRUN`, checked at start).
+    missing_permissions: Mutex<Vec<String>>,
     heartbeat: Mutex<Option<tokio::task::JoinHandle<()>>>,
     started_at: SystemTime,
     stop: CancellationToken,
@@ -246,6 +258,8 @@ impl RedisRelay {
                         replays,
                         replay_rx: Arc::new(tokio::sync::Mutex::new(rx)),
                         state: Mutex::new(Err("connecting to Redis".into())),
+                        publish: Mutex::new(Ok(())),
+                        orphaned: Default::default(),
                         primary: Mutex::new(None),
                         reconnect: Mutex::new(CancellationToken::new()),
                         messages_in: metrics::counter!(
@@ -265,6 +279,8 @@ impl RedisRelay {
             confirmed: Mutex::new(HashSet::new()),
             positions: Mutex::new(HashMap::new()),
             known_nodes: Mutex::new(target.addresses()),
+            probe_topics: OnceLock::new(),
+            missing_permissions: Mutex::new(Vec::new()),
             heartbeat: Mutex::new(None),
             started_at: SystemTime::now(),
             stop: CancellationToken::new(),
@@ -401,13 +417,39 @@ impl Shared {
     fn subscriber_health(&self) -> Result<(), String> {
         for (k, link) in self.active_links().iter().enumerate() {
             if let Err(e) = &*link.state.lock() {
-                return Err(match self.partitions() {
-                    Some(_) => format!("partition {k}: {e}"),
-                    None => e.clone(),
-                });
+                return Err(self.in_partition(k, e));
             }
         }
         Ok(())
+    }
+
+    /// `reason`, prefixed with the partition on a cluster.
+    fn in_partition(&self, k: usize, reason: &str) -> String {
+        match self.partitions() {
+            Some(_) => format!("partition {k}: {reason}"),
+            None => reason.to_owned(),
+        }
+    }
+
+    /// `Err(reason)` while partition `k` cannot carry a publish: its
+    /// subscriber link is down, or its last publish or probe failed.
+    fn partition_health(&self, k: usize) -> Result<(), String> {
+        let link = &self.links[k];
+        link.state.lock().clone()?;
+        link.publish.lock().clone()
+    }
+
+    /// Record the outcome of a publish (or probe) of partition `k`.
+    fn set_publish(&self, k: usize, state: Result<(), String>) {
+        let changed = {
+            let mut p = self.links[k].publish.lock();
+            let changed = p.is_ok() != state.is_ok();
+            *p = state;
+            changed
+        };
+        if changed {
+            self.report_health();
+        }
     }
 
     fn set_commands(&self, state: Result<(), String>) {
@@ -430,21 +472,45 @@ impl Shared {
         }
     }
 
+    /// The relay's health. Each partition is healthy while it can carry a
+    /// publish ([`Shared::partition_health`]). The node is unhealthy when
+    /// any partition is down for a reason of its own (its connection, its
+    /// publishes, its permissions), or when every partition is down; it
+    /// stays healthy, listing the partitions in `degraded`, when the only
+    /// partitions down are ones the cluster itself lost (their primary is
+    /// marked failed and no replica took over): every node is in the same
+    /// state then, and a load balancer that took them all out would turn a
+    /// partial outage into a total one. Publishes and subscriptions of
+    /// those partitions answer 503, the others work.
     fn health(&self) -> RelayHealth {
-        let sub = self.subscriber_health();
+        let links = self.active_links();
+        let down: Vec<(usize, String)> = (0..links.len())
+            .filter_map(|k| self.partition_health(k).err().map(|e| (k, e)))
+            .collect();
+        let partitions_reason = if !down.is_empty() && down.len() == links.len() {
+            Some(self.in_partition(down[0].0, &down[0].1))
+        } else {
+            down.iter()
+                .find(|(k, _)| {
+                    !self.links[*k]
+                        .orphaned
+                        .load(std::sync::atomic::Ordering::Relaxed)
+                })
+                .map(|(k, e)| self.in_partition(*k, e))
+        };
         let cmd = self.command_health.lock().clone();
         let reads = self.reads_health.lock().clone();
-        let reason = match (sub, cmd, reads) {
-            (Ok(()), Ok(()), Ok(())) => None,
-            (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => Some(e),
-        };
+        let missing = self.missing_permissions.lock().clone();
+        let reason = partitions_reason.or(cmd.err()).or(reads.err()).or_else(|| {
+            (!missing.is_empty())
+                .then(|| format!("the Redis user may not run: {}", missing.join("; ")))
+        });
         let shards = match self.partitions() {
-            Some(_) => self
-                .active_links()
+            Some(_) => links
                 .iter()
                 .enumerate()
                 .map(|(k, l)| {
-                    let state = l.state.lock().clone();
+                    let state = self.partition_health(k);
                     ShardHealth {
                         partition: k as u16,
                         primary: l.primary.lock().clone(),
@@ -464,6 +530,10 @@ impl Shared {
             },
             healthy: reason.is_none(),
             reason,
+            degraded: match self.partitions() {
+                Some(_) => down.iter().map(|(k, _)| *k as u16).collect(),
+                None => Vec::new(),
+            },
             shards,
         }
     }
@@ -580,39 +650,53 @@ impl Shared {
         let runs = groups.into_iter().map(|(primary, idx)| {
             let mut conn = conn.clone();
             async move {
-                let mut pipe = redis::pipe();
-                for &i in &idx {
-                    pipe.add_command(command(i));
-                }
-                let values: Vec<redis::Value> = match (
-                    &mut conn,
-                    primary.as_deref().and_then(|a| a.rsplit_once(':')),
-                ) {
-                    (Commands::Cluster(c), Some((host, port))) => {
-                        let route = redis::cluster_routing::SingleNodeRoutingInfo::ByAddress {
-                            host: host.to_owned(),
-                            port: port.parse().unwrap_or_default(),
-                        };
-                        self.command("PUBLISH", c.route_pipeline(pipe, 0, idx.len(), route))
-                            .await?
+                let parts: HashSet<usize> = idx
+                    .iter()
+                    .map(|&i| self.link_of(protocol::base_topic(&batch[i].topic)))
+                    .collect();
+                let outcome = async {
+                    let mut pipe = redis::pipe();
+                    for &i in &idx {
+                        pipe.add_command(command(i));
                     }
-                    _ => self.command("PUBLISH", pipe.query_async(&mut conn)).await?,
-                };
-                let mut counts = Vec::with_capacity(idx.len());
-                for (&i, v) in idx.iter().zip(values) {
-                    counts.push(match history::script_receivers(&v) {
-                        Some(n) => n,
-                        // Refused by that node (moved): through the
-                        // cluster connection's own routing.
-                        None => {
-                            let v: redis::Value = self
-                                .command("PUBLISH", command(i).query_async(&mut conn))
-                                .await?;
-                            history::script_receivers(&v).unwrap_or(0)
+                    let values: Vec<redis::Value> = match (
+                        &mut conn,
+                        primary.as_deref().and_then(|a| a.rsplit_once(':')),
+                    ) {
+                        (Commands::Cluster(c), Some((host, port))) => {
+                            let route = redis::cluster_routing::SingleNodeRoutingInfo::ByAddress {
+                                host: host.to_owned(),
+                                port: port.parse().unwrap_or_default(),
+                            };
+                            self.bounded("PUBLISH", c.route_pipeline(pipe, 0, idx.len(), route))
+                                .await?
                         }
-                    });
+                        _ => self.bounded("PUBLISH", pipe.query_async(&mut conn)).await?,
+                    };
+                    let mut counts = Vec::with_capacity(idx.len());
+                    for (&i, v) in idx.iter().zip(values) {
+                        counts.push(match history::script_receivers(&v) {
+                            Some(n) => n,
+                            // Refused by that node (moved): through the
+                            // cluster connection's own routing.
+                            None => {
+                                let v: redis::Value = self
+                                    .bounded("PUBLISH", command(i).query_async(&mut conn))
+                                    .await?;
+                                history::script_receivers(&v).unwrap_or(0)
+                            }
+                        });
+                    }
+                    Ok::<_, String>(counts)
+                };
+                // Each partition's health follows its publishes.
+                let outcome = outcome.await;
+                for &k in &parts {
+                    self.set_publish(k, outcome.as_ref().map(|_| ()).map_err(Clone::clone));
                 }
-                Ok::<_, RelayError>((idx, counts))
+                outcome
+                    .map(|counts| (idx, counts))
+                    .map_err(RelayError::Unavailable)
             }
         });
         let mut receivers = vec![0; batch.len()];
@@ -631,10 +715,18 @@ impl Relay for RedisRelay {
         Box::pin(async move {
             let s = &self.shared;
             // Only a node that would itself receive what it publishes may
-            // acknowledge it: with a subscriber link down, its own clients
-            // would miss the message.
-            if let Err(reason) = s.subscriber_health() {
-                return Err(RelayError::Unavailable(reason));
+            // acknowledge it: with the subscriber link of a message's
+            // partition down, its own clients would miss the message. The
+            // whole batch is refused before anything is sent; partitions
+            // not in the batch do not matter.
+            let involved: HashSet<usize> = batch
+                .iter()
+                .map(|p| s.link_of(protocol::base_topic(&p.topic)))
+                .collect();
+            for k in involved {
+                if let Err(reason) = &*s.links[k].state.lock() {
+                    return Err(RelayError::Unavailable(s.in_partition(k, reason)));
+                }
             }
             let receivers = s.publish_batch(&batch).await?;
             s.check_receivers(&batch, &receivers);

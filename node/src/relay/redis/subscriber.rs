@@ -59,12 +59,16 @@ pub(super) async fn run(
         }
     };
     let links = backend.partitions().unwrap_or(1) as usize;
+    if backend.partitions().is_some() {
+        shared.remember_nodes(backend.cluster_seeds());
+    }
     let _ = shared.backend.set(backend);
     shared.report_health();
     *shared.heartbeat.lock() = Some(tokio::spawn(super::membership::run_heartbeat(
         shared.clone(),
     )));
     tokio::spawn(super::history::run_reads_check(shared.clone()));
+    tokio::spawn(super::probe::run_probe(shared.clone()));
     for (k, control) in controls.into_iter().enumerate().take(links) {
         tokio::spawn(run_link(shared.clone(), k, control));
     }
@@ -431,14 +435,35 @@ async fn owner(
     for i in 0..candidates.len() {
         let (host, port) = &candidates[(start + i) % candidates.len()];
         match slots_from(template, host, *port, &tag).await {
-            Ok((owner, nodes)) => {
-                let mut known = shared.known_nodes.lock();
-                for n in nodes {
-                    if !known.contains(&n) {
-                        known.push(n);
+            Ok((owner, nodes, failed)) => {
+                {
+                    let mut known = shared.known_nodes.lock();
+                    for n in nodes {
+                        if !known.contains(&n) {
+                            known.push(n);
+                        }
                     }
                 }
-                return owner.ok_or_else(|| format!("no primary owns partition {k}"));
+                // A slot without a live primary is lost for every node,
+                // not only this one (see `Shared::health`).
+                let orphaned = &shared.links[k].orphaned;
+                let relaxed = std::sync::atomic::Ordering::Relaxed;
+                return match owner {
+                    None => {
+                        orphaned.store(true, relaxed);
+                        Err("no primary owns the partition's slot".into())
+                    }
+                    Some((h, p)) if failed.contains(&(h.clone(), p)) => {
+                        orphaned.store(true, relaxed);
+                        Err(format!(
+                            "the partition's primary {h}:{p} is marked failed by the cluster"
+                        ))
+                    }
+                    Some(owner) => {
+                        orphaned.store(false, relaxed);
+                        Ok(owner)
+                    }
+                };
             }
             Err(e) => last = format!("{host}:{port}: {e}"),
         }
@@ -446,15 +471,23 @@ async fn owner(
     Err(last)
 }
 
-/// Ask the node at `host:port` which primary owns the slot of `tag`, and
-/// which nodes it knows.
+/// Ask the node at `host:port` which primary owns the slot of `tag`,
+/// which nodes it knows, and which of them it marks failed (`CLUSTER
+/// NODES` flag `fail`).
 #[allow(clippy::type_complexity)]
 async fn slots_from(
     template: &redis::ConnectionInfo,
     host: &str,
     port: u16,
     tag: &str,
-) -> Result<(Option<(String, u16)>, Vec<(String, u16)>), String> {
+) -> Result<
+    (
+        Option<(String, u16)>,
+        Vec<(String, u16)>,
+        Vec<(String, u16)>,
+    ),
+    String,
+> {
     let info = topology::at(template, host, port);
     let client = redis::Client::open(info).map_err(|e| e.to_string())?;
     let query = async {
@@ -468,21 +501,31 @@ async fn slots_from(
             .arg("SLOTS")
             .query_async(&mut conn)
             .await?;
-        Ok::<_, redis::RedisError>((slot, ranges))
+        let nodes: String = redis::cmd("CLUSTER")
+            .arg("NODES")
+            .query_async(&mut conn)
+            .await?;
+        Ok::<_, redis::RedisError>((slot, ranges, nodes))
     };
-    let (slot, ranges) = tokio::time::timeout(Duration::from_secs(1), query)
+    let (slot, ranges, listing) = tokio::time::timeout(Duration::from_secs(1), query)
         .await
         .map_err(|_| "timed out".to_owned())?
         .map_err(|e| e.to_string())?;
-    let addr = |v: &Value| match v {
-        Value::Array(node) => match (node.first(), node.get(1)) {
-            (Some(Value::BulkString(h)), Some(Value::Int(p))) => {
-                Some((String::from_utf8_lossy(h).into_owned(), *p as u16))
-            }
-            _ => None,
-        },
-        _ => None,
-    };
+    let addr = topology::node_address;
+    // `<id> <ip:port@cport[,hostname]> <flags> …`; `fail?` is one node's
+    // suspicion only, `fail` the cluster's verdict.
+    let failed = listing
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let address = f.nth(1)?;
+            let flags = f.next()?;
+            flags.split(',').any(|x| x == "fail").then_some(())?;
+            let (host, rest) = address.rsplit_once(':')?;
+            let port = rest.split(['@', ',']).next()?.parse().ok()?;
+            Some((host.to_owned(), port))
+        })
+        .collect();
     let mut owner = None;
     let mut nodes = Vec::new();
     for range in ranges {
@@ -494,7 +537,7 @@ async fn slots_from(
             owner = items.get(2).and_then(addr);
         }
     }
-    Ok((owner, nodes))
+    Ok((owner, nodes, failed))
 }
 
 /// Serve subscription changes on a live link until it is lost. Returns
