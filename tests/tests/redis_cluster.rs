@@ -475,3 +475,87 @@ async fn nodes_given_one_seed_each_keep_publishing_when_their_seed_dies() {
         );
     }
 }
+
+/// `/api/health` sampled `n` times, `every` apart: how many answered 200.
+async fn healthy_samples(node: &NodeProcess, n: usize, every: Duration) -> usize {
+    let mut ok = 0;
+    for _ in 0..n {
+        if node.get_json("/api/health").await.0 == StatusCode::OK {
+            ok += 1;
+        }
+        tokio::time::sleep(every).await;
+    }
+    ok
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_user_without_scripting_makes_health_503_naming_eval_until_it_may() {
+    let redis = RedisServer::start().await;
+    let _: () = redis
+        .cmd(&[
+            "ACL",
+            "SETUSER",
+            "fanout",
+            "on",
+            ">pw",
+            "~*",
+            "&*",
+            "+@all",
+            "-@scripting",
+        ])
+        .await;
+    let url = format!("redis://fanout:pw@127.0.0.1:{}", redis.port);
+    let a = NodeProcess::start_unchecked(&env(&url)).await;
+    let (status, body) = a.publish_raw(json!({"topic": "t", "data": 1}), &[]).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    // Not 200 between failed publishes: the probe runs the publish script.
+    let healthy = healthy_samples(&a, 12, Duration::from_millis(250)).await;
+    assert_eq!(healthy, 0, "health answered 200 while every publish fails");
+    let (status, health) = a.get_json("/api/health").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    let reason = health["data"]["relay"]["reason"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(reason.to_lowercase().contains("eval"), "{health}");
+    // The start-up check named the missing commands.
+    wait_until("the missing permission is logged", || {
+        a.logs().contains("may not run commands Fanout needs") && a.logs().contains("EVAL")
+    })
+    .await;
+    // Granted: healthy, publishing, within a few heartbeats.
+    let _: () = redis
+        .cmd(&["ACL", "SETUSER", "fanout", "+@scripting"])
+        .await;
+    a.wait_healthy().await;
+    a.publish("t", json!(2)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_refused_inside_the_script_takes_no_offset() {
+    let redis = RedisServer::start().await;
+    // May run the script, but not the PUBLISH inside it.
+    let _: () = redis
+        .cmd(&[
+            "ACL", "SETUSER", "fanout", "on", ">pw", "~*", "&*", "+@all", "-publish",
+        ])
+        .await;
+    let url = format!("redis://fanout:pw@127.0.0.1:{}", redis.port);
+    let a = NodeProcess::start_unchecked(&env(&url)).await;
+    for n in 0..3 {
+        let (status, body) = a
+            .publish_raw(json!({"topic": "gapless", "data": n}), &[])
+            .await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    }
+    let taken: Option<String> = redis.cmd(&["HGET", "fanout:m:gapless", "s"]).await;
+    let kept: i64 = redis.cmd(&["XLEN", "fanout:h:gapless"]).await;
+    assert_eq!((taken, kept), (None, 0), "a refused publish took an offset");
+    let _: () = redis.cmd(&["ACL", "SETUSER", "fanout", "+publish"]).await;
+    a.wait_healthy().await;
+    let mut sse = a.connect().await;
+    a.subscribe(&sse.client_id, &["gapless"]).await;
+    a.publish("gapless", json!("first")).await;
+    assert_eq!(sse.next_json().await.1, json!("first"));
+    let taken: String = redis.cmd(&["HGET", "fanout:m:gapless", "s"]).await;
+    assert_eq!(taken, "1", "the first acknowledged publish has offset 1");
+}

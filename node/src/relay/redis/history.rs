@@ -34,8 +34,19 @@ use crate::{client::CloseReason, metrics as m};
 /// The publish script. KEYS: meta hash, stream. ARGV: channel, envelope
 /// without its closing brace, history size, TTL (ms), a fresh epoch, and
 /// the publish command (`publish` or `spublish`). Returns
-/// `{offset, epoch, receivers}`.
+/// `{offset, epoch, receivers}`. First it checks (`redis.acl_check_cmd`,
+/// Redis 7) that the user may run each command it calls, so that a refused
+/// one fails the script before it took an offset or wrote the stream.
 const PUBLISH_SCRIPT: &str = r#"
+if redis.acl_check_cmd then
+  for _, c in ipairs({{'hget', KEYS[1], 'e'}, {'del', KEYS[2]}, {'hset', KEYS[1], 'e', ''},
+      {'hincrby', KEYS[1], 's', '1'}, {'xadd', KEYS[2], '*', 'm', ''},
+      {'pexpire', KEYS[2], '1'}, {'pexpire', KEYS[1], '1'}, {ARGV[6], ARGV[1], ''}}) do
+    if not redis.acl_check_cmd(unpack(c)) then
+      return redis.error_reply('NOPERM the Redis user may not run ' .. c[1] .. ' on ' .. c[2] .. ' in the publish script')
+    end
+  end
+end
 local e = redis.call('hget', KEYS[1], 'e')
 if not e then
   e = ARGV[5]

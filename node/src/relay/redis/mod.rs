@@ -128,6 +128,11 @@ pub struct RedisConfig {
 
 /// Bound on one Redis command; beyond it Redis counts as unreachable.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long the cluster must have had no live primary for a partition
+/// before the node counts it as lost by the cluster and reports itself
+/// healthy with that partition degraded (see `Shared::health`): longer
+/// than a failover takes with the usual `cluster-node-timeout`.
+const LOST_AFTER: Duration = Duration::from_secs(10);
 /// Channels per SUBSCRIBE command when re-subscribing everything.
 const SUBSCRIBE_BATCH: usize = 1000;
 /// Longest wait between reconnect attempts: a refused connection costs
@@ -171,9 +176,9 @@ struct Link {
     /// `Err(reason)` while publishes of this partition fail: the last
     /// publish's or probe's outcome (`probe.rs`).
     publish: Mutex<Result<(), String>>,
-    /// The cluster itself has no live primary for this partition (its
-    /// owner is marked failed): every node sees the same.
-    orphaned: std::sync::atomic::AtomicBool,
+    /// Since when the cluster itself has had no live primary for this
+    /// partition (its owner is marked failed): every node sees the same.
+    orphaned: Mutex<Option<std::time::Instant>>,
     /// The Redis node it is connected to (cluster).
     primary: Mutex<Option<String>>,
     /// Cancelled to make the link reconnect now.
@@ -259,7 +264,7 @@ impl RedisRelay {
                         replay_rx: Arc::new(tokio::sync::Mutex::new(rx)),
                         state: Mutex::new(Err("connecting to Redis".into())),
                         publish: Mutex::new(Ok(())),
-                        orphaned: Default::default(),
+                        orphaned: Mutex::new(None),
                         primary: Mutex::new(None),
                         reconnect: Mutex::new(CancellationToken::new()),
                         messages_in: metrics::counter!(
@@ -478,10 +483,12 @@ impl Shared {
     /// publishes, its permissions), or when every partition is down; it
     /// stays healthy, listing the partitions in `degraded`, when the only
     /// partitions down are ones the cluster itself lost (their primary is
-    /// marked failed and no replica took over): every node is in the same
-    /// state then, and a load balancer that took them all out would turn a
-    /// partial outage into a total one. Publishes and subscriptions of
-    /// those partitions answer 503, the others work.
+    /// marked failed and no replica took over for [`LOST_AFTER`]): every
+    /// node is in the same state then, and a load balancer that took them
+    /// all out would turn a partial outage into a total one. Publishes and
+    /// subscriptions of those partitions answer 503, the others work.
+    /// During an ordinary failover (shorter than `LOST_AFTER`) the node is
+    /// unhealthy, as for any other outage.
     fn health(&self) -> RelayHealth {
         let links = self.active_links();
         let down: Vec<(usize, String)> = (0..links.len())
@@ -494,7 +501,8 @@ impl Shared {
                 .find(|(k, _)| {
                     !self.links[*k]
                         .orphaned
-                        .load(std::sync::atomic::Ordering::Relaxed)
+                        .lock()
+                        .is_some_and(|since| since.elapsed() >= LOST_AFTER)
                 })
                 .map(|(k, e)| self.in_partition(*k, e))
         };

@@ -170,9 +170,9 @@ impl Shared {
     }
 
     /// Ask Redis whether this node's user may run every command Fanout
-    /// sends (`ACL DRYRUN`, Redis 7). The commands it may not run, or why
-    /// it could not tell.
-    pub(super) async fn check_permissions(&self) {
+    /// sends (`ACL DRYRUN`, Redis 7), and keep the answer for health;
+    /// logged at the `first` check and whenever it changes.
+    pub(super) async fn check_permissions(&self, first: bool) {
         let Ok(mut conn) = self.commands() else {
             return;
         };
@@ -185,7 +185,9 @@ impl Shared {
         {
             Ok(u) => u,
             Err(e) => {
-                tracing::info!(error = %e, "cannot check the Redis user's permissions; the publish probe still checks the publish path");
+                if first {
+                    tracing::info!(error = %e, "cannot check the Redis user's permissions; the publish probe still checks the publish path");
+                }
                 return;
             }
         };
@@ -206,7 +208,6 @@ impl Shared {
         };
         let mut needed: Vec<Vec<String>> = vec![
             vec!["PING".into()],
-            vec!["INFO".into(), "cluster".into()],
             vec![publish.into(), channel.clone(), "x".into()],
             vec![subscribe.into(), channel.clone()],
             vec![unsubscribe.into(), channel.clone()],
@@ -238,8 +239,13 @@ impl Shared {
                 vec!["PEXPIRE".into(), m, "1000".into()],
             ]);
         }
+        if matches!(self.target, super::topology::Target::Plain(_)) {
+            // To find out whether the URL names a cluster node.
+            needed.push(vec!["INFO".into(), "cluster".into()]);
+        }
         if cluster {
             needed.push(vec!["CLUSTER".into(), "SLOTS".into()]);
+            needed.push(vec!["CLUSTER".into(), "NODES".into()]);
             needed.push(vec!["CLUSTER".into(), "KEYSLOT".into(), "x".into()]);
         }
         if self.backend.get().is_some_and(|b| b.is_sentinel()) {
@@ -258,17 +264,22 @@ impl Shared {
                     missing.push(format!("{}: {answer}", args[..args.len().min(2)].join(" ")))
                 }
                 Err(e) => {
-                    tracing::info!(error = %e, "cannot check the Redis user's permissions (ACL DRYRUN); the publish probe still checks the publish path");
+                    if first {
+                        tracing::info!(error = %e, "cannot check the Redis user's permissions (ACL DRYRUN); the publish probe still checks the publish path");
+                    }
                     return;
                 }
             }
+        }
+        let before = std::mem::replace(&mut *self.missing_permissions.lock(), missing.clone());
+        if before == missing && !first {
+            return;
         }
         if missing.is_empty() {
             tracing::info!(user, "the Redis user may run every command Fanout needs");
         } else {
             tracing::error!(user, missing = ?missing, "the Redis user may not run commands Fanout needs (see docs/operations.md, Redis ACL)");
         }
-        *self.missing_permissions.lock() = missing;
         self.report_health();
     }
 }
@@ -282,7 +293,7 @@ pub(super) async fn run_probe(shared: Arc<Shared>) {
         .config
         .heartbeat_interval
         .max(Duration::from_millis(100));
-    shared.check_permissions().await;
+    shared.check_permissions(true).await;
     let mut tick = tokio::time::interval(every);
     let mut backoff = every;
     let mut next_rebuild = Instant::now();
@@ -291,7 +302,13 @@ pub(super) async fn run_probe(shared: Arc<Shared>) {
             _ = tick.tick() => {}
             _ = shared.stop.cancelled() => return,
         }
+        if !shared.missing_permissions.lock().is_empty() {
+            // Until the user is granted what it lacks.
+            shared.check_permissions(false).await;
+        }
         let broken = shared.probe_partitions().await;
+        // Health may change with time alone (`LOST_AFTER`).
+        shared.report_health();
         let Some(backend) = shared.backend.get() else {
             continue;
         };

@@ -446,21 +446,23 @@ async fn owner(
                 }
                 // A slot without a live primary is lost for every node,
                 // not only this one (see `Shared::health`).
-                let orphaned = &shared.links[k].orphaned;
-                let relaxed = std::sync::atomic::Ordering::Relaxed;
+                let mut orphaned = shared.links[k].orphaned.lock();
+                let lost = |o: &mut Option<Instant>| {
+                    o.get_or_insert_with(Instant::now);
+                };
                 return match owner {
                     None => {
-                        orphaned.store(true, relaxed);
+                        lost(&mut orphaned);
                         Err("no primary owns the partition's slot".into())
                     }
                     Some((h, p)) if failed.contains(&(h.clone(), p)) => {
-                        orphaned.store(true, relaxed);
+                        lost(&mut orphaned);
                         Err(format!(
                             "the partition's primary {h}:{p} is marked failed by the cluster"
                         ))
                     }
                     Some(owner) => {
-                        orphaned.store(false, relaxed);
+                        *orphaned = None;
                         Ok(owner)
                     }
                 };
