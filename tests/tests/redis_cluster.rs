@@ -559,3 +559,108 @@ async fn a_publish_refused_inside_the_script_takes_no_offset() {
     let taken: String = redis.cmd(&["HGET", "fanout:m:gapless", "s"]).await;
     assert_eq!(taken, "1", "the first acknowledged publish has offset 1");
 }
+
+/// The first topic `c<i>` whose channel's slot the primary at `port` owns
+/// (`on`) or does not own (`!on`).
+async fn topic_owned(redis: &RedisCluster, port: u16, on: bool) -> String {
+    for i in 0.. {
+        let t = format!("c{i}");
+        if (redis.owner_of(&topic_channel(&t)).await == port) == on {
+            return t;
+        }
+    }
+    unreachable!()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_shard_refuses_only_its_own_topics_and_health_lists_it() {
+    // No replicas, `cluster-require-full-coverage no`: one primary dies
+    // for good, the others keep serving their slots.
+    let mut redis = RedisCluster::start_without_replicas().await;
+    let url = redis.cluster_url();
+    let a = NodeProcess::start(&env(&url)).await;
+    let b = NodeProcess::start(&env(&url)).await;
+    // Not the primary of the membership keys: losing those stops
+    // forwarding and `/api/cluster` on every node, which keeps them 503
+    // (docs/operations.md).
+    let membership = redis.owner_of("fanout:{nodes}").await;
+    let victim = redis
+        .primaries()
+        .await
+        .into_iter()
+        .map(|(_, p)| p)
+        .find(|p| *p != membership)
+        .unwrap();
+    let lost = topic_owned(&redis, victim, true).await;
+    let live = topic_owned(&redis, victim, false).await;
+    let mut sse = a.connect().await;
+    a.subscribe(&sse.client_id, &[&live]).await;
+    redis.kill(victim).await;
+    redis.wait_marked_failed(victim).await;
+    // Topics on the live shards publish; the lost shard's answer 503.
+    wait_for("a publish on a live shard answers 200", || async {
+        let (status, _) = b
+            .publish_raw(json!({"topic": live, "data": "live"}), &[])
+            .await;
+        status == StatusCode::OK
+    })
+    .await;
+    assert_eq!(sse.next_json().await, (live.clone(), json!("live")));
+    let (status, body) = b
+        .publish_raw(json!({"topic": lost, "data": "lost"}), &[])
+        .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    // A batch with one message on the lost shard is refused whole.
+    let (status, body) = b
+        .publish_raw(
+            json!({"messages": [{"topic": live, "data": 1}, {"topic": lost, "data": 2}]}),
+            &[],
+        )
+        .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    // Subscribing: 204 means live, so the lost shard's topics get 503.
+    let other = b.connect().await;
+    let (status, body) = b
+        .post_subscriptions(
+            json!({"clientId": other.client_id, "subscriptions": [lost]}),
+            &[],
+        )
+        .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    let (status, body) = b
+        .post_subscriptions(
+            json!({"clientId": other.client_id, "subscriptions": [live]}),
+            &[],
+        )
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
+    // Health: once the cluster has had no primary for the partition for
+    // a while, 200 with the lost partitions listed.
+    let lost_partition = partition_of(&lost, 16);
+    let live_partition = partition_of(&live, 16);
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let health = loop {
+        let (status, health) = b.get_json("/api/health").await;
+        if status == StatusCode::OK {
+            break health;
+        }
+        assert!(Instant::now() < deadline, "still 503: {health}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let degraded: Vec<u64> = health["data"]["relay"]["degraded"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{health}"))
+        .iter()
+        .filter_map(Value::as_u64)
+        .collect();
+    assert!(degraded.contains(&u64::from(lost_partition)), "{health}");
+    assert!(!degraded.contains(&u64::from(live_partition)), "{health}");
+    eprintln!("lost shard: partitions {degraded:?} degraded, the others serve");
+    // And still: the live topic publishes, the lost one does not.
+    b.publish(&live, json!("still")).await;
+    assert_eq!(sse.next_json().await, (live.clone(), json!("still")));
+    let (status, _) = a
+        .publish_raw(json!({"topic": lost, "data": "lost"}), &[])
+        .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+}

@@ -132,7 +132,9 @@ impl Shared {
             match r {
                 Ok(()) => self.set_publish(k, Ok(())),
                 Err(f) => {
-                    broken |= f.connection;
+                    // A partition the cluster lost cannot be reached
+                    // through any node: no reason to rebuild for it.
+                    broken |= f.connection && self.links[k].orphaned.lock().is_none();
                     self.set_publish(k, Err(f.reason));
                 }
             }
