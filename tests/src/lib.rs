@@ -1037,6 +1037,9 @@ impl RedisCluster {
     /// `redis-cli --cluster rebalance --cluster-use-empty-masters`, once
     /// every node agrees on the configuration.
     pub async fn rebalance(&self) {
+        // A new primary says `cluster_state:fail` for its first 2 s, and
+        // refuses the keys `MIGRATE` sends it with CLUSTERDOWN meanwhile.
+        self.wait_ok().await;
         let any = self.primaries().await[0].1;
         wait_for("every node agrees on the configuration", || async {
             let mut cmd = Command::new("redis-cli");

@@ -51,6 +51,11 @@
 //! without a subscription behind them. Reconnecting retries every few
 //! hundred milliseconds at most, so the node is back as soon as Redis is.
 //!
+//! Health follows the publish path (`probe.rs`): a partition is healthy
+//! while its link is up and its last publish or probe publish succeeded.
+//! A publish is refused (503) only when a partition it touches is down, so
+//! a cluster shard lost for good refuses its own topics only.
+//!
 //! A PUBLISH that Redis reports as received by nobody, for a topic this node
 //! has confirmed subscribed, shows the subscriber connection is gone before
 //! the node noticed. The node's subscribers of that topic would miss the
@@ -217,7 +222,8 @@ struct Shared {
     /// The history position this node last dispatched, per topic.
     positions: Mutex<HashMap<Arc<str>, history::Position>>,
     /// Cluster nodes to ask where a partition lives: the seeds, then every
-    /// node `CLUSTER SLOTS` has named.
+    /// node the last `CLUSTER SLOTS` named (refreshed every heartbeat,
+    /// `probe.rs`; bounded by the cluster's size).
     known_nodes: Mutex<Vec<(String, u16)>>,
     /// The probe topic of each partition (`probe.rs`).
     probe_topics: OnceLock<Vec<String>>,

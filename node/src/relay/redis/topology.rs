@@ -16,6 +16,14 @@
 //!   address, and checks it again every heartbeat: it never publishes to a
 //!   replica.
 //!
+//! A cluster is reached through its seeds (one is enough), but never
+//! depends on them: the node asks a seed for every node (`CLUSTER SLOTS`)
+//! and builds the crate's cluster connection with all of them as its
+//! initial nodes, so that it can start over through any live one (the
+//! crate starts over from its initial nodes only). `probe.rs` refreshes the
+//! list every heartbeat and rebuilds the connection if it still loses the
+//! cluster.
+//!
 //! In cluster mode, commands go through the crate's cluster connection,
 //! which routes each by its key's slot and follows `MOVED`/failovers;
 //! publishing uses `SPUBLISH`, and the subscriber keeps its own connection
