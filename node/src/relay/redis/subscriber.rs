@@ -514,20 +514,7 @@ async fn slots_from(
         .map_err(|_| "timed out".to_owned())?
         .map_err(|e| e.to_string())?;
     let addr = topology::node_address;
-    // `<id> <ip:port@cport[,hostname]> <flags> …`; `fail?` is one node's
-    // suspicion only, `fail` the cluster's verdict.
-    let failed = listing
-        .lines()
-        .filter_map(|l| {
-            let mut f = l.split_whitespace();
-            let address = f.nth(1)?;
-            let flags = f.next()?;
-            flags.split(',').any(|x| x == "fail").then_some(())?;
-            let (host, rest) = address.rsplit_once(':')?;
-            let port = rest.split(['@', ',']).next()?.parse().ok()?;
-            Some((host.to_owned(), port))
-        })
-        .collect();
+    let failed = failed_nodes(&listing);
     let mut owner = None;
     let mut nodes = Vec::new();
     for range in ranges {
@@ -540,6 +527,24 @@ async fn slots_from(
         }
     }
     Ok((owner, nodes, failed))
+}
+
+/// The nodes a `CLUSTER NODES` listing marks failed. Each line is
+/// `<id> <ip:port@cport[,hostname]> <flags> …`; `fail?` is one node's
+/// suspicion only, `fail` the cluster's verdict.
+fn failed_nodes(listing: &str) -> Vec<(String, u16)> {
+    listing
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let address = f.nth(1)?;
+            let flags = f.next()?;
+            flags.split(',').any(|x| x == "fail").then_some(())?;
+            let address = address.split(['@', ',']).next()?;
+            let (host, port) = address.rsplit_once(':')?;
+            Some((host.to_owned(), port.parse().ok()?))
+        })
+        .collect()
 }
 
 /// Serve subscription changes on a live link until it is lost. Returns
@@ -631,5 +636,27 @@ async fn serve(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_nodes_the_cluster_marks_failed_are_failed() {
+        let listing = "\
+a1 127.0.0.1:7000@17000 myself,master - 0 0 1 connected 0-5460
+b2 127.0.0.1:7001@17001,redis-b master,fail - 1 2 2 connected 5461-10922
+c3 127.0.0.1:7002@17002 master,fail? - 1 2 3 connected 10923-16383
+d4 10.0.0.4:7003@17003 slave,fail b2 1 2 2 connected
+";
+        assert_eq!(
+            failed_nodes(listing),
+            vec![
+                ("127.0.0.1".to_owned(), 7001),
+                ("10.0.0.4".to_owned(), 7003)
+            ]
+        );
     }
 }
