@@ -574,22 +574,29 @@ async fn topic_owned(redis: &RedisCluster, port: u16, on: bool) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_shard_refuses_only_its_own_topics_and_health_lists_it() {
-    // No replicas, `cluster-require-full-coverage no`: one primary dies
-    // for good, the others keep serving their slots.
+    lost_shard(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_shard_holding_the_membership_keys_leaves_the_other_topics_served() {
+    lost_shard(true).await;
+}
+
+/// No replicas, `cluster-require-full-coverage no`: one primary dies for
+/// good (the one holding the membership keys, or another), the others
+/// keep serving their slots.
+async fn lost_shard(membership_too: bool) {
     let mut redis = RedisCluster::start_without_replicas().await;
     let url = redis.cluster_url();
     let a = NodeProcess::start(&env(&url)).await;
     let b = NodeProcess::start(&env(&url)).await;
-    // Not the primary of the membership keys: losing those stops
-    // forwarding and `/api/cluster` on every node, which keeps them 503
-    // (docs/operations.md).
     let membership = redis.owner_of("fanout:{nodes}").await;
     let victim = redis
         .primaries()
         .await
         .into_iter()
         .map(|(_, p)| p)
-        .find(|p| *p != membership)
+        .find(|p| (*p == membership) == membership_too)
         .unwrap();
     let lost = topic_owned(&redis, victim, true).await;
     let live = topic_owned(&redis, victim, false).await;
@@ -663,4 +670,12 @@ async fn a_lost_shard_refuses_only_its_own_topics_and_health_lists_it() {
         .publish_raw(json!({"topic": lost, "data": "lost"}), &[])
         .await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    // Without the membership keys: healthy, saying so, and what needs
+    // them answers 503.
+    let membership_lost = &health["data"]["relay"]["membership_lost"];
+    assert_eq!(membership_lost.is_string(), membership_too, "{health}");
+    if membership_too {
+        let (status, body) = b.get_json("/api/cluster").await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    }
 }

@@ -165,6 +165,7 @@ impl Relay for LocalRelay {
             healthy: true,
             reason: None,
             degraded: Vec::new(),
+            membership_lost: None,
             shards: Vec::new(),
         }
     }

@@ -225,6 +225,9 @@ struct Shared {
     /// node the last `CLUSTER SLOTS` named (refreshed every heartbeat,
     /// `probe.rs`; bounded by the cluster's size).
     known_nodes: Mutex<Vec<(String, u16)>>,
+    /// Since when the cluster has had no live primary for the membership
+    /// keys' slot (`probe.rs`).
+    membership_orphaned: Mutex<Option<std::time::Instant>>,
     /// The probe topic of each partition (`probe.rs`).
     probe_topics: OnceLock<Vec<String>>,
     /// Commands Fanout needs that the Redis user may not run, with
@@ -291,6 +294,7 @@ impl RedisRelay {
             positions: Mutex::new(HashMap::new()),
             known_nodes: Mutex::new(target.addresses()),
             probe_topics: OnceLock::new(),
+            membership_orphaned: Mutex::new(None),
             missing_permissions: Mutex::new(Vec::new()),
             heartbeat: Mutex::new(None),
             started_at: SystemTime::now(),
@@ -492,7 +496,10 @@ impl Shared {
     /// marked failed and no replica took over for [`LOST_AFTER`]): every
     /// node is in the same state then, and a load balancer that took them
     /// all out would turn a partial outage into a total one. Publishes and
-    /// subscriptions of those partitions answer 503, the others work.
+    /// subscriptions of those partitions answer 503, the others work. The
+    /// same for the slot of the membership keys: lost by the cluster for
+    /// `LOST_AFTER`, the heartbeat's failures no longer make the node
+    /// unhealthy, and `membership_lost` says why.
     /// During an ordinary failover (shorter than `LOST_AFTER`) the node is
     /// unhealthy, as for any other outage.
     fn health(&self) -> RelayHealth {
@@ -512,7 +519,19 @@ impl Shared {
                 })
                 .map(|(k, e)| self.in_partition(*k, e))
         };
-        let cmd = self.command_health.lock().clone();
+        // The membership keys' shard lost by the cluster: the heartbeat's
+        // failures are every node's, like a lost partition's.
+        let membership_lost = self
+            .membership_orphaned
+            .lock()
+            .is_some_and(|since| since.elapsed() >= LOST_AFTER)
+            .then(|| {
+                "the cluster has no live primary for the membership keys: forwarded subscription requests and /api/cluster answer 503".to_owned()
+            });
+        let cmd = match &membership_lost {
+            Some(_) => Ok(()),
+            None => self.command_health.lock().clone(),
+        };
         let reads = self.reads_health.lock().clone();
         let missing = self.missing_permissions.lock().clone();
         let reason = partitions_reason.or(cmd.err()).or(reads.err()).or_else(|| {
@@ -544,6 +563,7 @@ impl Shared {
             },
             healthy: reason.is_none(),
             reason,
+            membership_lost,
             degraded: match self.partitions() {
                 Some(_) => down.iter().map(|(k, _)| *k as u16).collect(),
                 None => Vec::new(),

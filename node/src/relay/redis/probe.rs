@@ -144,17 +144,26 @@ impl Shared {
 
     /// Refresh the list of cluster nodes from any node that answers; the
     /// URL's seeds stay on it, so a list of dead nodes cannot lock the node
-    /// out for good.
+    /// out for good. The same answer tells whether the cluster still has a
+    /// live primary for the membership keys.
     async fn refresh_nodes(&self) {
         let Some(super::topology::Backend::Cluster { template, .. }) = self.backend.get() else {
             return;
         };
         let known = self.known_nodes.lock().clone();
         for (host, port) in &known {
-            if let Ok(found) = super::topology::cluster_nodes(template, host, *port).await
+            if let Ok((owner, found, failed)) =
+                super::subscriber::slots_from(template, host, *port, &self.members_key).await
                 && !found.is_empty()
             {
                 self.remember_nodes(found);
+                let mut orphaned = self.membership_orphaned.lock();
+                match owner {
+                    Some(o) if !failed.contains(&o) => *orphaned = None,
+                    _ => {
+                        orphaned.get_or_insert_with(Instant::now);
+                    }
+                }
                 return;
             }
         }

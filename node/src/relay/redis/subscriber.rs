@@ -477,7 +477,7 @@ async fn owner(
 /// which nodes it knows, and which of them it marks failed (`CLUSTER
 /// NODES` flag `fail`).
 #[allow(clippy::type_complexity)]
-async fn slots_from(
+pub(super) async fn slots_from(
     template: &redis::ConnectionInfo,
     host: &str,
     port: u16,
