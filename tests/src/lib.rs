@@ -1042,6 +1042,9 @@ impl RedisCluster {
     /// `redis-cli --cluster rebalance --cluster-use-empty-masters`, once
     /// every node agrees on the configuration.
     pub async fn rebalance(&self) {
+        // A new primary says `cluster_state:fail` for its first 2 s, and
+        // refuses the keys `MIGRATE` sends it with CLUSTERDOWN meanwhile.
+        self.wait_ok().await;
         let any = self.primaries().await[0].1;
         wait_for("every node agrees on the configuration", || async {
             let mut cmd = Command::new("redis-cli");
@@ -1459,4 +1462,76 @@ pub fn check_delivery(
         );
     }
     a
+}
+
+impl NodeProcess {
+    /// CPU time (user + system) the node has used so far, in seconds, from
+    /// `/proc/<pid>/stat` (clock ticks of 1/100 s, as on Linux).
+    pub fn cpu_seconds(&self) -> f64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid()))
+            .expect("/proc stat of the node");
+        // The fields after the command name, which may hold spaces.
+        let rest = &stat[stat.rfind(')').expect("comm") + 2..];
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ticks: u64 =
+            f[11].parse::<u64>().expect("utime") + f[12].parse::<u64>().expect("stime");
+        ticks as f64 / 100.0
+    }
+}
+
+impl RedisCluster {
+    /// Three primaries without replicas, with `cluster-require-full-coverage
+    /// no`: a killed primary's slots stay lost while the others serve.
+    pub async fn start_without_replicas() -> Self {
+        let slot = CLUSTERS.acquire().await.expect("semaphore open");
+        let dir = TempDir::new("fanout-redis-cluster");
+        let mut ports = Vec::new();
+        let mut children = std::collections::HashMap::new();
+        for _ in 0..3 {
+            let port = free_cluster_port();
+            children.insert(port, Self::spawn_node(&dir, port, None));
+            ports.push(port);
+        }
+        let cluster = Self {
+            ports,
+            password: None,
+            children,
+            _dir: dir,
+            _slot: slot,
+        };
+        for &p in &cluster.ports {
+            wait_for("cluster node answers", || async {
+                cluster.try_cmd::<String>(p, &["PING"]).await.is_ok()
+            })
+            .await;
+            let _: () = cluster
+                .cmd(p, &["CONFIG", "SET", "cluster-require-full-coverage", "no"])
+                .await;
+        }
+        let mut args = vec!["--cluster".to_owned(), "create".to_owned()];
+        args.extend(cluster.ports.iter().map(|p| format!("127.0.0.1:{p}")));
+        args.extend(["--cluster-replicas", "0", "--cluster-yes"].map(str::to_owned));
+        cluster
+            .cli(&args.iter().map(String::as_str).collect::<Vec<_>>())
+            .await;
+        cluster.wait_ok().await;
+        cluster
+    }
+
+    /// Wait until a live node's `CLUSTER NODES` marks the node at `port`
+    /// failed (`fail`, the cluster's verdict, not one node's `fail?`).
+    pub async fn wait_marked_failed(&self, port: u16) {
+        let live = *self.children.keys().next().expect("a live node");
+        let needle = format!(":{port}@");
+        wait_for("the cluster marks the node failed", || async {
+            let nodes: String = self.cmd(live, &["CLUSTER", "NODES"]).await;
+            nodes.lines().any(|l| {
+                l.contains(&needle)
+                    && l.split_whitespace()
+                        .nth(2)
+                        .is_some_and(|f| f.split(',').any(|x| x == "fail"))
+            })
+        })
+        .await;
+    }
 }

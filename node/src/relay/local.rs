@@ -164,6 +164,8 @@ impl Relay for LocalRelay {
             mode: None,
             healthy: true,
             reason: None,
+            degraded: Vec::new(),
+            membership_lost: None,
             shards: Vec::new(),
         }
     }

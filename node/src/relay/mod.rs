@@ -102,7 +102,18 @@ pub struct RelayHealth {
     /// Why it is unhealthy, when it is.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
-    /// On a Redis Cluster: each partition's subscriber link.
+    /// On a Redis Cluster: the partitions that cannot carry a publish now
+    /// (their publishes and new subscriptions answer 503). Listed also
+    /// while `healthy` is true: see the Redis relay's health rule.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub degraded: Vec<u16>,
+    /// On a Redis Cluster whose shard holding the membership keys is lost
+    /// (no live primary for 10 s): why. Forwarded subscription requests
+    /// and `/api/cluster` answer 503 meanwhile; the node's own clients are
+    /// served.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub membership_lost: Option<String>,
+    /// On a Redis Cluster: each partition's subscriber link and publishes.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub shards: Vec<ShardHealth>,
 }

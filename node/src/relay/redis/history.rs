@@ -69,7 +69,23 @@ pub(super) fn meta_ttl(history_ttl: Duration) -> Duration {
 /// first writes a cursor entry (`<last offset>-1`, field `c`: that id), so
 /// a resume from the last message before the expiry still finds its
 /// cursor and replays what came after.
+///
+/// First it checks (`redis.acl_check_cmd`, Redis 7) that the user may run
+/// each command it calls, so that a refused one fails the script before it
+/// took an offset or wrote the stream.
 const PUBLISH_SCRIPT: &str = r#"
+if redis.acl_check_cmd then
+  for _, c in ipairs({{'hget', KEYS[1], 'e'}, {'zscore', KEYS[3], ''}, {'del', KEYS[2], KEYS[3]},
+      {'hset', KEYS[1], 'e', ''}, {'exists', KEYS[2]}, {'hmget', KEYS[1], 's', 'i'},
+      {'hincrby', KEYS[1], 's', '1'}, {'xadd', KEYS[2], '*', 'm', ''},
+      {'pexpire', KEYS[2], '1'}, {'pexpire', KEYS[1], '1'}, {'zadd', KEYS[3], '1', ''},
+      {'zremrangebyrank', KEYS[3], '0', '1'}, {'pexpire', KEYS[3], '1'},
+      {ARGV[6], ARGV[1], ''}}) do
+    if not redis.acl_check_cmd(unpack(c)) then
+      return redis.error_reply('NOPERM the Redis user may not run ' .. c[1] .. ' on ' .. c[2] .. ' in the publish script')
+    end
+  end
+end
 local id = ARGV[8]
 local e = redis.call('hget', KEYS[1], 'e')
 if e and id ~= '' then

@@ -51,6 +51,11 @@
 //! without a subscription behind them. Reconnecting retries every few
 //! hundred milliseconds at most, so the node is back as soon as Redis is.
 //!
+//! Health follows the publish path (`probe.rs`): a partition is healthy
+//! while its link is up and its last publish or probe publish succeeded.
+//! A publish is refused (503) only when a partition it touches is down, so
+//! a cluster shard lost for good refuses its own topics only.
+//!
 //! A PUBLISH that Redis reports as received by nobody, for a topic this node
 //! has confirmed subscribed, shows the subscriber connection is gone before
 //! the node noticed. The node's subscribers of that topic would miss the
@@ -73,6 +78,7 @@ mod envelope;
 mod forwarding;
 mod history;
 mod membership;
+mod probe;
 mod subscriber;
 mod topology;
 
@@ -128,6 +134,11 @@ pub struct RedisConfig {
 
 /// Bound on one Redis command; beyond it Redis counts as unreachable.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long the cluster must have had no live primary for a partition
+/// before the node counts it as lost by the cluster and reports itself
+/// healthy with that partition degraded (see `Shared::health`): longer
+/// than a failover takes with the usual `cluster-node-timeout`.
+const LOST_AFTER: Duration = Duration::from_secs(10);
 /// Channels per SUBSCRIBE command when re-subscribing everything.
 const SUBSCRIBE_BATCH: usize = 1000;
 /// Longest wait between reconnect attempts: a refused connection costs
@@ -168,6 +179,12 @@ struct Link {
     replay_rx: Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<ReplayRequest>>>,
     /// `Err(reason)` while it is down.
     state: Mutex<Result<(), String>>,
+    /// `Err(reason)` while publishes of this partition fail: the last
+    /// publish's or probe's outcome (`probe.rs`).
+    publish: Mutex<Result<(), String>>,
+    /// Since when the cluster itself has had no live primary for this
+    /// partition (its owner is marked failed): every node sees the same.
+    orphaned: Mutex<Option<std::time::Instant>>,
     /// The Redis node it is connected to (cluster).
     primary: Mutex<Option<String>>,
     /// Cancelled to make the link reconnect now.
@@ -206,8 +223,17 @@ struct Shared {
     /// The history position this node last dispatched, per topic.
     positions: Mutex<HashMap<Arc<str>, history::Position>>,
     /// Cluster nodes to ask where a partition lives: the seeds, then every
-    /// node `CLUSTER SLOTS` has named.
+    /// node the last `CLUSTER SLOTS` named (refreshed every heartbeat,
+    /// `probe.rs`; bounded by the cluster's size).
     known_nodes: Mutex<Vec<(String, u16)>>,
+    /// Since when the cluster has had no live primary for the membership
+    /// keys' slot (`probe.rs`).
+    membership_orphaned: Mutex<Option<std::time::Instant>>,
+    /// The probe topic of each partition (`probe.rs`).
+    probe_topics: OnceLock<Vec<String>>,
+    /// Commands Fanout needs that the Redis user may not run, with
+    /// Redis's reason (`ACL DRYRUN`, checked at start).
+    missing_permissions: Mutex<Vec<String>>,
     heartbeat: Mutex<Option<tokio::task::JoinHandle<()>>>,
     started_at: SystemTime,
     stop: CancellationToken,
@@ -247,6 +273,8 @@ impl RedisRelay {
                         replays,
                         replay_rx: Arc::new(tokio::sync::Mutex::new(rx)),
                         state: Mutex::new(Err("connecting to Redis".into())),
+                        publish: Mutex::new(Ok(())),
+                        orphaned: Mutex::new(None),
                         primary: Mutex::new(None),
                         reconnect: Mutex::new(CancellationToken::new()),
                         messages_in: metrics::counter!(
@@ -266,6 +294,9 @@ impl RedisRelay {
             confirmed: Mutex::new(HashSet::new()),
             positions: Mutex::new(HashMap::new()),
             known_nodes: Mutex::new(target.addresses()),
+            probe_topics: OnceLock::new(),
+            membership_orphaned: Mutex::new(None),
+            missing_permissions: Mutex::new(Vec::new()),
             heartbeat: Mutex::new(None),
             started_at: SystemTime::now(),
             stop: CancellationToken::new(),
@@ -402,13 +433,39 @@ impl Shared {
     fn subscriber_health(&self) -> Result<(), String> {
         for (k, link) in self.active_links().iter().enumerate() {
             if let Err(e) = &*link.state.lock() {
-                return Err(match self.partitions() {
-                    Some(_) => format!("partition {k}: {e}"),
-                    None => e.clone(),
-                });
+                return Err(self.in_partition(k, e));
             }
         }
         Ok(())
+    }
+
+    /// `reason`, prefixed with the partition on a cluster.
+    fn in_partition(&self, k: usize, reason: &str) -> String {
+        match self.partitions() {
+            Some(_) => format!("partition {k}: {reason}"),
+            None => reason.to_owned(),
+        }
+    }
+
+    /// `Err(reason)` while partition `k` cannot carry a publish: its
+    /// subscriber link is down, or its last publish or probe failed.
+    fn partition_health(&self, k: usize) -> Result<(), String> {
+        let link = &self.links[k];
+        link.state.lock().clone()?;
+        link.publish.lock().clone()
+    }
+
+    /// Record the outcome of a publish (or probe) of partition `k`.
+    fn set_publish(&self, k: usize, state: Result<(), String>) {
+        let changed = {
+            let mut p = self.links[k].publish.lock();
+            let changed = p.is_ok() != state.is_ok();
+            *p = state;
+            changed
+        };
+        if changed {
+            self.report_health();
+        }
     }
 
     fn set_commands(&self, state: Result<(), String>) {
@@ -431,21 +488,63 @@ impl Shared {
         }
     }
 
+    /// The relay's health. Each partition is healthy while it can carry a
+    /// publish ([`Shared::partition_health`]). The node is unhealthy when
+    /// any partition is down for a reason of its own (its connection, its
+    /// publishes, its permissions), or when every partition is down; it
+    /// stays healthy, listing the partitions in `degraded`, when the only
+    /// partitions down are ones the cluster itself lost (their primary is
+    /// marked failed and no replica took over for [`LOST_AFTER`]): every
+    /// node is in the same state then, and a load balancer that took them
+    /// all out would turn a partial outage into a total one. Publishes and
+    /// subscriptions of those partitions answer 503, the others work. The
+    /// same for the slot of the membership keys: lost by the cluster for
+    /// `LOST_AFTER`, the heartbeat's failures no longer make the node
+    /// unhealthy, and `membership_lost` says why.
+    /// During an ordinary failover (shorter than `LOST_AFTER`) the node is
+    /// unhealthy, as for any other outage.
     fn health(&self) -> RelayHealth {
-        let sub = self.subscriber_health();
-        let cmd = self.command_health.lock().clone();
-        let reads = self.reads_health.lock().clone();
-        let reason = match (sub, cmd, reads) {
-            (Ok(()), Ok(()), Ok(())) => None,
-            (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => Some(e),
+        let links = self.active_links();
+        let down: Vec<(usize, String)> = (0..links.len())
+            .filter_map(|k| self.partition_health(k).err().map(|e| (k, e)))
+            .collect();
+        let partitions_reason = if !down.is_empty() && down.len() == links.len() {
+            Some(self.in_partition(down[0].0, &down[0].1))
+        } else {
+            down.iter()
+                .find(|(k, _)| {
+                    !self.links[*k]
+                        .orphaned
+                        .lock()
+                        .is_some_and(|since| since.elapsed() >= LOST_AFTER)
+                })
+                .map(|(k, e)| self.in_partition(*k, e))
         };
+        // The membership keys' shard lost by the cluster: the heartbeat's
+        // failures are every node's, like a lost partition's.
+        let membership_lost = self
+            .membership_orphaned
+            .lock()
+            .is_some_and(|since| since.elapsed() >= LOST_AFTER)
+            .then(|| {
+                "the cluster has no live primary for the membership keys: forwarded subscription requests and /api/cluster answer 503".to_owned()
+            });
+        let cmd = match &membership_lost {
+            Some(_) => Ok(()),
+            None => self.command_health.lock().clone(),
+        };
+        let reads = self.reads_health.lock().clone();
+        let missing = self.missing_permissions.lock().clone();
+        let reason = partitions_reason.or(cmd.err()).or(reads.err()).or_else(|| {
+            (!missing.is_empty())
+                .then(|| format!("the Redis user may not run: {}", missing.join("; ")))
+        });
         let shards = match self.partitions() {
-            Some(_) => self
-                .active_links()
+            Some(_) => links
                 .iter()
                 .enumerate()
                 .map(|(k, l)| {
-                    let state = l.state.lock().clone();
+                    let state = self.partition_health(k);
                     ShardHealth {
                         partition: k as u16,
                         primary: l.primary.lock().clone(),
@@ -465,6 +564,11 @@ impl Shared {
             },
             healthy: reason.is_none(),
             reason,
+            membership_lost,
+            degraded: match self.partitions() {
+                Some(_) => down.iter().map(|(k, _)| *k as u16).collect(),
+                None => Vec::new(),
+            },
             shards,
         }
     }
@@ -610,6 +714,10 @@ impl Shared {
         let runs = groups.into_iter().map(|(primary, idx)| {
             let mut conn = conn.clone();
             async move {
+                let parts: HashSet<usize> = idx
+                    .iter()
+                    .map(|&i| self.link_of(protocol::base_topic(&batch[i].topic)))
+                    .collect();
                 let mut pipe = redis::pipe();
                 for &i in &idx {
                     pipe.add_command(command(i));
@@ -631,6 +739,11 @@ impl Shared {
                 let values = match values {
                     Ok(v) => v,
                     Err(sent) => {
+                        // Each partition's health follows its publishes.
+                        let (Sent::Not(r) | Sent::Unknown(r)) = &sent;
+                        for &k in &parts {
+                            self.set_publish(k, Err(r.clone()));
+                        }
                         return idx
                             .into_iter()
                             .map(|i| (i, Outcome::Failed(sent.clone())))
@@ -654,6 +767,17 @@ impl Shared {
                             Err(sent) => (i, Outcome::Failed(sent)),
                         },
                     });
+                }
+                for &k in &parts {
+                    let failed = outcomes.iter().find_map(|(i, o)| match o {
+                        Outcome::Failed(Sent::Not(r) | Sent::Unknown(r))
+                            if self.link_of(protocol::base_topic(&batch[*i].topic)) == k =>
+                        {
+                            Some(r.clone())
+                        }
+                        _ => None,
+                    });
+                    self.set_publish(k, failed.map_or(Ok(()), Err));
                 }
                 outcomes
             }
@@ -691,10 +815,18 @@ impl Relay for RedisRelay {
         Box::pin(async move {
             let s = &self.shared;
             // Only a node that would itself receive what it publishes may
-            // acknowledge it: with a subscriber link down, its own clients
-            // would miss the message.
-            if let Err(reason) = s.subscriber_health() {
-                return Err(RelayError::Unavailable(reason));
+            // acknowledge it: with the subscriber link of a message's
+            // partition down, its own clients would miss the message. The
+            // whole batch is refused before anything is sent; partitions
+            // not in the batch do not matter.
+            let involved: HashSet<usize> = batch
+                .iter()
+                .map(|p| s.link_of(protocol::base_topic(&p.topic)))
+                .collect();
+            for k in involved {
+                if let Err(reason) = &*s.links[k].state.lock() {
+                    return Err(RelayError::Unavailable(s.in_partition(k, reason)));
+                }
             }
             let outcomes = s.publish_batch(&batch).await?;
             let (mut published, mut unknown, mut not_published) = (vec![], vec![], vec![]);
