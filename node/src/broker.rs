@@ -24,7 +24,11 @@
 //! # }
 //! ```
 
-use std::{net::IpAddr, sync::Arc, time::Duration};
+use std::{
+    net::IpAddr,
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
+};
 
 use axum::http::StatusCode;
 use serde_json::json;
@@ -170,8 +174,12 @@ impl Broker {
     /// Apply a validated subscription request on the node that holds the
     /// client: here, or, when the client id carries another node's tag,
     /// forwarded there through the relay. Either way the answer is the
-    /// owner's, status and body.
-    pub async fn subscribe(&self, req: SubscribeRequest) -> Result<(), ApiError> {
+    /// owner's, status and body. A request without a stamp is stamped here,
+    /// on arrival ([`Relay::stamp`]).
+    pub async fn subscribe(&self, mut req: SubscribeRequest) -> Result<(), ApiError> {
+        if req.stamp.is_none() {
+            req.stamp = self.relay.stamp();
+        }
         match protocol::node_tag_of(&req.client_id) {
             Some(tag) if tag != self.hub.node_tag() => {
                 metrics::counter!(m::FORWARDED).increment(1);
@@ -200,6 +208,12 @@ impl Broker {
     /// `deadline`: past it the request has no effect (a change already
     /// made is rolled back, as after a relay failure), so that a request
     /// the sender answered 503 is never applied later.
+    ///
+    /// A request whose stamp is older than that of a request of the same
+    /// client already applied is superseded: it changes nothing and
+    /// answers `Ok` (204), since the client's newer set stands. It is
+    /// still refused if it comes from another IP than the stream; the
+    /// auth-change check is not made against a newer request's auth.
     pub async fn subscribe_local_until(
         &self,
         req: SubscribeRequest,
@@ -226,6 +240,16 @@ impl Broker {
         if client.ip() != req.ip {
             return Err(ApiError::bad_request("Invalid realtime client."));
         }
+        let stamp = req.stamp;
+        if stamp.is_some_and(|s| s < client.applied_stamp.load(Ordering::Acquire)) {
+            metrics::counter!(m::SUBSCRIPTIONS_SUPERSEDED).increment(1);
+            return Ok(());
+        }
+        let applied = || {
+            if let Some(s) = stamp {
+                client.applied_stamp.fetch_max(s, Ordering::AcqRel);
+            }
+        };
         let auth = self.auth.verify_header(req.authorization.as_deref());
         let previous_auth = client.auth();
         if let Some(prev) = &previous_auth
@@ -264,6 +288,7 @@ impl Broker {
             }
         }
         if topics.is_empty() {
+            applied();
             return Ok(());
         }
         let synced = tokio::select! {
@@ -271,7 +296,10 @@ impl Broker {
             _ = until(deadline) => Err(RelayError::Unavailable(late().message)),
         };
         match synced {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                applied();
+                Ok(())
+            }
             Err(e) => {
                 tracing::warn!(client = client.id(), error = %e, "subscription failed; reverting");
                 let back = self

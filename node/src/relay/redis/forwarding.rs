@@ -1,12 +1,21 @@
 //! Subscription requests for a client held by another node: sent on that
 //! node's channel with a deadline, answered on the sender's channel.
+//!
+//! The deadline is on Redis's clock (`clock.rs`), never on a node's wall
+//! clock: the sender writes the time it gives up, less its own error; the
+//! owner turns it into an instant on its monotonic clock, less its own
+//! error, and past it drops the request, or rolls back a change it made.
+//! So the owner stops before the sender answers 503, however far either
+//! node's wall clock is off. The request also carries the stamp the
+//! receiving node gave it (`SubscribeRequest::stamp`), which orders it
+//! against the client's other requests (`Broker::subscribe_local_until`).
 
 use std::sync::{Arc, atomic::Ordering};
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
-use super::{Shared, unix_ms};
+use super::Shared;
 use crate::{
     error::ApiError,
     metrics as m,
@@ -20,8 +29,10 @@ enum NodeMessage {
     Subscribe {
         id: u64,
         from: String,
-        /// Unix time (ms) after which the sender has given up: the owner
-        /// must not apply the request any more.
+        /// Time on Redis's clock (Unix ms) after which the sender may have
+        /// given up: the owner must not apply the request any more. (Older
+        /// versions wrote their wall clock here, which is close to Redis's
+        /// where clocks agree, so a rolling upgrade keeps forwarding.)
         deadline: u64,
         request: SubscribeRequest,
     },
@@ -65,11 +76,13 @@ impl Shared {
                 deadline,
                 request,
             }) => {
-                if unix_ms() > deadline {
-                    // The sender has answered 503 already.
+                let Some(deadline) = self.clock.local_deadline(deadline) else {
+                    // The sender may have answered 503 already (or this
+                    // node has not read Redis's clock yet, and cannot
+                    // tell): never applied.
                     metrics::counter!(m::FORWARDS_EXPIRED).increment(1);
                     return;
-                }
+                };
                 // Queued here, in the order the channel delivered them, so
                 // one client's requests are applied in order.
                 let (reply, answer) = oneshot::channel();
@@ -136,6 +149,14 @@ impl Shared {
         request: SubscribeRequest,
     ) -> Result<Result<(), ApiError>, RelayError> {
         let s = self;
+        // Given up at this node's monotonic `start + timeout`; the deadline
+        // on Redis's clock is no later, whatever the clock error.
+        let start = tokio::time::Instant::now();
+        let now = s.clock.now().ok_or_else(|| {
+            RelayError::Unavailable("Redis's clock has not been read yet".into())
+        })?;
+        let deadline =
+            (now.us.saturating_sub(now.err_us) / 1000) + s.config.forward_timeout.as_millis() as u64;
         let id = s.next_request.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         s.pending.lock().insert(id, tx);
@@ -145,7 +166,7 @@ impl Shared {
         let msg = NodeMessage::Subscribe {
             id,
             from: s.hub.node_tag().to_owned(),
-            deadline: unix_ms() + s.config.forward_timeout.as_millis() as u64,
+            deadline,
             request,
         };
         let body = serde_json::to_vec(&msg).expect("node message serialises");
@@ -161,7 +182,9 @@ impl Shared {
             Err(e) => return Err(e),
             Ok(n) => n > 0,
         };
-        if listened && let Ok(Ok(answer)) = tokio::time::timeout(s.config.forward_timeout, rx).await
+        if listened
+            && let Ok(Ok(answer)) =
+                tokio::time::timeout_at(start + s.config.forward_timeout, rx).await
         {
             return Ok(answer);
         }
@@ -207,9 +230,14 @@ mod tests {
                 subscriptions: vec!["t".into()],
                 ip: "127.0.0.1".parse().unwrap(),
                 authorization: None,
+                stamp: Some(42),
             },
         };
         let back: NodeMessage = serde_json::from_slice(&serde_json::to_vec(&m).unwrap()).unwrap();
         assert!(matches!(back, NodeMessage::Subscribe { id: 7, .. }));
+        let NodeMessage::Subscribe { request, .. } = back else {
+            unreachable!()
+        };
+        assert_eq!(request.stamp, Some(42));
     }
 }

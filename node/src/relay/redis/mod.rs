@@ -69,6 +69,7 @@
 //! sender answers 503 when the owner does not answer in time. 404 is for a
 //! node that is not a live member of the cluster.
 
+mod clock;
 mod envelope;
 mod forwarding;
 mod history;
@@ -208,6 +209,8 @@ struct Shared {
     /// node `CLUSTER SLOTS` has named.
     known_nodes: Mutex<Vec<(String, u16)>>,
     heartbeat: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Redis's clock, the one every cross-node decision uses.
+    clock: clock::RedisClock,
     started_at: SystemTime,
     stop: CancellationToken,
 }
@@ -266,6 +269,7 @@ impl RedisRelay {
             positions: Mutex::new(HashMap::new()),
             known_nodes: Mutex::new(target.addresses()),
             heartbeat: Mutex::new(None),
+            clock: clock::RedisClock::new(),
             started_at: SystemTime::now(),
             stop: CancellationToken::new(),
         });
@@ -432,7 +436,13 @@ impl Shared {
 
     fn health(&self) -> RelayHealth {
         let sub = self.subscriber_health();
-        let cmd = self.command_health.lock().clone();
+        let cmd = self.command_health.lock().clone().and_then(|()| {
+            // Forwarding and request order need Redis's clock.
+            match self.clock.now() {
+                Some(_) => Ok(()),
+                None => Err("Redis's clock has not been read yet".to_owned()),
+            }
+        });
         let reads = self.reads_health.lock().clone();
         let reason = match (sub, cmd, reads) {
             (Ok(()), Ok(()), Ok(())) => None,
@@ -710,6 +720,10 @@ impl Relay for RedisRelay {
         })
     }
 
+    fn stamp(&self) -> Option<u64> {
+        self.shared.clock.stamp()
+    }
+
     fn take_incoming(&self) -> Option<mpsc::Receiver<Incoming>> {
         self.incoming.lock().take()
     }
@@ -727,8 +741,3 @@ impl Relay for RedisRelay {
     }
 }
 
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
