@@ -1450,3 +1450,23 @@ pub fn check_delivery(
     }
     a
 }
+
+/// Where Debian's libfaketime lives.
+const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
+
+/// Environment for [`NodeProcess::start`] that shifts the node's wall clock
+/// by `offset` (libfaketime's syntax: `"+30s"`, `"-30s"`) and leaves its
+/// monotonic clock alone, as on a drifting VM. Panics without libfaketime
+/// (`apt-get install faketime`; scripts/test installs it).
+pub fn skewed_wall_clock(offset: &str) -> Vec<(&'static str, String)> {
+    let lib = std::env::var("FANOUT_LIBFAKETIME").unwrap_or_else(|_| LIBFAKETIME.into());
+    assert!(
+        std::path::Path::new(&lib).exists(),
+        "{lib} missing: apt-get install faketime (or set FANOUT_LIBFAKETIME)"
+    );
+    vec![
+        ("LD_PRELOAD", lib),
+        ("FAKETIME", offset.to_owned()),
+        ("FAKETIME_DONT_FAKE_MONOTONIC", "1".to_owned()),
+    ]
+}
