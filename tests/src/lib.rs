@@ -567,6 +567,24 @@ impl NodeProcess {
         unsafe { kill(self.pid(), sig) };
     }
 
+    /// SIGSTOP, and wait until every thread of the process has stopped:
+    /// `kill` returns before that, and on a busy machine a thread woken by
+    /// I/O may run on for milliseconds.
+    pub async fn freeze(&self) {
+        self.signal(SIGSTOP);
+        let tasks = format!("/proc/{}/task", self.pid());
+        wait_until("every thread stopped", || {
+            std::fs::read_dir(&tasks).unwrap().all(|t| {
+                let stat = std::fs::read_to_string(t.unwrap().path().join("stat"))
+                    .unwrap_or_default();
+                // The state follows the parenthesised command name.
+                stat.rsplit_once(')')
+                    .is_some_and(|(_, rest)| rest.trim_start().starts_with(['T', 't']))
+            })
+        })
+        .await;
+    }
+
     /// SIGKILL, and wait for the process to be gone.
     pub async fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {

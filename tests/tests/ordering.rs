@@ -138,7 +138,7 @@ async fn a_frozen_owner_whose_wall_clock_runs_30s_behind_never_applies_a_request
         let forwarder = start(&env(&url, "1s", &skew(forwarder_offset))).await;
         let mut sse = owner.connect().await;
         owner.subscribe(&sse.client_id, &["early"]).await;
-        owner.signal(SIGSTOP);
+        owner.freeze().await;
         let (status, body) = forwarder
             .post_subscriptions(
                 json!({"clientId": sse.client_id, "subscriptions": ["late"]}),
@@ -146,7 +146,13 @@ async fn a_frozen_owner_whose_wall_clock_runs_30s_behind_never_applies_a_request
             )
             .await;
         owner.signal(SIGCONT);
-        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{what}: {body}");
+        assert_eq!(
+            status,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "{what}: {body} (logs: {} {})",
+            owner.log_path.display(),
+            forwarder.log_path.display()
+        );
         // Once it runs again, the owner drops the expired request.
         owner.wait_healthy().await;
         // Wait until the owner has dealt with the request: dropped it as
