@@ -240,7 +240,9 @@ impl Broker {
         if client.ip() != req.ip {
             return Err(ApiError::bad_request("Invalid realtime client."));
         }
-        let stamp = req.stamp;
+        // Unstamped (a library call, or a node of an older version
+        // forwarded it): received now, as far as this node can tell.
+        let stamp = req.stamp.or_else(|| self.relay.stamp());
         if stamp.is_some_and(|s| s < client.applied_stamp.load(Ordering::Acquire)) {
             metrics::counter!(m::SUBSCRIPTIONS_SUPERSEDED).increment(1);
             return Ok(());

@@ -575,8 +575,8 @@ impl NodeProcess {
         let tasks = format!("/proc/{}/task", self.pid());
         wait_until("every thread stopped", || {
             std::fs::read_dir(&tasks).unwrap().all(|t| {
-                let stat = std::fs::read_to_string(t.unwrap().path().join("stat"))
-                    .unwrap_or_default();
+                let stat =
+                    std::fs::read_to_string(t.unwrap().path().join("stat")).unwrap_or_default();
                 // The state follows the parenthesised command name.
                 stat.rsplit_once(')')
                     .is_some_and(|(_, rest)| rest.trim_start().starts_with(['T', 't']))

@@ -10,7 +10,11 @@ use serde_json::{Value, json};
 
 const HEARTBEAT: Duration = Duration::from_millis(300);
 
-fn env(url: &str, forward_timeout: &str, extra: &[(&'static str, String)]) -> Vec<(String, String)> {
+fn env(
+    url: &str,
+    forward_timeout: &str,
+    extra: &[(&'static str, String)],
+) -> Vec<(String, String)> {
     let mut env = vec![
         ("FANOUT_REDIS_URL".to_owned(), url.to_owned()),
         ("FANOUT_HEARTBEAT_INTERVAL".to_owned(), "300ms".to_owned()),
@@ -58,7 +62,10 @@ async fn reported_skew(node: &NodeProcess, tag: &str) -> i64 {
         .iter()
         .find(|n| n["node"] == tag)
         .expect("listed");
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as i64;
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
     entry["startedAt"].as_i64().unwrap() - now
 }
 
@@ -78,11 +85,19 @@ async fn both_listed_for(nodes: [&NodeProcess; 2], tags: [&str; 2], hold: Durati
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forwarding_and_membership_work_with_either_node_s_wall_clock_30s_ahead_or_behind() {
-    for (skewed_is_owner, offset) in [(true, "+30s"), (true, "-30s"), (false, "+30s"), (false, "-30s")]
-    {
+    for (skewed_is_owner, offset) in [
+        (true, "+30s"),
+        (true, "-30s"),
+        (false, "+30s"),
+        (false, "-30s"),
+    ] {
         let what = format!(
             "{} clock {offset}",
-            if skewed_is_owner { "owner's" } else { "forwarder's" }
+            if skewed_is_owner {
+                "owner's"
+            } else {
+                "forwarder's"
+            }
         );
         let redis = RedisServer::start().await;
         let url = redis.url();
@@ -100,7 +115,10 @@ async fn forwarding_and_membership_work_with_either_node_s_wall_clock_30s_ahead_
         let mut sse = owner.connect().await;
         let asked = Instant::now();
         let (status, body) = forwarder
-            .post_subscriptions(json!({"clientId": sse.client_id, "subscriptions": ["x"]}), &[])
+            .post_subscriptions(
+                json!({"clientId": sse.client_id, "subscriptions": ["x"]}),
+                &[],
+            )
             .await;
         assert_eq!(status, StatusCode::NO_CONTENT, "{what}: {body}");
         assert!(
@@ -120,7 +138,10 @@ async fn forwarding_and_membership_work_with_either_node_s_wall_clock_30s_ahead_
         .await;
         let shift = reported_skew(&plain, &tags[0]).await;
         let want: i64 = offset.trim_end_matches('s').parse().unwrap();
-        assert!((shift - want).abs() <= 2, "{what}: libfaketime works ({shift} s)");
+        assert!(
+            (shift - want).abs() <= 2,
+            "{what}: libfaketime works ({shift} s)"
+        );
         both_listed_for([&plain, &skewed], [&tags[0], &tags[1]], HEARTBEAT * 5).await;
     }
 }

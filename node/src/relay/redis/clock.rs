@@ -184,7 +184,11 @@ mod tests {
         tokio::time::advance(MAX_SAMPLE_AGE * 2).await;
         let t1 = Instant::now();
         // Redis's clock stepped back by a second.
-        c.record(t1, t1, 10_000_000 + (MAX_SAMPLE_AGE * 2).as_micros() as u64 - 1_000_000);
+        c.record(
+            t1,
+            t1,
+            10_000_000 + (MAX_SAMPLE_AGE * 2).as_micros() as u64 - 1_000_000,
+        );
         assert!(c.stamp().unwrap() > b);
     }
 

@@ -152,11 +152,12 @@ impl Shared {
         // Given up at this node's monotonic `start + timeout`; the deadline
         // on Redis's clock is no later, whatever the clock error.
         let start = tokio::time::Instant::now();
-        let now = s.clock.now().ok_or_else(|| {
-            RelayError::Unavailable("Redis's clock has not been read yet".into())
-        })?;
-        let deadline =
-            (now.us.saturating_sub(now.err_us) / 1000) + s.config.forward_timeout.as_millis() as u64;
+        let now = s
+            .clock
+            .now()
+            .ok_or_else(|| RelayError::Unavailable("Redis's clock has not been read yet".into()))?;
+        let deadline = (now.us.saturating_sub(now.err_us) / 1000)
+            + s.config.forward_timeout.as_millis() as u64;
         let id = s.next_request.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         s.pending.lock().insert(id, tx);

@@ -90,8 +90,9 @@ impl Shared {
         let mut conn = s.commands()?;
         let mut cmd = script(LIVE);
         cmd.arg(2).arg(&s.members_key).arg(&s.alive_key);
-        let values: Vec<Option<String>> =
-            s.command("ZRANGEBYSCORE", cmd.query_async(&mut conn)).await?;
+        let values: Vec<Option<String>> = s
+            .command("ZRANGEBYSCORE", cmd.query_async(&mut conn))
+            .await?;
         let mut nodes: Vec<NodeInfo> = values
             .into_iter()
             .flatten()

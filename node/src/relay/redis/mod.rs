@@ -740,4 +740,3 @@ impl Relay for RedisRelay {
         Box::pin(self.shared.leave())
     }
 }
-
