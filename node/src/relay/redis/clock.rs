@@ -125,12 +125,14 @@ impl RedisClock {
         Some(now.max(prev + 1))
     }
 
-    /// The local monotonic instant at which Redis's clock reaches
-    /// `deadline_ms` (Unix ms), counting this node's error against it:
-    /// `None` if that is already past (or the clock was never read).
+    /// The local monotonic instant by which this node must have finished
+    /// work whose answer is due at `deadline_ms` (Unix ms) on Redis's
+    /// clock: that time, less this node's error, less one round trip to
+    /// Redis (twice the error) for the answer to travel back. `None` if
+    /// that is already past (or the clock was never read).
     pub fn local_deadline(&self, deadline_ms: u64) -> Option<Instant> {
         let now = self.now()?;
-        let left = (deadline_ms * 1000).checked_sub(now.us + now.err_us)?;
+        let left = (deadline_ms * 1000).checked_sub(now.us + 3 * now.err_us)?;
         (left > 0).then(|| Instant::now() + Duration::from_micros(left))
     }
 }
@@ -193,16 +195,16 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_deadline_converts_to_a_local_instant_minus_the_error() {
+    async fn a_deadline_converts_to_a_local_instant_minus_the_error_and_a_round_trip() {
         let c = RedisClock::new();
         assert_eq!(c.local_deadline(1), None);
         let t0 = Instant::now();
         tokio::time::advance(Duration::from_millis(2)).await;
         let t1 = Instant::now();
         c.record(t0, t1, 50_000_000);
-        // Redis reads 50.001 s now, ±1 ms.
+        // Redis reads 50.001 s now, ±1 ms; a round trip takes 2 ms.
         let d = c.local_deadline(50_101).unwrap();
-        assert_eq!(d - Instant::now(), Duration::from_millis(99));
-        assert_eq!(c.local_deadline(50_002), None);
+        assert_eq!(d - Instant::now(), Duration::from_millis(97));
+        assert_eq!(c.local_deadline(50_004), None);
     }
 }

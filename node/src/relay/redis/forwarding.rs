@@ -4,9 +4,12 @@
 //! The deadline is on Redis's clock (`clock.rs`), never on a node's wall
 //! clock: the sender writes the time it gives up, less its own error; the
 //! owner turns it into an instant on its monotonic clock, less its own
-//! error, and past it drops the request, or rolls back a change it made.
+//! error and one of its round trips to Redis (time for its answer to get
+//! back), and past it drops the request, or rolls back a change it made.
 //! So the owner stops before the sender answers 503, however far either
-//! node's wall clock is off. The request also carries the stamp the
+//! node's wall clock is off. What no clock can close: an answer that Redis
+//! holds up for longer than that round trip reaches a sender that has
+//! given up, and the sender answers 503 for a change that stands. The request also carries the stamp the
 //! receiving node gave it (`SubscribeRequest::stamp`), which orders it
 //! against the client's other requests (`Broker::subscribe_local_until`).
 
