@@ -219,6 +219,20 @@ impl Broker {
         req: SubscribeRequest,
         deadline: Option<tokio::time::Instant>,
     ) -> Result<(), ApiError> {
+        self.subscribe_local_committed(req, deadline, None).await
+    }
+
+    /// [`Broker::subscribe_local_until`] for a forwarded request: `commit`
+    /// runs once a change is confirmed by the relay, before it is
+    /// acknowledged, and `false` (the sender gave up first) rolls the
+    /// change back (503), so the sender's answer and the client's set
+    /// always agree.
+    pub async fn subscribe_local_committed(
+        &self,
+        req: SubscribeRequest,
+        deadline: Option<tokio::time::Instant>,
+        commit: Option<futures_util::future::BoxFuture<'static, bool>>,
+    ) -> Result<(), ApiError> {
         let late = || ApiError::unavailable("The request expired before it could be applied.");
         let until = |d: Option<tokio::time::Instant>| async move {
             match d {
@@ -296,6 +310,15 @@ impl Broker {
         let synced = tokio::select! {
             r = self.sync_and_replay(&client, topics.clone(), resumes) => r,
             _ = until(deadline) => Err(RelayError::Unavailable(late().message)),
+        };
+        // A forwarded change stands only if it wins the race against its
+        // sender giving up (`relay::Incoming::commit`).
+        let synced = match (synced, commit) {
+            (Ok(()), Some(commit)) => match commit.await {
+                true => Ok(()),
+                false => Err(RelayError::Unavailable(late().message)),
+            },
+            (r, _) => r,
         };
         match synced {
             Ok(()) => {

@@ -59,6 +59,7 @@ async fn serve_forwarded(
                 while let Some(crate::relay::Incoming {
                     request,
                     deadline,
+                    commit,
                     reply,
                 }) = rx.recv().await
                 {
@@ -68,7 +69,11 @@ async fn serve_forwarded(
                         metrics::counter!(crate::metrics::FORWARDS_EXPIRED).increment(1);
                         continue;
                     }
-                    let _ = reply.send(broker.subscribe_local_until(request, Some(deadline)).await);
+                    let _ = reply.send(
+                        broker
+                            .subscribe_local_committed(request, Some(deadline), commit)
+                            .await,
+                    );
                 }
             });
             tx

@@ -235,3 +235,50 @@ async fn a_slowly_forwarded_subscription_does_not_undo_a_newer_one_sent_to_the_o
     assert_eq!(sse.next_json().await, ("x".into(), json!("marker")));
     assert!(owner.metric("fanout_subscriptions_superseded_total").await >= 1.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_owner_answer_held_up_past_the_forward_timeout_leaves_nothing_changed_with_the_503() {
+    let redis = RedisServer::start().await;
+    let url = redis.url();
+    // The owner reaches Redis through a proxy that will delay each of its
+    // sends by 700 ms: its SUBSCRIBE confirms the change in time (700 ms
+    // of the 1 s), but its answer reaches Redis after the sender gave up.
+    // A long heartbeat keeps PINGs from queueing up in the proxy.
+    let proxy = TcpProxy::start(redis.port).await;
+    let slow_url = format!("redis://127.0.0.1:{}", proxy.port);
+    let owner = start(&env(
+        &slow_url,
+        "1s",
+        &[
+            ("FANOUT_HEARTBEAT_INTERVAL", "10s".to_owned()),
+            // One round trip to confirm a topic: no history position to read.
+            ("FANOUT_HISTORY_SIZE", "0".to_owned()),
+        ],
+    ))
+    .await;
+    let forwarder = start(&env(&url, "1s", &[])).await;
+    let mut sse = owner.connect().await;
+    owner.subscribe(&sse.client_id, &["early"]).await;
+    proxy.set_delay(Duration::from_millis(700));
+    let (status, body) = forwarder
+        .post_subscriptions(
+            json!({"clientId": sse.client_id, "subscriptions": ["early", "late"]}),
+            &[],
+        )
+        .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    // The owner had subscribed `late` before its answer was due; 503 means
+    // it gives that up again.
+    wait_for("the owner withdraws the late subscription", || async {
+        numsub(&redis, "fanout:t:late").await == 0
+            && owner.logs().contains("subscription failed; reverting")
+    })
+    .await;
+    proxy.set_delay(Duration::ZERO);
+    forwarder.publish("late", json!("must not arrive")).await;
+    forwarder.publish("early", json!("still subscribed")).await;
+    assert_eq!(
+        sse.next_json().await,
+        ("early".into(), json!("still subscribed"))
+    );
+}

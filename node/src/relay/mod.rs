@@ -144,13 +144,16 @@ impl NodeInfo {
 
 /// A subscription request that another node forwarded to this one, the
 /// owner of its client. The broker applies it and answers on `reply`.
-#[derive(Debug)]
 pub struct Incoming {
     pub request: SubscribeRequest,
     /// The instant (this node's monotonic clock) from which the sender may
     /// have given up: past it, the request must be dropped unapplied (and
     /// `reply` dropped unanswered).
     pub deadline: tokio::time::Instant,
+    /// Claims the request as applied, against the sender claiming it as
+    /// given up (one `SET NX` in Redis decides): `true` if the change may
+    /// stand; `false`, and it is rolled back.
+    pub commit: Option<BoxFuture<'static, bool>>,
     pub reply: oneshot::Sender<Result<(), ApiError>>,
 }
 

@@ -7,9 +7,19 @@
 //! error and one of its round trips to Redis (time for its answer to get
 //! back), and past it drops the request, or rolls back a change it made.
 //! So the owner stops before the sender answers 503, however far either
-//! node's wall clock is off. What no clock can close: an answer that Redis
-//! holds up for longer than that round trip reaches a sender that has
-//! given up, and the sender answers 503 for a change that stands. The request also carries the stamp the
+//! node's wall clock is off.
+//!
+//! An answer can still be late: Redis may hold it up for longer than that
+//! round trip. So one atomic `SET NX` decides each forwarded request: the
+//! owner, once a change is confirmed, claims the request `applied` before
+//! it answers, and rolls the change back if the sender claimed it first;
+//! the sender, when its time is up, claims it `expired` and answers 503,
+//! or 204 if the owner's claim won. The owner and the sender agree
+//! whatever the delays. A side whose claim gets no answer (Redis went
+//! away) assumes it lost: the owner rolls back, the sender answers 503.
+//! Only a claim that Redis executed but whose answer was lost can leave
+//! them disagreeing. The claim costs the owner one more round trip per
+//! forwarded request; requests to the local node do not make one. The request also carries the stamp the
 //! receiving node gave it (`SubscribeRequest::stamp`), which orders it
 //! against the client's other requests (`Broker::subscribe_local_until`).
 
@@ -89,9 +99,15 @@ impl Shared {
                 // Queued here, in the order the channel delivered them, so
                 // one client's requests are applied in order.
                 let (reply, answer) = oneshot::channel();
+                let commit = {
+                    let shared = self.clone();
+                    let key = self.claim_key(&from, id);
+                    Box::pin(async move { shared.claim(key, "applied").await == Some(true) })
+                };
                 let queued = self.incoming.try_send(Incoming {
                     request,
                     deadline,
+                    commit: Some(commit),
                     reply,
                 });
                 let shared = self.clone();
@@ -192,10 +208,20 @@ impl Shared {
         {
             return Ok(answer);
         }
-        // No answer. A node whose channel has a listener is connected
-        // (frozen or overloaded), and one still in the membership may
-        // be reconnecting: 503, try again. Otherwise no live node holds
-        // the client: 404.
+        // No answer in time. Give the request up, unless the owner has
+        // already claimed it as applied: then its 204 is on the way (or
+        // the owner died after the change), and the change stands.
+        if listened
+            && s.claim(s.claim_key(s.hub.node_tag(), id), "expired")
+                .await
+                .is_some_and(|given_up| !given_up)
+        {
+            return Ok(Ok(()));
+        }
+        // A node whose channel has a listener is connected (frozen or
+        // overloaded), and one still in the membership may be
+        // reconnecting: 503, try again. Otherwise no live node holds the
+        // client: 404.
         if listened || s.is_alive(&node).await? {
             tracing::warn!(node, "forwarded request got no answer in time");
             Err(RelayError::Unavailable(format!(
@@ -204,6 +230,32 @@ impl Shared {
         } else {
             Ok(Err(missing_client()))
         }
+    }
+}
+
+/// How long a forwarded request's claim key lives: far longer than any
+/// forward timeout, only so that it is cleaned up.
+const CLAIM_TTL_MS: u64 = 60_000;
+
+impl Shared {
+    /// The key that decides a forwarded request's fate: request `id` of
+    /// node `from`, on the partition of `from`'s channel.
+    fn claim_key(&self, from: &str, id: u64) -> String {
+        match self.partitions() {
+            Some(_) => format!("{}:fw:{from}:{id}", self.partition_tag(self.link_of(from))),
+            None => format!("{}fw:{from}:{id}", self.config.prefix),
+        }
+    }
+
+    /// Claim a forwarded request as `applied` (the owner) or `expired`
+    /// (the sender): `Some(true)` if this claim won, `Some(false)` if the
+    /// other side's did, `None` if Redis did not say.
+    async fn claim(&self, key: String, what: &str) -> Option<bool> {
+        let mut conn = self.commands().ok()?;
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(key).arg(what).arg("NX").arg("PX").arg(CLAIM_TTL_MS);
+        let set: Option<String> = self.command("SET", cmd.query_async(&mut conn)).await.ok()?;
+        Some(set.is_some())
     }
 }
 
