@@ -260,13 +260,22 @@ async fn an_owner_answer_held_up_past_the_forward_timeout_leaves_nothing_changed
     let mut sse = owner.connect().await;
     owner.subscribe(&sse.client_id, &["early"]).await;
     proxy.set_delay(Duration::from_millis(700));
+    let asked = Instant::now();
     let (status, body) = forwarder
         .post_subscriptions(
             json!({"clientId": sse.client_id, "subscriptions": ["early", "late"]}),
             &[],
         )
         .await;
-    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(
+        status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{body} after {:?}, subs {} late {} owner log {}",
+        asked.elapsed(),
+        proxy.sent_count(b"SUBSCRIBE"),
+        proxy.sent_count(b"late"),
+        owner.log_path.display()
+    );
     // The owner had subscribed `late` before its answer was due; 503 means
     // it gives that up again.
     wait_for("the owner withdraws the late subscription", || async {
