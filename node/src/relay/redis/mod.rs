@@ -18,8 +18,8 @@
 //!   `<prefix>{p<k>}:svc`, so a node notices when the partition's slot moves
 //!   even if it has no topic there.
 //! * `<prefix>{nodes}` (a hash: node tag → its `/api/cluster` entry) and
-//!   `<prefix>{nodes}:alive` (a sorted set: node tag → the Unix time in ms
-//!   until which it counts as alive): the membership. Each node refreshes
+//!   `<prefix>{nodes}:alive` (a sorted set: node tag → the Unix time in ms,
+//!   on Redis's clock, until which it counts as alive): the membership. Each node refreshes
 //!   both every heartbeat interval, for three intervals, and removes the
 //!   entries of nodes past their time. `/api/cluster` reads them directly
 //!   (no keyspace scan); both keys share one hash tag, so they live in one
@@ -64,10 +64,13 @@
 //! time, in order, so a request that needs a topic another request is
 //! subscribing is answered after that SUBSCRIBE returned.
 //!
-//! A request forwarded to the node holding a client carries a deadline;
-//! the owner drops it unapplied once the deadline has passed, and the
-//! sender answers 503 when the owner does not answer in time. 404 is for a
-//! node that is not a live member of the cluster.
+//! A request forwarded to the node holding a client carries a deadline on
+//! Redis's clock (`clock.rs`); the owner drops it unapplied once the
+//! deadline has passed, and the sender answers 503 when the owner does not
+//! answer in time. A `SET NX` on `<prefix>fw:<sender tag>:<id>` (with the
+//! sender channel's hash tag on a cluster) settles a change whose answer
+//! is late (`forwarding.rs`). 404 is for a node that is not a live member
+//! of the cluster.
 
 mod clock;
 mod envelope;
