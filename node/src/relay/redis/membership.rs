@@ -39,8 +39,8 @@ return redis.call('HMGET', KEYS[1], unpack(tags))";
 
 /// KEYS: alive set. ARGV: tag. 1 if that node is a live member.
 const ALIVE: &str = "
-local until = redis.call('ZSCORE', KEYS[1], ARGV[1])
-if until and tonumber(until) > now then return 1 end
+local deadline = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if deadline and tonumber(deadline) > now then return 1 end
 return 0";
 
 fn script(body: &str) -> redis::Cmd {
