@@ -19,9 +19,11 @@
 //! away) assumes it lost: the owner rolls back, the sender answers 503.
 //! Only a claim that Redis executed but whose answer was lost can leave
 //! them disagreeing. The claim costs the owner one more round trip per
-//! forwarded request; requests to the local node do not make one. The request also carries the stamp the
-//! receiving node gave it (`SubscribeRequest::stamp`), which orders it
-//! against the client's other requests (`Broker::subscribe_local_until`).
+//! forwarded request; requests to the local node do not make one.
+//!
+//! The request also carries the stamp the receiving node gave it
+//! (`SubscribeRequest::stamp`), which orders it against the client's
+//! other requests (`Broker::subscribe_local_until`).
 
 use std::sync::{Arc, atomic::Ordering};
 
