@@ -195,14 +195,34 @@ async fn a_frozen_owner_whose_wall_clock_runs_30s_behind_never_applies_a_request
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slowly_forwarded_subscription_does_not_undo_a_newer_one_sent_to_the_owner() {
+    older_forwarded_slowly_then_newer_sent_to_the_owner(None, None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_client_s_requests_keep_their_order_with_the_forwarder_30s_ahead_or_the_owner_30s_behind()
+ {
+    // Stamps on either node's wall clock would make the older request look
+    // 30 s newer.
+    older_forwarded_slowly_then_newer_sent_to_the_owner(None, Some("+30s")).await;
+    older_forwarded_slowly_then_newer_sent_to_the_owner(Some("-30s"), None).await;
+}
+
+/// A client on the owner asks for {x} through the forwarder, whose link
+/// to Redis is slow, and then for {x, y} on the owner directly: the final
+/// set is {x, y}, and the older request answers 204 (superseded).
+async fn older_forwarded_slowly_then_newer_sent_to_the_owner(
+    owner_offset: Option<&str>,
+    forwarder_offset: Option<&str>,
+) {
+    let skew = |o: Option<&str>| o.map(skewed_wall_clock).unwrap_or_default();
     let redis = RedisServer::start().await;
     let url = redis.url();
     // The forwarding node reaches Redis through a proxy that will delay
     // what it sends, so its forwarded request arrives late.
     let proxy = TcpProxy::start(redis.port).await;
     let slow_url = format!("redis://127.0.0.1:{}", proxy.port);
-    let owner = start(&env(&url, "5s", &[])).await;
-    let forwarder = start(&env(&slow_url, "5s", &[])).await;
+    let owner = start(&env(&url, "5s", &skew(owner_offset))).await;
+    let forwarder = start(&env(&slow_url, "5s", &skew(forwarder_offset))).await;
     let owner_channel = format!("fanout:n:{}", owner.tag().await);
     let mut sse = owner.connect().await;
     let id = sse.client_id.clone();
@@ -225,14 +245,23 @@ async fn a_slowly_forwarded_subscription_does_not_undo_a_newer_one_sent_to_the_o
     owner.subscribe(&id, &["x", "y"]).await;
     let (status, body) = older.await.unwrap();
     proxy.set_delay(Duration::ZERO);
+    let what = format!("owner {owner_offset:?}, forwarder {forwarder_offset:?}");
     // The older request was superseded, and says so truthfully: the
     // client's set is a newer one of its own.
-    assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
+    assert_eq!(status, StatusCode::NO_CONTENT, "{what}: {body}");
     // The set is the newer {x, y}: y arrives, before the x marker.
     owner.publish("y", json!("newer set")).await;
     owner.publish("x", json!("marker")).await;
-    assert_eq!(sse.next_json().await, ("y".into(), json!("newer set")));
-    assert_eq!(sse.next_json().await, ("x".into(), json!("marker")));
+    assert_eq!(
+        sse.next_json().await,
+        ("y".into(), json!("newer set")),
+        "{what}"
+    );
+    assert_eq!(
+        sse.next_json().await,
+        ("x".into(), json!("marker")),
+        "{what}"
+    );
     assert!(owner.metric("fanout_subscriptions_superseded_total").await >= 1.0);
 }
 
