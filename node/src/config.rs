@@ -184,7 +184,8 @@ pub struct Config {
     pub redis_prefix: String,
 
     /// How long a subscription request forwarded to the node holding the
-    /// client waits for its answer (then 404).
+    /// client waits for its answer (then 503; the owner drops it unapplied
+    /// once this has passed on Redis's clock).
     #[arg(long, env = "FANOUT_FORWARD_TIMEOUT", default_value = "3s", value_parser = humantime::parse_duration)]
     pub forward_timeout: Duration,
 

@@ -265,6 +265,7 @@ async fn realtime_subscribe(
                 .get(header::AUTHORIZATION)
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_owned),
+            stamp: None,
         })
         .await?;
     Ok(StatusCode::NO_CONTENT)

@@ -572,6 +572,24 @@ impl NodeProcess {
         unsafe { kill(self.pid(), sig) };
     }
 
+    /// SIGSTOP, and wait until every thread of the process has stopped:
+    /// `kill` returns before that, and on a busy machine a thread woken by
+    /// I/O may run on for milliseconds.
+    pub async fn freeze(&self) {
+        self.signal(SIGSTOP);
+        let tasks = format!("/proc/{}/task", self.pid());
+        wait_until("every thread stopped", || {
+            std::fs::read_dir(&tasks).unwrap().all(|t| {
+                let stat =
+                    std::fs::read_to_string(t.unwrap().path().join("stat")).unwrap_or_default();
+                // The state follows the parenthesised command name.
+                stat.rsplit_once(')')
+                    .is_some_and(|(_, rest)| rest.trim_start().starts_with(['T', 't']))
+            })
+        })
+        .await;
+    }
+
     /// SIGKILL, and wait for the process to be gone.
     pub async fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -1534,4 +1552,24 @@ impl RedisCluster {
         })
         .await;
     }
+}
+
+/// Where Debian's libfaketime lives.
+const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
+
+/// Environment for [`NodeProcess::start`] that shifts the node's wall clock
+/// by `offset` (libfaketime's syntax: `"+30s"`, `"-30s"`) and leaves its
+/// monotonic clock alone, as on a drifting VM. Panics without libfaketime
+/// (`apt-get install faketime`; scripts/test installs it).
+pub fn skewed_wall_clock(offset: &str) -> Vec<(&'static str, String)> {
+    let lib = std::env::var("FANOUT_LIBFAKETIME").unwrap_or_else(|_| LIBFAKETIME.into());
+    assert!(
+        std::path::Path::new(&lib).exists(),
+        "{lib} missing: apt-get install faketime (or set FANOUT_LIBFAKETIME)"
+    );
+    vec![
+        ("LD_PRELOAD", lib),
+        ("FAKETIME", offset.to_owned()),
+        ("FAKETIME_DONT_FAKE_MONOTONIC", "1".to_owned()),
+    ]
 }

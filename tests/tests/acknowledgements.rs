@@ -111,7 +111,7 @@ async fn a_forward_to_a_frozen_owner_gets_503_and_is_never_applied_later() {
     let other = NodeProcess::start(&env(&url, &[])).await;
     let mut sse = owner.connect().await;
     owner.subscribe(&sse.client_id, &["early"]).await;
-    owner.signal(SIGSTOP);
+    owner.freeze().await;
     let started = Instant::now();
     let (status, body) = other
         .post_subscriptions(

@@ -47,6 +47,12 @@ pub struct SubscribeRequest {
     pub ip: IpAddr,
     /// The raw `Authorization` header, if any.
     pub authorization: Option<String>,
+    /// When the first node received it, in µs on the cluster's reference
+    /// clock ([`Relay::stamp`]); `None` to stamp it on arrival at the
+    /// broker. The owner never applies a request older than one of the
+    /// same client it already applied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stamp: Option<u64>,
 }
 
 /// PocketBase's answer for an unknown client id.
@@ -163,12 +169,16 @@ impl NodeInfo {
 
 /// A subscription request that another node forwarded to this one, the
 /// owner of its client. The broker applies it and answers on `reply`.
-#[derive(Debug)]
 pub struct Incoming {
     pub request: SubscribeRequest,
-    /// Unix time (ms) after which the sender gave up: past it, the request
-    /// must be dropped unapplied (and `reply` dropped unanswered).
-    pub deadline: u64,
+    /// The instant (this node's monotonic clock) from which the sender may
+    /// have given up: past it, the request must be dropped unapplied (and
+    /// `reply` dropped unanswered).
+    pub deadline: tokio::time::Instant,
+    /// Claims the request as applied, against the sender claiming it as
+    /// given up (one `SET NX` in Redis decides): `true` if the change may
+    /// stand; `false`, and it is rolled back.
+    pub commit: Option<BoxFuture<'static, bool>>,
     pub reply: oneshot::Sender<Result<(), ApiError>>,
 }
 
@@ -210,6 +220,14 @@ pub trait Relay: Send + Sync + 'static {
         key: crate::protocol::SubKey,
         since: String,
     ) -> BoxFuture<'_, Result<(), RelayError>>;
+
+    /// A stamp for a subscription request received now: µs on the clock
+    /// every node of the cluster reads (Redis's `TIME`, through an offset
+    /// this node measures on its monotonic clock; see
+    /// `relay/redis/clock.rs`), strictly increasing on this node. `None`
+    /// while that clock is unknown (Redis never reached): such a request
+    /// is not ordered against others.
+    fn stamp(&self) -> Option<u64>;
 
     /// Requests other nodes forwarded to this one (taken once, at startup).
     fn take_incoming(&self) -> Option<mpsc::Receiver<Incoming>>;

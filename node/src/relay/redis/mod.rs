@@ -18,8 +18,8 @@
 //!   `<prefix>{p<k>}:svc`, so a node notices when the partition's slot moves
 //!   even if it has no topic there.
 //! * `<prefix>{nodes}` (a hash: node tag → its `/api/cluster` entry) and
-//!   `<prefix>{nodes}:alive` (a sorted set: node tag → the Unix time in ms
-//!   until which it counts as alive): the membership. Each node refreshes
+//!   `<prefix>{nodes}:alive` (a sorted set: node tag → the Unix time in ms,
+//!   on Redis's clock, until which it counts as alive): the membership. Each node refreshes
 //!   both every heartbeat interval, for three intervals, and removes the
 //!   entries of nodes past their time. `/api/cluster` reads them directly
 //!   (no keyspace scan); both keys share one hash tag, so they live in one
@@ -69,11 +69,15 @@
 //! time, in order, so a request that needs a topic another request is
 //! subscribing is answered after that SUBSCRIBE returned.
 //!
-//! A request forwarded to the node holding a client carries a deadline;
-//! the owner drops it unapplied once the deadline has passed, and the
-//! sender answers 503 when the owner does not answer in time. 404 is for a
-//! node that is not a live member of the cluster.
+//! A request forwarded to the node holding a client carries a deadline on
+//! Redis's clock (`clock.rs`); the owner drops it unapplied once the
+//! deadline has passed, and the sender answers 503 when the owner does not
+//! answer in time. A `SET NX` on `<prefix>fw:<sender tag>:<id>` (with the
+//! sender channel's hash tag on a cluster) settles a change whose answer
+//! is late (`forwarding.rs`). 404 is for a node that is not a live member
+//! of the cluster.
 
+mod clock;
 mod envelope;
 mod forwarding;
 mod history;
@@ -235,6 +239,8 @@ struct Shared {
     /// Redis's reason (`ACL DRYRUN`, checked at start).
     missing_permissions: Mutex<Vec<String>>,
     heartbeat: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Redis's clock, the one every cross-node decision uses.
+    clock: clock::RedisClock,
     started_at: SystemTime,
     stop: CancellationToken,
 }
@@ -298,6 +304,7 @@ impl RedisRelay {
             membership_orphaned: Mutex::new(None),
             missing_permissions: Mutex::new(Vec::new()),
             heartbeat: Mutex::new(None),
+            clock: clock::RedisClock::new(),
             started_at: SystemTime::now(),
             stop: CancellationToken::new(),
         });
@@ -531,7 +538,15 @@ impl Shared {
             });
         let cmd = match &membership_lost {
             Some(_) => Ok(()),
-            None => self.command_health.lock().clone(),
+            // Forwarding and request order need Redis's clock.
+            None => self
+                .command_health
+                .lock()
+                .clone()
+                .and_then(|()| match self.clock.now() {
+                    Some(_) => Ok(()),
+                    None => Err("Redis's clock has not been read yet".to_owned()),
+                }),
         };
         let reads = self.reads_health.lock().clone();
         let missing = self.missing_permissions.lock().clone();
@@ -934,6 +949,10 @@ impl Relay for RedisRelay {
         })
     }
 
+    fn stamp(&self) -> Option<u64> {
+        self.shared.clock.stamp()
+    }
+
     fn take_incoming(&self) -> Option<mpsc::Receiver<Incoming>> {
         self.incoming.lock().take()
     }
@@ -949,10 +968,4 @@ impl Relay for RedisRelay {
     fn close(&self) -> BoxFuture<'_, ()> {
         Box::pin(self.shared.leave())
     }
-}
-
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
