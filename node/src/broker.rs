@@ -24,7 +24,11 @@
 //! # }
 //! ```
 
-use std::{net::IpAddr, sync::Arc, time::Duration};
+use std::{
+    net::IpAddr,
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
+};
 
 use axum::http::StatusCode;
 use serde_json::json;
@@ -190,8 +194,12 @@ impl Broker {
     /// Apply a validated subscription request on the node that holds the
     /// client: here, or, when the client id carries another node's tag,
     /// forwarded there through the relay. Either way the answer is the
-    /// owner's, status and body.
-    pub async fn subscribe(&self, req: SubscribeRequest) -> Result<(), ApiError> {
+    /// owner's, status and body. A request without a stamp is stamped here,
+    /// on arrival ([`Relay::stamp`]).
+    pub async fn subscribe(&self, mut req: SubscribeRequest) -> Result<(), ApiError> {
+        if req.stamp.is_none() {
+            req.stamp = self.relay.stamp();
+        }
         match protocol::node_tag_of(&req.client_id) {
             Some(tag) if tag != self.hub.node_tag() => {
                 metrics::counter!(m::FORWARDED).increment(1);
@@ -220,10 +228,30 @@ impl Broker {
     /// `deadline`: past it the request has no effect (a change already
     /// made is rolled back, as after a relay failure), so that a request
     /// the sender answered 503 is never applied later.
+    ///
+    /// A request whose stamp is older than that of a request of the same
+    /// client already applied is superseded: it changes nothing and
+    /// answers `Ok` (204), since the client's newer set stands. It is
+    /// still refused if it comes from another IP than the stream; the
+    /// auth-change check is not made against a newer request's auth.
     pub async fn subscribe_local_until(
         &self,
         req: SubscribeRequest,
         deadline: Option<tokio::time::Instant>,
+    ) -> Result<(), ApiError> {
+        self.subscribe_local_committed(req, deadline, None).await
+    }
+
+    /// [`Broker::subscribe_local_until`] for a forwarded request: `commit`
+    /// runs once a change is confirmed by the relay, before it is
+    /// acknowledged, and `false` (the sender gave up first) rolls the
+    /// change back (503), so the sender's answer and the client's set
+    /// always agree.
+    pub async fn subscribe_local_committed(
+        &self,
+        req: SubscribeRequest,
+        deadline: Option<tokio::time::Instant>,
+        commit: Option<futures_util::future::BoxFuture<'static, bool>>,
     ) -> Result<(), ApiError> {
         let late = || ApiError::unavailable("The request expired before it could be applied.");
         let until = |d: Option<tokio::time::Instant>| async move {
@@ -246,6 +274,18 @@ impl Broker {
         if client.ip() != req.ip {
             return Err(ApiError::bad_request("Invalid realtime client."));
         }
+        // Unstamped (a library call, or a node of an older version
+        // forwarded it): received now, as far as this node can tell.
+        let stamp = req.stamp.or_else(|| self.relay.stamp());
+        if stamp.is_some_and(|s| s < client.applied_stamp.load(Ordering::Acquire)) {
+            metrics::counter!(m::SUBSCRIPTIONS_SUPERSEDED).increment(1);
+            return Ok(());
+        }
+        let applied = || {
+            if let Some(s) = stamp {
+                client.applied_stamp.fetch_max(s, Ordering::AcqRel);
+            }
+        };
         let auth = tokio::select! {
             a = self.identify(&req) => a?,
             _ = until(deadline) => return Err(late()),
@@ -292,6 +332,7 @@ impl Broker {
         }
         // In companion mode PocketBase hears of every change, even to none.
         if topics.is_empty() && self.companion.is_none() {
+            applied();
             return Ok(());
         }
         let synced = tokio::select! {
@@ -306,15 +347,24 @@ impl Broker {
             },
             _ => Ok(()),
         };
-        let synced = match (synced, bridged) {
-            (Ok(()), Err(refusal)) => {
-                self.revert(&client, &previous, previous_auth, topics);
-                return Err(refusal);
-            }
-            (synced, _) => synced,
+        if let (Ok(()), Err(refusal)) = (&synced, bridged) {
+            self.revert(&client, &previous, previous_auth, topics);
+            return Err(refusal);
+        }
+        // A forwarded change stands only if it wins the race against its
+        // sender giving up (`relay::Incoming::commit`).
+        let synced = match (synced, commit) {
+            (Ok(()), Some(commit)) => match commit.await {
+                true => Ok(()),
+                false => Err(RelayError::Unavailable(late().message)),
+            },
+            (r, _) => r,
         };
         match synced {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                applied();
+                Ok(())
+            }
             Err(e) => {
                 tracing::warn!(client = client.id(), error = %e, "subscription failed; reverting");
                 self.revert(&client, &previous, previous_auth, topics);
@@ -340,13 +390,23 @@ impl Broker {
     ) {
         if self
             .hub
-            .replace_subscriptions(client, previous, previous_auth)
+            .replace_subscriptions(client, previous, previous_auth.clone())
             .is_ok()
         {
             let sync = self.relay.sync_topics(topics);
             tokio::spawn(async move {
                 let _ = sync.await;
             });
+            // PocketBase follows too (the member keeps its token).
+            if let Some(c) = &self.companion {
+                let (bridges, client, previous) =
+                    (c.bridges().clone(), client.clone(), previous.to_vec());
+                tokio::spawn(async move {
+                    let _ = bridges
+                        .set(&client, previous_auth.as_deref(), None, &previous)
+                        .await;
+                });
+            }
         }
     }
 

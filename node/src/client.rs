@@ -212,6 +212,9 @@ pub struct Client {
     /// confirmation, rollback), so one client's requests apply one at a
     /// time, in arrival order (tokio's mutex is fair).
     pub(crate) changes: tokio::sync::Mutex<()>,
+    /// The stamp of the last subscription request applied (0: none), read
+    /// and written under `changes`: an older request is superseded.
+    pub(crate) applied_stamp: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Client {
@@ -240,6 +243,7 @@ impl Client {
                 ..Default::default()
             }),
             changes: tokio::sync::Mutex::new(()),
+            applied_stamp: Default::default(),
         }
     }
 

@@ -149,7 +149,8 @@ pub struct Config {
     pub drain_timeout: Duration,
 
     /// Redis URL: `redis://[user:password@]host:port` for a standalone
-    /// Redis (a cluster node is detected), or
+    /// Redis (a cluster node is detected; a database number other than 0
+    /// is refused, see `--redis-prefix`), or
     /// `redis+cluster://[user:password@]h1:p1,h2:p2` for a Redis Cluster.
     /// With it, nodes form a cluster that relays every publish through
     /// Redis; without it, this node is a complete broker on its own.
@@ -183,7 +184,8 @@ pub struct Config {
     pub redis_prefix: String,
 
     /// How long a subscription request forwarded to the node holding the
-    /// client waits for its answer (then 404).
+    /// client waits for its answer (then 503; the owner drops it unapplied
+    /// once this has passed on Redis's clock).
     #[arg(long, env = "FANOUT_FORWARD_TIMEOUT", default_value = "3s", value_parser = humantime::parse_duration)]
     pub forward_timeout: Duration,
 

@@ -35,7 +35,7 @@ use crate::{
     metrics as m,
     protocol::{self, MAX_CLIENT_ID_LEN, MAX_SUBSCRIPTIONS, MAX_TOPIC_LEN},
     realip::RealIp,
-    relay::Publication,
+    relay::{Publication, RelayError},
     sse,
 };
 
@@ -265,6 +265,7 @@ async fn realtime_subscribe(
                 .get(header::AUTHORIZATION)
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_owned),
+            stamp: None,
         })
         .await?;
     Ok(StatusCode::NO_CONTENT)
@@ -488,6 +489,32 @@ async fn publish(
             PublishError::NotLineSafe { .. } => ApiError::bad_request(e.to_string()),
             PublishError::Overloaded => {
                 ApiError::unavailable("The node is overloaded (fan-out backlog full); retry later.")
+            }
+            PublishError::Relay(RelayError::Incomplete {
+                reason,
+                published,
+                unknown,
+                not_published,
+            }) => {
+                // Not 503 ("nothing changed"): some messages may be out.
+                tracing::warn!(%reason, ?published, ?unknown, ?not_published, "publish incomplete");
+                let what = if unknown.is_empty() {
+                    "some messages were published and others were not"
+                } else {
+                    "the outcome of some messages is unknown"
+                };
+                let mut e = ApiError::new(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    format!(
+                        "The publish did not complete ({reason}): {what}; retry with the same message ids to publish each at most once"
+                    ),
+                );
+                e.data = Map::from_iter([
+                    ("published".to_owned(), json!(published)),
+                    ("unknown".to_owned(), json!(unknown)),
+                    ("notPublished".to_owned(), json!(not_published)),
+                ]);
+                e
             }
             PublishError::Relay(e) => {
                 tracing::warn!(error = %e, "publish refused");

@@ -65,6 +65,9 @@ pub const HTTP_CONNECTIONS: &str = "fanout_http_connections";
 /// Forwarded subscription requests dropped unapplied because they arrived
 /// after their deadline.
 pub const FORWARDS_EXPIRED: &str = "fanout_forwards_expired_total";
+/// Subscription requests answered 204 without being applied, because a
+/// newer request of the same client had been applied already.
+pub const SUBSCRIPTIONS_SUPERSEDED: &str = "fanout_subscriptions_superseded_total";
 /// Publishes that Redis delivered to no subscriber of a topic this node had
 /// confirmed subscribed (its local subscribers were disconnected).
 pub const RELAY_LOST_PUBLISHES: &str = "fanout_relay_lost_publishes_total";

@@ -59,21 +59,21 @@ async fn serve_forwarded(
                 while let Some(crate::relay::Incoming {
                     request,
                     deadline,
+                    commit,
                     reply,
                 }) = rx.recv().await
                 {
-                    let now = std::time::SystemTime::now()
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .map_or(0, |d| d.as_millis() as u64);
-                    if now > deadline {
-                        // The sender answered 503 already; dropping `reply`
-                        // sends nothing.
+                    if tokio::time::Instant::now() >= deadline {
+                        // The sender may have answered 503 already; dropping
+                        // `reply` sends nothing.
                         metrics::counter!(crate::metrics::FORWARDS_EXPIRED).increment(1);
                         continue;
                     }
-                    let until = tokio::time::Instant::now()
-                        + std::time::Duration::from_millis(deadline - now);
-                    let _ = reply.send(broker.subscribe_local_until(request, Some(until)).await);
+                    let _ = reply.send(
+                        broker
+                            .subscribe_local_committed(request, Some(deadline), commit)
+                            .await,
+                    );
                 }
             });
             tx

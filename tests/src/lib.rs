@@ -254,7 +254,12 @@ impl Api {
             if status == StatusCode::OK {
                 return;
             }
-            assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+            // 504: the outcome is unknown (a stalled Redis); a retry with
+            // the same message id publishes it at most once.
+            assert!(
+                [StatusCode::SERVICE_UNAVAILABLE, StatusCode::GATEWAY_TIMEOUT].contains(&status),
+                "{status}: {body}"
+            );
             assert!(tokio::time::Instant::now() < deadline, "still 503: {body}");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -567,6 +572,24 @@ impl NodeProcess {
     pub fn signal(&self, sig: i32) {
         // SAFETY: kill(2) on our own child's pid.
         unsafe { kill(self.pid(), sig) };
+    }
+
+    /// SIGSTOP, and wait until every thread of the process has stopped:
+    /// `kill` returns before that, and on a busy machine a thread woken by
+    /// I/O may run on for milliseconds.
+    pub async fn freeze(&self) {
+        self.signal(SIGSTOP);
+        let tasks = format!("/proc/{}/task", self.pid());
+        wait_until("every thread stopped", || {
+            std::fs::read_dir(&tasks).unwrap().all(|t| {
+                let stat =
+                    std::fs::read_to_string(t.unwrap().path().join("stat")).unwrap_or_default();
+                // The state follows the parenthesised command name.
+                stat.rsplit_once(')')
+                    .is_some_and(|(_, rest)| rest.trim_start().starts_with(['T', 't']))
+            })
+        })
+        .await;
     }
 
     /// SIGKILL, and wait for the process to be gone.
@@ -1039,6 +1062,9 @@ impl RedisCluster {
     /// `redis-cli --cluster rebalance --cluster-use-empty-masters`, once
     /// every node agrees on the configuration.
     pub async fn rebalance(&self) {
+        // A new primary says `cluster_state:fail` for its first 2 s, and
+        // refuses the keys `MIGRATE` sends it with CLUSTERDOWN meanwhile.
+        self.wait_ok().await;
         let any = self.primaries().await[0].1;
         wait_for("every node agrees on the configuration", || async {
             let mut cmd = Command::new("redis-cli");
@@ -1355,7 +1381,11 @@ impl SteadyPublisher {
                     .await;
                 match status {
                     StatusCode::OK => ok.push(n),
-                    StatusCode::SERVICE_UNAVAILABLE => refused.push(n),
+                    // 504: sent, outcome unknown (a stalled Redis); not
+                    // acknowledged either way.
+                    StatusCode::SERVICE_UNAVAILABLE | StatusCode::GATEWAY_TIMEOUT => {
+                        refused.push(n)
+                    }
                     s => panic!("{s}: {body}"),
                 }
                 n += 1;
@@ -1366,7 +1396,8 @@ impl SteadyPublisher {
         Self { stop, task }
     }
 
-    /// Stop; the numbers answered 200 and those answered 503.
+    /// Stop; the numbers answered 200 and those not acknowledged (503, or
+    /// 504: outcome unknown).
     pub async fn finish(self) -> (Vec<u64>, Vec<u64>) {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
         self.task.await.expect("publisher task")
@@ -1451,4 +1482,96 @@ pub fn check_delivery(
         );
     }
     a
+}
+
+impl NodeProcess {
+    /// CPU time (user + system) the node has used so far, in seconds, from
+    /// `/proc/<pid>/stat` (clock ticks of 1/100 s, as on Linux).
+    pub fn cpu_seconds(&self) -> f64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid()))
+            .expect("/proc stat of the node");
+        // The fields after the command name, which may hold spaces.
+        let rest = &stat[stat.rfind(')').expect("comm") + 2..];
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ticks: u64 =
+            f[11].parse::<u64>().expect("utime") + f[12].parse::<u64>().expect("stime");
+        ticks as f64 / 100.0
+    }
+}
+
+impl RedisCluster {
+    /// Three primaries without replicas, with `cluster-require-full-coverage
+    /// no`: a killed primary's slots stay lost while the others serve.
+    pub async fn start_without_replicas() -> Self {
+        let slot = CLUSTERS.acquire().await.expect("semaphore open");
+        let dir = TempDir::new("fanout-redis-cluster");
+        let mut ports = Vec::new();
+        let mut children = std::collections::HashMap::new();
+        for _ in 0..3 {
+            let port = free_cluster_port();
+            children.insert(port, Self::spawn_node(&dir, port, None));
+            ports.push(port);
+        }
+        let cluster = Self {
+            ports,
+            password: None,
+            children,
+            _dir: dir,
+            _slot: slot,
+        };
+        for &p in &cluster.ports {
+            wait_for("cluster node answers", || async {
+                cluster.try_cmd::<String>(p, &["PING"]).await.is_ok()
+            })
+            .await;
+            let _: () = cluster
+                .cmd(p, &["CONFIG", "SET", "cluster-require-full-coverage", "no"])
+                .await;
+        }
+        let mut args = vec!["--cluster".to_owned(), "create".to_owned()];
+        args.extend(cluster.ports.iter().map(|p| format!("127.0.0.1:{p}")));
+        args.extend(["--cluster-replicas", "0", "--cluster-yes"].map(str::to_owned));
+        cluster
+            .cli(&args.iter().map(String::as_str).collect::<Vec<_>>())
+            .await;
+        cluster.wait_ok().await;
+        cluster
+    }
+
+    /// Wait until a live node's `CLUSTER NODES` marks the node at `port`
+    /// failed (`fail`, the cluster's verdict, not one node's `fail?`).
+    pub async fn wait_marked_failed(&self, port: u16) {
+        let live = *self.children.keys().next().expect("a live node");
+        let needle = format!(":{port}@");
+        wait_for("the cluster marks the node failed", || async {
+            let nodes: String = self.cmd(live, &["CLUSTER", "NODES"]).await;
+            nodes.lines().any(|l| {
+                l.contains(&needle)
+                    && l.split_whitespace()
+                        .nth(2)
+                        .is_some_and(|f| f.split(',').any(|x| x == "fail"))
+            })
+        })
+        .await;
+    }
+}
+
+/// Where Debian's libfaketime lives.
+const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
+
+/// Environment for [`NodeProcess::start`] that shifts the node's wall clock
+/// by `offset` (libfaketime's syntax: `"+30s"`, `"-30s"`) and leaves its
+/// monotonic clock alone, as on a drifting VM. Panics without libfaketime
+/// (`apt-get install faketime`; scripts/test installs it).
+pub fn skewed_wall_clock(offset: &str) -> Vec<(&'static str, String)> {
+    let lib = std::env::var("FANOUT_LIBFAKETIME").unwrap_or_else(|_| LIBFAKETIME.into());
+    assert!(
+        std::path::Path::new(&lib).exists(),
+        "{lib} missing: apt-get install faketime (or set FANOUT_LIBFAKETIME)"
+    );
+    vec![
+        ("LD_PRELOAD", lib),
+        ("FAKETIME", offset.to_owned()),
+        ("FAKETIME_DONT_FAKE_MONOTONIC", "1".to_owned()),
+    ]
 }

@@ -342,7 +342,7 @@ async fn a_primary_added_and_rebalanced_onto_is_followed_while_publishing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_failover_that_loses_writes_is_detected_and_new_messages_still_arrive() {
+async fn a_failover_that_loses_writes_is_signalled_and_new_messages_still_arrive() {
     let mut redis = RedisCluster::start(None).await;
     let url = redis.cluster_url();
     let a = NodeProcess::start(&env(&url)).await;
@@ -379,13 +379,450 @@ async fn a_failover_that_loses_writes_is_detected_and_new_messages_still_arrive(
     redis.wait_ok().await;
     a.wait_healthy().await;
     b.wait_healthy().await;
-    // The new primary's history stops at offset 5; new messages reuse 6..
-    // Node a, which delivered up to 10, must not take them for duplicates.
+    // The new primary's history stops at offset 5. Node a delivered up to
+    // 10, but cannot know whether the killed primary acknowledged more
+    // that never reached it: it signals (closes the stream).
+    assert!(
+        sse.closed_within(Duration::from_secs(15)).await,
+        "the rolled-back history is signalled"
+    );
+    // New messages reuse offsets 6..: node a must not take them for
+    // duplicates.
+    let mut again = a.connect().await;
+    a.subscribe(&again.client_id, &["lossy"]).await;
     b.publish_retrying("lossy", json!("after")).await;
-    assert_eq!(sse.next_json().await.1, json!("after"));
+    assert_eq!(again.next_json().await.1, json!("after"));
+    assert!(a.metric("fanout_history_gaps_total").await >= 1.0);
     assert!(a.metric("fanout_history_rollbacks_total").await >= 1.0);
     assert!(
         a.logs().contains("rolled back by a failover"),
         "the rollback is logged"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_over_a_stalled_and_a_healthy_primary_answers_504_with_each_outcome_and_its_retry_delivers_once()
+ {
+    // Issue 18, item 4 (cluster): the healthy primary's message was
+    // delivered while the batch was answered 503 "nothing was published".
+    let redis = RedisCluster::start(None).await;
+    let node = NodeProcess::start(&env(&redis.cluster_url())).await;
+    // Two topics on two different primaries.
+    let first = "b-0".to_owned();
+    let first_owner = redis.owner_of(&topic_channel(&first)).await;
+    let mut second = String::new();
+    for i in 1.. {
+        second = format!("b-{i}");
+        if redis.owner_of(&topic_channel(&second)).await != first_owner {
+            break;
+        }
+    }
+    let stalled = redis.owner_of(&topic_channel(&second)).await;
+    let mut sse = node.connect().await;
+    node.subscribe(&sse.client_id, &[&first, &second]).await;
+    let batch = json!({"messages": [
+        {"topic": first, "id": "y1", "data": 1},
+        {"topic": second, "id": "y2", "data": 2},
+    ]});
+    let _: () = redis
+        .cmd(stalled, &["CLIENT", "PAUSE", "4500", "WRITE"])
+        .await;
+    let (status, reply) = node.publish_raw(batch.clone(), &[]).await;
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT, "{reply}");
+    assert_eq!(reply["data"]["published"], json!([0]), "{reply}");
+    assert_eq!(reply["data"]["unknown"], json!([1]), "{reply}");
+    // The publisher retries the whole batch until it is answered 200.
+    let mut answers = vec![status.as_u16()];
+    loop {
+        let (status, reply) = node.publish_raw(batch.clone(), &[]).await;
+        answers.push(status.as_u16());
+        if status == StatusCode::OK {
+            break;
+        }
+        assert!(
+            [StatusCode::SERVICE_UNAVAILABLE, StatusCode::GATEWAY_TIMEOUT].contains(&status),
+            "{reply}"
+        );
+        assert!(answers.len() < 50, "never 200: {answers:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut got = Vec::new();
+    while let Some(e) = sse.next_within(Duration::from_secs(1)).await {
+        got.push((e.event, e.data));
+    }
+    got.sort();
+    eprintln!("answers {answers:?}; received {got:?}");
+    assert_eq!(
+        got,
+        vec![
+            (first.clone(), "1".to_owned()),
+            (second.clone(), "2".to_owned())
+        ],
+        "each message once: 0 missing, 0 duplicated"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_primary_replaced_while_publishing_loses_nothing_silently_and_duplicates_nothing()
+{
+    // Issue 18, item 3: the primary owning a topic stalls (SIGSTOP) while
+    // messages are published; its replica is promoted, then the former
+    // primary wakes up. What the replica lacked got new messages at the
+    // same offsets, and nodes dropped those as duplicates.
+    let redis = RedisCluster::start(None).await;
+    let url = redis.cluster_url();
+    let a = NodeProcess::start(&env(&url)).await;
+    let b = NodeProcess::start(&env(&url)).await;
+    let mut sse = a.connect().await;
+    a.subscribe(&sse.client_id, &["stall"]).await;
+    let publisher = SteadyPublisher::start(b.api.clone(), "stall", Duration::from_millis(5));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let owner = redis.owner_of(&topic_channel("stall")).await;
+    let replica = redis.replica_of(owner).await;
+    redis.signal(owner, SIGSTOP);
+    // Asked of the replica itself: the stalled node answers nobody.
+    wait_for(
+        "the replica took over the stalled primary's slots",
+        || async {
+            redis
+                .try_cmd::<Vec<redis::Value>>(replica, &["ROLE"])
+                .await
+                .is_ok_and(
+                    |r| matches!(r.first(), Some(redis::Value::BulkString(b)) if b == b"master"),
+                )
+        },
+    )
+    .await;
+    redis.signal(owner, SIGCONT);
+    a.wait_healthy().await;
+    b.wait_healthy().await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let (ok, refused) = publisher.finish().await;
+    // Until the stream ends or is quiet: what is missing before the last
+    // message received was skipped silently; what is missing after it was
+    // signalled, if the stream was closed.
+    let mut seen: Vec<u64> = Vec::new();
+    let closed = loop {
+        match tokio::time::timeout(
+            Duration::from_secs(2),
+            futures_util::StreamExt::next(&mut sse.events),
+        )
+        .await
+        {
+            Ok(Some(Ok(e))) => seen.push(e.data.parse().expect("a number")),
+            Ok(None | Some(Err(_))) => break true,
+            Err(_) => break false,
+        }
+    };
+    let account = Account::of(&seen, &ok);
+    let last = seen.last().copied().unwrap_or(0);
+    let (unsignalled, signalled): (Vec<u64>, Vec<u64>) =
+        account.missing.iter().partition(|n| !closed || **n < last);
+    eprintln!(
+        "stalled primary: {} answered 200, {} answered 503/504; client on a: missing-unsignalled {} {unsignalled:?}, missing-signalled {}, duplicated {}; stream closed: {closed}; gaps {}",
+        ok.len(),
+        refused.len(),
+        unsignalled.len(),
+        signalled.len(),
+        account.duplicated.len(),
+        a.metric("fanout_history_gaps_total").await,
+    );
+    assert!(
+        unsignalled.is_empty(),
+        "acknowledged, skipped without a signal: {unsignalled:?}"
+    );
+    assert!(
+        account.duplicated.is_empty() && account.in_order,
+        "{account:?}"
+    );
+}
+
+/// Publish one message on `node` until it answers 200 and its health is
+/// 200 too; how long that took.
+async fn wait_publishing(node: &NodeProcess, topic: &str) -> Duration {
+    let from = Instant::now();
+    wait_for(
+        "the node publishes again and says it is healthy",
+        || async {
+            let (status, _) = node
+                .publish_raw(json!({"topic": topic, "data": "probe"}), &[])
+                .await;
+            status == StatusCode::OK && node.get_json("/api/health").await.0 == StatusCode::OK
+        },
+    )
+    .await;
+    from.elapsed()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_given_one_seed_each_keep_publishing_when_their_seed_dies() {
+    // The README's auto-detected form: each node is given a plain
+    // `redis://` URL of a different primary, and nothing else.
+    let mut redis = RedisCluster::start(None).await;
+    let primaries = redis.primaries().await;
+    let mut nodes = Vec::new();
+    for (_, port) in &primaries {
+        nodes.push(NodeProcess::start(&env(&redis.url_of(*port))).await);
+    }
+    for n in &nodes {
+        n.wait_healthy().await;
+    }
+    // Kill each node's seed in turn (its replica takes over), with a
+    // steady numbered stream published on that node and watched on the
+    // next one.
+    for (i, (_, seed)) in primaries.iter().enumerate() {
+        let (publishing, watching) = (&nodes[i], &nodes[(i + 1) % nodes.len()]);
+        let topic = format!("seeded-{i}");
+        let mut sse = watching.connect().await;
+        watching.subscribe(&sse.client_id, &[&topic]).await;
+        let publisher =
+            SteadyPublisher::start(publishing.api.clone(), &topic, Duration::from_millis(10));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let cpu_before = publishing.cpu_seconds();
+        let killed_at = Instant::now();
+        redis.kill(*seed).await;
+        redis.wait_ok().await;
+        let back = wait_publishing(publishing, &format!("after-{i}")).await;
+        let window = killed_at.elapsed();
+        let cpu = publishing.cpu_seconds() - cpu_before;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let (ok, refused) = publisher.finish().await;
+        let seen = received_numbers(&mut sse).await;
+        let account = Account::of(&seen, &ok);
+        let gaps = watching.metric("fanout_history_gaps_total").await;
+        eprintln!(
+            "seed {i} killed: {} answered 200, {} answered 503, {} acknowledged but missed, {gaps} gap(s) signalled; publishing again {:?} after the cluster was ok, {window:?} after the kill; the node used {cpu:.2} s of CPU in that window ({:.0}% of one core)",
+            ok.len(),
+            refused.len(),
+            account.missing.len(),
+            back,
+            100.0 * cpu / window.as_secs_f64()
+        );
+        assert!(
+            account.in_order && account.duplicated.is_empty(),
+            "{account:?}"
+        );
+        assert!(
+            account.missing.is_empty() || gaps >= 1.0,
+            "acknowledged messages missed without a signal: {:?}",
+            account.missing
+        );
+        // The stream goes on after the failover: the last ones published
+        // were acknowledged and arrived.
+        assert_eq!(
+            seen.last(),
+            ok.last(),
+            "the last acknowledged message arrived"
+        );
+        assert!(
+            ok.last() > refused.last(),
+            "the publishing node answers 200 again: ok up to {:?}, refused up to {:?}",
+            ok.last(),
+            refused.last()
+        );
+    }
+}
+
+/// `/api/health` sampled `n` times, `every` apart: how many answered 200.
+async fn healthy_samples(node: &NodeProcess, n: usize, every: Duration) -> usize {
+    let mut ok = 0;
+    for _ in 0..n {
+        if node.get_json("/api/health").await.0 == StatusCode::OK {
+            ok += 1;
+        }
+        tokio::time::sleep(every).await;
+    }
+    ok
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_user_without_scripting_makes_health_503_naming_eval_until_it_may() {
+    let redis = RedisServer::start().await;
+    let _: () = redis
+        .cmd(&[
+            "ACL",
+            "SETUSER",
+            "fanout",
+            "on",
+            ">pw",
+            "~*",
+            "&*",
+            "+@all",
+            "-@scripting",
+        ])
+        .await;
+    let url = format!("redis://fanout:pw@127.0.0.1:{}", redis.port);
+    let a = NodeProcess::start_unchecked(&env(&url)).await;
+    let (status, body) = a.publish_raw(json!({"topic": "t", "data": 1}), &[]).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    // Not 200 between failed publishes: the probe runs the publish script.
+    let healthy = healthy_samples(&a, 12, Duration::from_millis(250)).await;
+    assert_eq!(healthy, 0, "health answered 200 while every publish fails");
+    let (status, health) = a.get_json("/api/health").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    let reason = health["data"]["relay"]["reason"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(reason.to_lowercase().contains("eval"), "{health}");
+    // The start-up check named the missing commands.
+    wait_until("the missing permission is logged", || {
+        a.logs().contains("may not run commands Fanout needs") && a.logs().contains("EVAL")
+    })
+    .await;
+    // Granted: healthy, publishing, within a few heartbeats.
+    let _: () = redis
+        .cmd(&["ACL", "SETUSER", "fanout", "+@scripting"])
+        .await;
+    a.wait_healthy().await;
+    a.publish("t", json!(2)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_refused_inside_the_script_takes_no_offset() {
+    let redis = RedisServer::start().await;
+    // May run the script, but not the PUBLISH inside it.
+    let _: () = redis
+        .cmd(&[
+            "ACL", "SETUSER", "fanout", "on", ">pw", "~*", "&*", "+@all", "-publish",
+        ])
+        .await;
+    let url = format!("redis://fanout:pw@127.0.0.1:{}", redis.port);
+    let a = NodeProcess::start_unchecked(&env(&url)).await;
+    for n in 0..3 {
+        let (status, body) = a
+            .publish_raw(json!({"topic": "gapless", "data": n}), &[])
+            .await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    }
+    let taken: Option<String> = redis.cmd(&["HGET", "fanout:m:gapless", "s"]).await;
+    let kept: i64 = redis.cmd(&["XLEN", "fanout:h:gapless"]).await;
+    assert_eq!((taken, kept), (None, 0), "a refused publish took an offset");
+    let _: () = redis.cmd(&["ACL", "SETUSER", "fanout", "+publish"]).await;
+    a.wait_healthy().await;
+    let mut sse = a.connect().await;
+    a.subscribe(&sse.client_id, &["gapless"]).await;
+    a.publish("gapless", json!("first")).await;
+    assert_eq!(sse.next_json().await.1, json!("first"));
+    let taken: String = redis.cmd(&["HGET", "fanout:m:gapless", "s"]).await;
+    assert_eq!(taken, "1", "the first acknowledged publish has offset 1");
+}
+
+/// The first topic `c<i>` whose channel's slot the primary at `port` owns
+/// (`on`) or does not own (`!on`).
+async fn topic_owned(redis: &RedisCluster, port: u16, on: bool) -> String {
+    for i in 0.. {
+        let t = format!("c{i}");
+        if (redis.owner_of(&topic_channel(&t)).await == port) == on {
+            return t;
+        }
+    }
+    unreachable!()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_shard_refuses_only_its_own_topics_and_health_lists_it() {
+    lost_shard(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_shard_holding_the_membership_keys_leaves_the_other_topics_served() {
+    lost_shard(true).await;
+}
+
+/// No replicas, `cluster-require-full-coverage no`: one primary dies for
+/// good (the one holding the membership keys, or another), the others
+/// keep serving their slots.
+async fn lost_shard(membership_too: bool) {
+    let mut redis = RedisCluster::start_without_replicas().await;
+    let url = redis.cluster_url();
+    let a = NodeProcess::start(&env(&url)).await;
+    let b = NodeProcess::start(&env(&url)).await;
+    let membership = redis.owner_of("fanout:{nodes}").await;
+    let victim = redis
+        .primaries()
+        .await
+        .into_iter()
+        .map(|(_, p)| p)
+        .find(|p| (*p == membership) == membership_too)
+        .unwrap();
+    let lost = topic_owned(&redis, victim, true).await;
+    let live = topic_owned(&redis, victim, false).await;
+    let mut sse = a.connect().await;
+    a.subscribe(&sse.client_id, &[&live]).await;
+    redis.kill(victim).await;
+    redis.wait_marked_failed(victim).await;
+    // Topics on the live shards publish; the lost shard's answer 503.
+    wait_for("a publish on a live shard answers 200", || async {
+        let (status, _) = b
+            .publish_raw(json!({"topic": live, "data": "live"}), &[])
+            .await;
+        status == StatusCode::OK
+    })
+    .await;
+    assert_eq!(sse.next_json().await, (live.clone(), json!("live")));
+    let (status, body) = b
+        .publish_raw(json!({"topic": lost, "data": "lost"}), &[])
+        .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    // A batch with one message on the lost shard is refused whole.
+    let (status, body) = b
+        .publish_raw(
+            json!({"messages": [{"topic": live, "data": 1}, {"topic": lost, "data": 2}]}),
+            &[],
+        )
+        .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    // Subscribing: 204 means live, so the lost shard's topics get 503.
+    let other = b.connect().await;
+    let (status, body) = b
+        .post_subscriptions(
+            json!({"clientId": other.client_id, "subscriptions": [lost]}),
+            &[],
+        )
+        .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    let (status, body) = b
+        .post_subscriptions(
+            json!({"clientId": other.client_id, "subscriptions": [live]}),
+            &[],
+        )
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
+    // Health: once the cluster has had no primary for the partition for
+    // a while, 200 with the lost partitions listed.
+    let lost_partition = partition_of(&lost, 16);
+    let live_partition = partition_of(&live, 16);
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let health = loop {
+        let (status, health) = b.get_json("/api/health").await;
+        if status == StatusCode::OK {
+            break health;
+        }
+        assert!(Instant::now() < deadline, "still 503: {health}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let degraded: Vec<u64> = health["data"]["relay"]["degraded"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{health}"))
+        .iter()
+        .filter_map(Value::as_u64)
+        .collect();
+    assert!(degraded.contains(&u64::from(lost_partition)), "{health}");
+    assert!(!degraded.contains(&u64::from(live_partition)), "{health}");
+    eprintln!("lost shard: partitions {degraded:?} degraded, the others serve");
+    // And still: the live topic publishes, the lost one does not.
+    b.publish(&live, json!("still")).await;
+    assert_eq!(sse.next_json().await, (live.clone(), json!("still")));
+    let (status, _) = a
+        .publish_raw(json!({"topic": lost, "data": "lost"}), &[])
+        .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    // Without the membership keys: healthy, saying so, and what needs
+    // them answers 503.
+    let membership_lost = &health["data"]["relay"]["membership_lost"];
+    assert_eq!(membership_lost.is_string(), membership_too, "{health}");
+    if membership_too {
+        let (status, body) = b.get_json("/api/cluster").await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    }
 }

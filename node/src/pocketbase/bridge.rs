@@ -234,6 +234,10 @@ impl Bridges {
             if st.dead {
                 continue;
             }
+            // Without a new token (a rollback), a member keeps its own.
+            let token = token
+                .clone()
+                .or_else(|| st.members.get(client.id()).and_then(|m| m.token.clone()));
             let member = Member {
                 client: Arc::downgrade(client),
                 keys: wanted.clone(),

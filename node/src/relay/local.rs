@@ -30,6 +30,9 @@ pub struct LocalRelay {
     history: parking_lot::Mutex<History>,
     address: SocketAddr,
     started_at: SystemTime,
+    /// The origin of [`Relay::stamp`], and the last stamp handed out.
+    epoch: Instant,
+    last_stamp: std::sync::atomic::AtomicU64,
 }
 
 /// The last messages of each topic, bounded in count and age.
@@ -90,6 +93,8 @@ impl LocalRelay {
             }),
             address,
             started_at: SystemTime::now(),
+            epoch: Instant::now(),
+            last_stamp: Default::default(),
         })
     }
 }
@@ -149,6 +154,20 @@ impl Relay for LocalRelay {
         Box::pin(async { Ok(Err(super::missing_client())) })
     }
 
+    fn stamp(&self) -> Option<u64> {
+        // One node: its monotonic clock, strictly increasing.
+        let now = self.epoch.elapsed().as_micros() as u64;
+        let prev = self
+            .last_stamp
+            .fetch_update(
+                std::sync::atomic::Ordering::AcqRel,
+                std::sync::atomic::Ordering::Acquire,
+                |last| Some(now.max(last + 1)),
+            )
+            .expect("always Some");
+        Some(now.max(prev + 1))
+    }
+
     fn take_incoming(&self) -> Option<mpsc::Receiver<Incoming>> {
         None
     }
@@ -164,6 +183,8 @@ impl Relay for LocalRelay {
             mode: None,
             healthy: true,
             reason: None,
+            degraded: Vec::new(),
+            membership_lost: None,
             shards: Vec::new(),
         }
     }

@@ -47,6 +47,12 @@ pub struct SubscribeRequest {
     pub ip: IpAddr,
     /// The raw `Authorization` header, if any.
     pub authorization: Option<String>,
+    /// When the first node received it, in µs on the cluster's reference
+    /// clock ([`Relay::stamp`]); `None` to stamp it on arrival at the
+    /// broker. The owner never applies a request older than one of the
+    /// same client it already applied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stamp: Option<u64>,
 }
 
 /// PocketBase's answer for an unknown client id.
@@ -74,6 +80,20 @@ pub enum RelayError {
     /// The backend (Redis) cannot be reached; nothing was done.
     #[error("relay unavailable: {0}")]
     Unavailable(String),
+    /// A publish that did not complete: some messages may have been
+    /// published (a command timed out, so Redis may still run it) or were
+    /// published while others were not. Indices into the batch. Retrying
+    /// the batch with the same message `id`s publishes each at most once.
+    #[error("publish incomplete: {reason}")]
+    Incomplete {
+        reason: String,
+        /// Published for sure.
+        published: Vec<usize>,
+        /// Sent, but the answer did not come in time: unknown.
+        unknown: Vec<usize>,
+        /// Not published.
+        not_published: Vec<usize>,
+    },
 }
 
 /// What `/api/health` reports about the relay.
@@ -88,7 +108,18 @@ pub struct RelayHealth {
     /// Why it is unhealthy, when it is.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
-    /// On a Redis Cluster: each partition's subscriber link.
+    /// On a Redis Cluster: the partitions that cannot carry a publish now
+    /// (their publishes and new subscriptions answer 503). Listed also
+    /// while `healthy` is true: see the Redis relay's health rule.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub degraded: Vec<u16>,
+    /// On a Redis Cluster whose shard holding the membership keys is lost
+    /// (no live primary for 10 s): why. Forwarded subscription requests
+    /// and `/api/cluster` answer 503 meanwhile; the node's own clients are
+    /// served.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub membership_lost: Option<String>,
+    /// On a Redis Cluster: each partition's subscriber link and publishes.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub shards: Vec<ShardHealth>,
 }
@@ -138,12 +169,16 @@ impl NodeInfo {
 
 /// A subscription request that another node forwarded to this one, the
 /// owner of its client. The broker applies it and answers on `reply`.
-#[derive(Debug)]
 pub struct Incoming {
     pub request: SubscribeRequest,
-    /// Unix time (ms) after which the sender gave up: past it, the request
-    /// must be dropped unapplied (and `reply` dropped unanswered).
-    pub deadline: u64,
+    /// The instant (this node's monotonic clock) from which the sender may
+    /// have given up: past it, the request must be dropped unapplied (and
+    /// `reply` dropped unanswered).
+    pub deadline: tokio::time::Instant,
+    /// Claims the request as applied, against the sender claiming it as
+    /// given up (one `SET NX` in Redis decides): `true` if the change may
+    /// stand; `false`, and it is rolled back.
+    pub commit: Option<BoxFuture<'static, bool>>,
     pub reply: oneshot::Sender<Result<(), ApiError>>,
 }
 
@@ -152,6 +187,8 @@ pub trait Relay: Send + Sync + 'static {
     /// Hand messages to the relay. Resolves when the relay has accepted them
     /// (for Redis: when PUBLISH returned); they are then delivered, in this
     /// order, to every node with subscribers, this one included.
+    /// [`RelayError::Unavailable`]: none was published;
+    /// [`RelayError::Incomplete`]: some may have been.
     fn publish(&self, batch: Vec<Publication>) -> BoxFuture<'_, Result<(), RelayError>>;
 
     /// Make the relay's interest in these base topics match the hub
@@ -183,6 +220,14 @@ pub trait Relay: Send + Sync + 'static {
         key: crate::protocol::SubKey,
         since: String,
     ) -> BoxFuture<'_, Result<(), RelayError>>;
+
+    /// A stamp for a subscription request received now: µs on the clock
+    /// every node of the cluster reads (Redis's `TIME`, through an offset
+    /// this node measures on its monotonic clock; see
+    /// `relay/redis/clock.rs`), strictly increasing on this node. `None`
+    /// while that clock is unknown (Redis never reached): such a request
+    /// is not ordered against others.
+    fn stamp(&self) -> Option<u64>;
 
     /// Requests other nodes forwarded to this one (taken once, at startup).
     fn take_incoming(&self) -> Option<mpsc::Receiver<Incoming>>;

@@ -1,12 +1,36 @@
 //! Subscription requests for a client held by another node: sent on that
 //! node's channel with a deadline, answered on the sender's channel.
+//!
+//! The deadline is on Redis's clock (`clock.rs`), never on a node's wall
+//! clock: the sender writes the time it gives up, less its own error; the
+//! owner turns it into an instant on its monotonic clock, less its own
+//! error and one of its round trips to Redis (time for its answer to get
+//! back), and past it drops the request, or rolls back a change it made.
+//! So the owner stops before the sender answers 503, however far either
+//! node's wall clock is off.
+//!
+//! An answer can still be late: Redis may hold it up for longer than that
+//! round trip. So one atomic `SET NX` decides each forwarded request: the
+//! owner, once a change is confirmed, claims the request `applied` before
+//! it answers, and rolls the change back if the sender claimed it first;
+//! the sender, when its time is up, claims it `expired` and answers 503,
+//! or 204 if the owner's claim won. The owner and the sender agree
+//! whatever the delays. A side whose claim gets no answer (Redis went
+//! away) assumes it lost: the owner rolls back, the sender answers 503.
+//! Only a claim that Redis executed but whose answer was lost can leave
+//! them disagreeing. The claim costs the owner one more round trip per
+//! forwarded request; requests to the local node do not make one.
+//!
+//! The request also carries the stamp the receiving node gave it
+//! (`SubscribeRequest::stamp`), which orders it against the client's
+//! other requests (`Broker::subscribe_local_until`).
 
 use std::sync::{Arc, atomic::Ordering};
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
-use super::{Shared, unix_ms};
+use super::Shared;
 use crate::{
     error::ApiError,
     metrics as m,
@@ -20,8 +44,10 @@ enum NodeMessage {
     Subscribe {
         id: u64,
         from: String,
-        /// Unix time (ms) after which the sender has given up: the owner
-        /// must not apply the request any more.
+        /// Time on Redis's clock (Unix ms) after which the sender may have
+        /// given up: the owner must not apply the request any more. (Older
+        /// versions wrote their wall clock here, which is close to Redis's
+        /// where clocks agree, so a rolling upgrade keeps forwarding.)
         deadline: u64,
         request: SubscribeRequest,
     },
@@ -65,17 +91,25 @@ impl Shared {
                 deadline,
                 request,
             }) => {
-                if unix_ms() > deadline {
-                    // The sender has answered 503 already.
+                let Some(deadline) = self.clock.local_deadline(deadline) else {
+                    // The sender may have answered 503 already (or this
+                    // node has not read Redis's clock yet, and cannot
+                    // tell): never applied.
                     metrics::counter!(m::FORWARDS_EXPIRED).increment(1);
                     return;
-                }
+                };
                 // Queued here, in the order the channel delivered them, so
                 // one client's requests are applied in order.
                 let (reply, answer) = oneshot::channel();
+                let commit = {
+                    let shared = self.clone();
+                    let key = self.claim_key(&from, id);
+                    Box::pin(async move { shared.claim(key, "applied").await == Some(true) })
+                };
                 let queued = self.incoming.try_send(Incoming {
                     request,
                     deadline,
+                    commit: Some(commit),
                     reply,
                 });
                 let shared = self.clone();
@@ -136,6 +170,15 @@ impl Shared {
         request: SubscribeRequest,
     ) -> Result<Result<(), ApiError>, RelayError> {
         let s = self;
+        // Given up at this node's monotonic `start + timeout`; the deadline
+        // on Redis's clock is no later, whatever the clock error.
+        let start = tokio::time::Instant::now();
+        let now = s
+            .clock
+            .now()
+            .ok_or_else(|| RelayError::Unavailable("Redis's clock has not been read yet".into()))?;
+        let deadline = (now.us.saturating_sub(now.err_us) / 1000)
+            + s.config.forward_timeout.as_millis() as u64;
         let id = s.next_request.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         s.pending.lock().insert(id, tx);
@@ -145,7 +188,7 @@ impl Shared {
         let msg = NodeMessage::Subscribe {
             id,
             from: s.hub.node_tag().to_owned(),
-            deadline: unix_ms() + s.config.forward_timeout.as_millis() as u64,
+            deadline,
             request,
         };
         let body = serde_json::to_vec(&msg).expect("node message serialises");
@@ -161,14 +204,26 @@ impl Shared {
             Err(e) => return Err(e),
             Ok(n) => n > 0,
         };
-        if listened && let Ok(Ok(answer)) = tokio::time::timeout(s.config.forward_timeout, rx).await
+        if listened
+            && let Ok(Ok(answer)) =
+                tokio::time::timeout_at(start + s.config.forward_timeout, rx).await
         {
             return Ok(answer);
         }
-        // No answer. A node whose channel has a listener is connected
-        // (frozen or overloaded), and one still in the membership may
-        // be reconnecting: 503, try again. Otherwise no live node holds
-        // the client: 404.
+        // No answer in time. Give the request up, unless the owner has
+        // already claimed it as applied: then its 204 is on the way (or
+        // the owner died after the change), and the change stands.
+        if listened
+            && s.claim(s.claim_key(s.hub.node_tag(), id), "expired")
+                .await
+                .is_some_and(|given_up| !given_up)
+        {
+            return Ok(Ok(()));
+        }
+        // A node whose channel has a listener is connected (frozen or
+        // overloaded), and one still in the membership may be
+        // reconnecting: 503, try again. Otherwise no live node holds the
+        // client: 404.
         if listened || s.is_alive(&node).await? {
             tracing::warn!(node, "forwarded request got no answer in time");
             Err(RelayError::Unavailable(format!(
@@ -177,6 +232,32 @@ impl Shared {
         } else {
             Ok(Err(missing_client()))
         }
+    }
+}
+
+/// How long a forwarded request's claim key lives: far longer than any
+/// forward timeout, only so that it is cleaned up.
+const CLAIM_TTL_MS: u64 = 60_000;
+
+impl Shared {
+    /// The key that decides a forwarded request's fate: request `id` of
+    /// node `from`, on the partition of `from`'s channel.
+    fn claim_key(&self, from: &str, id: u64) -> String {
+        match self.partitions() {
+            Some(_) => format!("{}:fw:{from}:{id}", self.partition_tag(self.link_of(from))),
+            None => format!("{}fw:{from}:{id}", self.config.prefix),
+        }
+    }
+
+    /// Claim a forwarded request as `applied` (the owner) or `expired`
+    /// (the sender): `Some(true)` if this claim won, `Some(false)` if the
+    /// other side's did, `None` if Redis did not say.
+    async fn claim(&self, key: String, what: &str) -> Option<bool> {
+        let mut conn = self.commands().ok()?;
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(key).arg(what).arg("NX").arg("PX").arg(CLAIM_TTL_MS);
+        let set: Option<String> = self.command("SET", cmd.query_async(&mut conn)).await.ok()?;
+        Some(set.is_some())
     }
 }
 
@@ -207,9 +288,14 @@ mod tests {
                 subscriptions: vec!["t".into()],
                 ip: "127.0.0.1".parse().unwrap(),
                 authorization: None,
+                stamp: Some(42),
             },
         };
         let back: NodeMessage = serde_json::from_slice(&serde_json::to_vec(&m).unwrap()).unwrap();
         assert!(matches!(back, NodeMessage::Subscribe { id: 7, .. }));
+        let NodeMessage::Subscribe { request, .. } = back else {
+            unreachable!()
+        };
+        assert_eq!(request.stamp, Some(42));
     }
 }

@@ -6,18 +6,29 @@
 //! the topic's epoch (a random id, new whenever the meta hash is gone: the
 //! topic's history was lost), appends the message to the topic's stream
 //! (`XADD … MAXLEN <--history-size>`, entry id `<offset>-1`), refreshes
-//! both keys' TTL (`--history-ttl`), and publishes the envelope with
-//! `"offset"` and `"epoch"` added. One atomic step: no reader can see a
-//! message in the stream that was not published, or the reverse.
+//! the stream's TTL (`--history-ttl`) and the meta hash's (much longer,
+//! [`meta_ttl`]), and publishes the envelope with `"offset"` and `"epoch"`
+//! added. One atomic step: no reader can see a message in the stream that
+//! was not published, or the reverse.
 //!
-//! Keys: `<prefix>m:<topic>` and `<prefix>h:<topic>`; on a cluster,
-//! `<prefix>{p<k>}:m:<topic>` and `<prefix>{p<k>}:h:<topic>`, with the
-//! topic channel's hash tag, so the script's keys and channel share a slot.
+//! A quiet topic's messages expire; its offsets do not: the next message
+//! continues them in the same epoch, so expiry is never taken for a loss.
+//!
+//! A message with a publisher `id` that the topic's recent ids already
+//! hold (the ids set: the last `--history-size` ids, for `--history-ttl`)
+//! is not published again: a publisher may retry a publish whose outcome it
+//! does not know (a timeout) without delivering it twice.
+//!
+//! Keys: `<prefix>m:<topic>`, `<prefix>h:<topic>` and `<prefix>i:<topic>`;
+//! on a cluster, `<prefix>{p<k>}:m:<topic>` and so on, with the topic
+//! channel's hash tag, so the script's keys and channel share a slot.
 //!
 //! Each node remembers, per subscribed topic, the epoch and offset it last
 //! dispatched. A message with the next offset is dispatched; one already
 //! seen is dropped (a duplicate); a jump is filled from the stream first
-//! (`XRANGE`), in order. After a subscriber link reconnects, every topic on
+//! (`XRANGE`), in order; another message at an offset already dispatched
+//! (a failover reused it) is signalled, not dropped. After a subscriber
+//! link reconnects, every topic on
 //! it is caught up the same way before live messages resume. A gap the
 //! stream cannot fill (trimmed, expired, or a new epoch) is counted
 //! (`fanout_history_gaps_total`), logged, and, with `--on-gap close` (the
@@ -28,25 +39,80 @@ use std::{collections::VecDeque, sync::Arc, time::Duration};
 
 use redis::Value;
 
-use super::Shared;
+use super::{Shared, topology::Commands};
 use crate::{client::CloseReason, metrics as m};
 
-/// The publish script. KEYS: meta hash, stream. ARGV: channel, envelope
-/// without its closing brace, history size, TTL (ms), a fresh epoch, and
-/// the publish command (`publish` or `spublish`). Returns
-/// `{offset, epoch, receivers}`.
+/// How long a topic's meta hash (epoch and offset counter) outlives its
+/// last publish, at least: [`meta_ttl`] takes the longer of this and twice
+/// `--history-ttl`. The messages expire after `--history-ttl`; the meta
+/// hash must outlive them by far, or a quiet topic's next message would
+/// start a new epoch and every node would take the expiry for a loss. Its
+/// cost: one hash of ~100 bytes per topic published in the last day.
+pub(super) const META_TTL: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// The meta hash's TTL for a given `--history-ttl`.
+pub(super) fn meta_ttl(history_ttl: Duration) -> Duration {
+    META_TTL.max(history_ttl * 2)
+}
+
+/// The publish script. KEYS: meta hash, stream, ids (a sorted set: the
+/// publisher ids of the last messages, scored by offset). ARGV: channel,
+/// envelope without its closing brace, history size, history TTL (ms), a
+/// fresh epoch, the publish command (`publish` or `spublish`), the meta
+/// TTL (ms), and the message's publisher id (empty: none). Returns
+/// `{offset, epoch, receivers}`; receivers is -1 for a message whose id
+/// the topic's history already holds (a retry): it is not published again.
+///
+/// Expiry is not a loss: the meta hash lives [`meta_ttl`], so when the
+/// stream expires, offsets go on from where they were. The meta keeps the
+/// id of the last message (`i`); when the stream was gone, the script
+/// first writes a cursor entry (`<last offset>-1`, field `c`: that id), so
+/// a resume from the last message before the expiry still finds its
+/// cursor and replays what came after.
+///
+/// First it checks (`redis.acl_check_cmd`, Redis 7) that the user may run
+/// each command it calls, so that a refused one fails the script before it
+/// took an offset or wrote the stream.
 const PUBLISH_SCRIPT: &str = r#"
+if redis.acl_check_cmd then
+  for _, c in ipairs({{'hget', KEYS[1], 'e'}, {'zscore', KEYS[3], ''}, {'del', KEYS[2], KEYS[3]},
+      {'hset', KEYS[1], 'e', ''}, {'exists', KEYS[2]}, {'hmget', KEYS[1], 's', 'i'},
+      {'hincrby', KEYS[1], 's', '1'}, {'xadd', KEYS[2], '*', 'm', ''},
+      {'pexpire', KEYS[2], '1'}, {'pexpire', KEYS[1], '1'}, {'zadd', KEYS[3], '1', ''},
+      {'zremrangebyrank', KEYS[3], '0', '1'}, {'pexpire', KEYS[3], '1'},
+      {ARGV[6], ARGV[1], ''}}) do
+    if not redis.acl_check_cmd(unpack(c)) then
+      return redis.error_reply('NOPERM the Redis user may not run ' .. c[1] .. ' on ' .. c[2] .. ' in the publish script')
+    end
+  end
+end
+local id = ARGV[8]
 local e = redis.call('hget', KEYS[1], 'e')
+if e and id ~= '' then
+  local o = redis.call('zscore', KEYS[3], id)
+  if o then return {tonumber(o), e, -1} end
+end
 if not e then
   e = ARGV[5]
-  redis.call('del', KEYS[2])
+  redis.call('del', KEYS[2], KEYS[3])
   redis.call('hset', KEYS[1], 'e', e)
+elseif redis.call('exists', KEYS[2]) == 0 then
+  local last = redis.call('hmget', KEYS[1], 's', 'i')
+  if last[1] and last[2] and last[2] ~= '' then
+    redis.call('xadd', KEYS[2], last[1] .. '-1', 'c', last[2])
+  end
 end
 local s = redis.call('hincrby', KEYS[1], 's', 1)
 local msg = ARGV[2] .. ',"offset":' .. s .. ',"epoch":"' .. e .. '"}'
 redis.call('xadd', KEYS[2], 'MAXLEN', ARGV[3], s .. '-1', 'm', msg)
+redis.call('hset', KEYS[1], 'i', id)
 redis.call('pexpire', KEYS[2], ARGV[4])
-redis.call('pexpire', KEYS[1], ARGV[4])
+redis.call('pexpire', KEYS[1], ARGV[7])
+if id ~= '' then
+  redis.call('zadd', KEYS[3], s, id)
+  redis.call('zremrangebyrank', KEYS[3], 0, -1 - tonumber(ARGV[3]))
+  redis.call('pexpire', KEYS[3], ARGV[4])
+end
 local n = redis.call(ARGV[6], ARGV[1], msg)
 return {s, e, n}
 "#;
@@ -85,6 +151,8 @@ enum Resync {
     Done,
     Gap,
     RolledBack,
+    /// The history ends below the node's position (position moved back).
+    ShortHistory,
 }
 
 /// What to do with a message that carries an offset.
@@ -92,7 +160,8 @@ enum Resync {
 enum Step {
     /// The next one, or the first seen: dispatch it.
     Next,
-    /// Seen already: drop it.
+    /// At an offset already dispatched: a duplicate if it is the same
+    /// message, a rollback if not (see [`Shared::admit_offset`]).
     Duplicate,
     /// Offsets after `after` and before this one are missing.
     Gap { after: u64 },
@@ -126,7 +195,14 @@ impl Shared {
     }
 
     /// The publish script for one message: `envelope` is the JSON envelope.
-    pub(super) fn history_cmd(&self, base: &str, mut envelope: Vec<u8>) -> redis::Cmd {
+    /// `id` is the publisher's id of the message, if any: a retry with the
+    /// same id is answered without publishing again.
+    pub(super) fn history_cmd(
+        &self,
+        base: &str,
+        mut envelope: Vec<u8>,
+        id: Option<&str>,
+    ) -> redis::Cmd {
         envelope.pop(); // the closing brace; the script adds offset and epoch
         let verb = if self.partitions().is_some() {
             "spublish"
@@ -135,15 +211,18 @@ impl Shared {
         };
         let mut c = redis::cmd("EVAL");
         c.arg(PUBLISH_SCRIPT)
-            .arg(2)
+            .arg(3)
             .arg(self.history_key("m", base))
             .arg(self.history_key("h", base))
+            .arg(self.history_key("i", base))
             .arg(self.topic_channel(base))
             .arg(envelope)
             .arg(self.config.history_size)
             .arg(self.config.history_ttl.as_millis() as u64)
             .arg(crate::protocol::random_alphanumeric(12))
-            .arg(verb);
+            .arg(verb)
+            .arg(meta_ttl(self.config.history_ttl).as_millis() as u64)
+            .arg(id.unwrap_or(""));
         c
     }
 
@@ -159,8 +238,31 @@ impl Shared {
         let known = self.positions.lock().get(base).cloned();
         match step(known.as_ref(), epoch, offset) {
             Step::Duplicate => {
-                metrics::counter!(m::HISTORY_DUPLICATES).increment(1);
-                return false;
+                let seen = known
+                    .as_ref()
+                    .and_then(|p| p.recent.iter().find(|(o, _)| *o == offset))
+                    .map(|(_, d)| *d);
+                match seen {
+                    // Another message at an offset this node delivered: a
+                    // failover promoted a replica without the old primary's
+                    // last writes, and new messages took their offsets.
+                    // What the old primary had after them is unknowable
+                    // here: signal, and follow the new history from this
+                    // message on.
+                    Some(d) if d != digest(payload) => {
+                        metrics::counter!(m::HISTORY_ROLLBACKS).increment(1);
+                        self.lost(
+                            base,
+                            "the topic's history was rolled back by a failover (an offset this node delivered holds another message)",
+                        );
+                    }
+                    // The same message again, or one older than what this
+                    // node remembers (catch-up and live overlap).
+                    _ => {
+                        metrics::counter!(m::HISTORY_DUPLICATES).increment(1);
+                        return false;
+                    }
+                }
             }
             Step::Next => {}
             Step::NewEpoch => self.lost(base, "the topic's history was reset (new epoch)"),
@@ -221,7 +323,7 @@ impl Shared {
         if missing.is_empty() {
             return Ok(());
         }
-        let mut conn = self.reads().map_err(|e| e.to_string())?;
+        let k = self.link_of(&missing[0][..]);
         for chunk in missing.chunks(CATCH_UP_BATCH) {
             let mut pipe = redis::pipe();
             for t in chunk {
@@ -230,10 +332,14 @@ impl Shared {
                     .arg("e")
                     .arg("s");
             }
-            let replies: Vec<(Option<String>, Option<u64>)> = self
-                .command("HMGET", pipe.query_async(&mut conn))
+            let values = self
+                .read_history(k, "HMGET", pipe, chunk.len())
                 .await
                 .map_err(|e| e.to_string())?;
+            let replies: Vec<(Option<String>, Option<u64>)> = values
+                .into_iter()
+                .map(|v| redis::from_redis_value(v).unwrap_or((None, None)))
+                .collect();
             let mut positions = self.positions.lock();
             for (t, (epoch, offset)) in chunk.iter().zip(replies) {
                 positions.entry((*t).clone()).or_insert(Position {
@@ -244,6 +350,47 @@ impl Shared {
             }
         }
         Ok(())
+    }
+
+    /// A pipeline of `count` history reads for link `k`'s topics. On a
+    /// cluster it goes to the primary the link follows, whose channels the
+    /// live messages come from, never to a node the cluster connection's
+    /// slot map may still name: after a failover the former primary holds a
+    /// history the new one does not, and catching up from it would take the
+    /// new primary's messages at reused offsets for duplicates. `Err` when
+    /// it cannot be read there now (a node that no longer owns the slot
+    /// refuses: the link is moving too).
+    async fn read_history(
+        &self,
+        k: usize,
+        what: &str,
+        pipe: redis::Pipeline,
+        count: usize,
+    ) -> Result<Vec<Value>, crate::relay::RelayError> {
+        let mut conn = self.reads()?;
+        let primary = self
+            .partitions()
+            .and_then(|_| self.links[k].primary.lock().clone());
+        let values: Vec<Value> = match (
+            &mut conn,
+            primary.as_deref().and_then(|a| a.rsplit_once(':')),
+        ) {
+            (Commands::Cluster(c), Some((host, port))) => {
+                let route = redis::cluster_routing::SingleNodeRoutingInfo::ByAddress {
+                    host: host.to_owned(),
+                    port: port.parse().unwrap_or_default(),
+                };
+                self.command(what, c.route_pipeline(pipe, 0, count, route))
+                    .await?
+            }
+            _ => self.command(what, pipe.query_async(&mut conn)).await?,
+        };
+        if let Some(e) = values.iter().find(|v| matches!(v, Value::ServerError(_))) {
+            return Err(crate::relay::RelayError::Unavailable(format!(
+                "Redis {what} refused: {e:?}"
+            )));
+        }
+        Ok(values)
     }
 
     /// Forget a topic this node no longer subscribes to.
@@ -262,19 +409,23 @@ impl Shared {
         after: u64,
         until: Option<u64>,
     ) -> Result<bool, ()> {
-        let mut conn = self.reads().map_err(|_| ())?;
         let end = until.map_or_else(|| "+".to_owned(), |u| format!("{u}-1"));
-        let entries: Result<Vec<StreamEntry>, _> = self
-            .command(
-                "XRANGE",
-                redis::cmd("XRANGE")
-                    .arg(self.history_key("h", base))
-                    .arg(format!("{}-1", after + 1))
-                    .arg(end)
-                    .query_async(&mut conn),
-            )
-            .await;
-        let entries = entries.map_err(|_| ())?;
+        let mut pipe = redis::pipe();
+        pipe.cmd("XRANGE")
+            .arg(self.history_key("h", base))
+            .arg(format!("{}-1", after + 1))
+            .arg(end);
+        let values = self
+            .read_history(self.link_of(base), "XRANGE", pipe, 1)
+            .await
+            .map_err(|_| ())?;
+        let entries: Vec<StreamEntry> = values
+            .into_iter()
+            .next()
+            .map(redis::from_redis_value)
+            .transpose()
+            .map_err(|_| ())?
+            .unwrap_or_default();
         if !self.replay(base, epoch, after, entries) {
             return Ok(false);
         }
@@ -309,10 +460,6 @@ impl Shared {
             return;
         }
         let started = std::time::Instant::now();
-        let Ok(mut conn) = self.reads() else {
-            self.links[k].reconnect.lock().cancel();
-            return;
-        };
         for chunk in known.chunks(CATCH_UP_BATCH) {
             let mut pipe = redis::pipe();
             for (topic, p) in chunk {
@@ -328,8 +475,7 @@ impl Shared {
                     .arg(format!("{from}-1"))
                     .arg("+");
             }
-            let replies: Result<Vec<Value>, _> =
-                self.command("XRANGE", pipe.query_async(&mut conn)).await;
+            let replies = self.read_history(k, "XRANGE", pipe, chunk.len() * 2).await;
             let Ok(replies) = replies else {
                 self.links[k].reconnect.lock().cancel();
                 return;
@@ -347,6 +493,10 @@ impl Shared {
                 match self.resync(topic, p, top.unwrap_or(0), entries) {
                     Resync::Done => {}
                     Resync::Gap => self.lost(topic, "the gap is no longer in the topic's history"),
+                    Resync::ShortHistory => self.lost(
+                        topic,
+                        "the topic's history ends below what this node delivered (rolled back by a failover); what the former primary acknowledged after it is unknown",
+                    ),
                     Resync::RolledBack => {
                         // A failover promoted a replica without some of the
                         // old primary's writes, and other messages took
@@ -371,9 +521,10 @@ impl Shared {
     /// and what follows the position is dispatched in order. History that
     /// ends below the position (a failover lost the last writes, and
     /// nothing new came yet) moves the position back, so new messages are
-    /// not taken for duplicates. Another message at an offset this node
-    /// delivered means offsets were reused: that is a gap it cannot
-    /// resolve (`RolledBack`).
+    /// not taken for duplicates, and is signalled (`ShortHistory`): the
+    /// former primary may have acknowledged messages this node never got.
+    /// Another message at an offset this node delivered means offsets
+    /// were reused: that is a gap it cannot resolve (`RolledBack`).
     fn resync(&self, topic: &str, p: &Position, top: u64, entries: Vec<StreamEntry>) -> Resync {
         let delivered = |offset: u64, msg: &[u8]| {
             p.recent
@@ -402,21 +553,27 @@ impl Shared {
             fresh.push(msg);
         }
         if fresh.is_empty() && top < p.offset {
-            // The history ends below this node's position and holds
-            // nothing new: continue from its end.
+            // The history ends below this node's position: a failover lost
+            // the last writes. This node delivered those up to its
+            // position, but whether the former primary acknowledged more
+            // after them, which never reached this node, cannot be told:
+            // signal, then continue from the new history's end, so new
+            // messages are not taken for duplicates.
             tracing::warn!(
                 topic,
                 from = p.offset,
                 to = top,
-                "the topic's history was rolled back by a failover; nothing new was lost here"
+                "the topic's history was rolled back by a failover"
             );
             metrics::counter!(m::HISTORY_ROLLBACKS).increment(1);
-            let mut positions = self.positions.lock();
-            if let Some(pos) = positions.get_mut(topic) {
-                pos.offset = top;
-                pos.recent.retain(|(o, _)| *o <= top);
+            {
+                let mut positions = self.positions.lock();
+                if let Some(pos) = positions.get_mut(topic) {
+                    pos.offset = top;
+                    pos.recent.retain(|(o, _)| *o <= top);
+                }
             }
-            return Resync::Done;
+            return Resync::ShortHistory;
         }
         let entries = fresh
             .into_iter()
@@ -467,33 +624,39 @@ impl Shared {
             .lock()
             .get(base.as_str())
             .map_or(0, |p| p.offset);
-        let entries: Result<Vec<StreamEntry>, _> = match self.reads() {
-            Ok(mut conn) => {
-                self.command(
-                    "XRANGE",
-                    redis::cmd("XRANGE")
-                        .arg(self.history_key("h", &base))
-                        .arg("-")
-                        .arg(format!("{upto}-1"))
-                        .query_async(&mut conn),
-                )
-                .await
-            }
-            Err(e) => Err(e),
-        };
-        if let Ok(entries) = entries {
-            let messages: Vec<Vec<u8>> = entries
+        let mut pipe = redis::pipe();
+        pipe.cmd("XRANGE")
+            .arg(self.history_key("h", &base))
+            .arg("-")
+            .arg(format!("{upto}-1"));
+        let entries: Option<Vec<StreamEntry>> = self
+            .read_history(self.link_of(&base), "XRANGE", pipe, 1)
+            .await
+            .ok()
+            .and_then(|v| v.into_iter().next())
+            .and_then(|v| redis::from_redis_value(v).ok());
+        if let Some(entries) = entries {
+            // Messages (`m`), and the cursor entry (`c`: the id of the last
+            // message before the stream expired, see `PUBLISH_SCRIPT`).
+            let entries: Vec<(bool, Vec<u8>)> = entries
                 .into_iter()
                 .filter_map(|(_, fields)| {
-                    fields.into_iter().find(|(f, _)| f == "m").map(|(_, m)| m)
+                    fields
+                        .into_iter()
+                        .find(|(f, _)| f == "m" || f == "c")
+                        .map(|(f, v)| (f == "m", v))
                 })
                 .collect();
-            let from = messages.iter().rposition(|m| {
-                Self::id_of(m).is_some_and(|(id, _)| id.as_deref() == Some(req.since.as_str()))
+            let from = entries.iter().rposition(|(message, v)| {
+                if *message {
+                    Self::id_of(v).is_some_and(|(id, _)| id.as_deref() == Some(req.since.as_str()))
+                } else {
+                    v == req.since.as_bytes()
+                }
             });
             match from {
                 Some(i) => {
-                    for m in &messages[i + 1..] {
+                    for (_, m) in entries[i + 1..].iter().filter(|(message, _)| *message) {
                         self.replay_to(&req.client, &req.key, &base, m);
                         metrics::counter!(m::RESUME_REPLAYED).increment(1);
                     }
@@ -572,6 +735,15 @@ mod tests {
         };
         assert_eq!(step(Some(&p), "e1", 1), Step::Next);
         assert_eq!(step(Some(&p), "e1", 4), Step::Gap { after: 0 });
+    }
+
+    #[test]
+    fn the_meta_hash_outlives_the_messages_by_far() {
+        assert_eq!(meta_ttl(Duration::from_secs(300)), META_TTL);
+        assert_eq!(
+            meta_ttl(Duration::from_secs(48 * 3600)),
+            Duration::from_secs(96 * 3600)
+        );
     }
 
     #[test]

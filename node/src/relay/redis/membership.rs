@@ -1,12 +1,53 @@
 //! Cluster membership: a hash of node entries and a sorted set of the
 //! times until which each node counts as alive, both under one hash tag.
+//!
+//! Those times are on Redis's clock: every script below reads `TIME`
+//! inside Redis, so a node whose wall clock is off by any amount is listed
+//! exactly as long as any other (see `clock.rs`). A heartbeat also gives
+//! this node a sample of Redis's clock.
 
 use std::{sync::Arc, time::Duration};
 
-use redis::AsyncCommands;
-
-use super::{Shared, topology, unix_ms};
+use super::{Shared, topology};
 use crate::relay::{NodeInfo, RelayError};
+
+/// Redis's time in ms, in a script. `replicate_commands` lets a script
+/// that read `TIME` write on Redis before 7 (a no-op since).
+const NOW: &str = "if redis.replicate_commands then redis.replicate_commands() end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+";
+
+/// KEYS: members hash, alive set. ARGV: tag, entry, TTL (ms). Refreshes
+/// the entry and its deadline, forgets the members past theirs, and
+/// returns `TIME` (seconds, microseconds).
+const HEARTBEAT: &str = "
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), ARGV[1])
+local dead = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', '(' .. now, 'LIMIT', 0, 1000)
+if #dead > 0 then
+  redis.call('ZREM', KEYS[2], unpack(dead))
+  redis.call('HDEL', KEYS[1], unpack(dead))
+end
+return t";
+
+/// KEYS: members hash, alive set. The entries of the live members.
+const LIVE: &str = "
+local tags = redis.call('ZRANGEBYSCORE', KEYS[2], '(' .. now, '+inf')
+if #tags == 0 then return {} end
+return redis.call('HMGET', KEYS[1], unpack(tags))";
+
+/// KEYS: alive set. ARGV: tag. 1 if that node is a live member.
+const ALIVE: &str = "
+local deadline = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if deadline and tonumber(deadline) > now then return 1 end
+return 0";
+
+fn script(body: &str) -> redis::Cmd {
+    let mut c = redis::cmd("EVAL");
+    c.arg(format!("{NOW}{body}"));
+    c
+}
 
 impl Shared {
     /// With Sentinels: ask them every heartbeat which server is the
@@ -37,37 +78,20 @@ impl Shared {
     /// Whether the node with tag `tag` is a live member of the cluster.
     pub(super) async fn is_alive(&self, tag: &str) -> Result<bool, RelayError> {
         let mut conn = self.commands()?;
-        let until: Option<f64> = self
-            .command("ZSCORE", conn.zscore(&self.alive_key, tag))
-            .await?;
-        Ok(until.is_some_and(|t| t as u64 > unix_ms()))
+        let mut cmd = script(ALIVE);
+        cmd.arg(1).arg(&self.alive_key).arg(tag);
+        let alive: i64 = self.command("ZSCORE", cmd.query_async(&mut conn)).await?;
+        Ok(alive == 1)
     }
 
     /// The live members of the cluster.
     pub(super) async fn nodes(&self) -> Result<Vec<NodeInfo>, RelayError> {
         let s = self;
         let mut conn = s.commands()?;
-        let tags: Vec<String> = s
-            .command(
-                "ZRANGEBYSCORE",
-                redis::cmd("ZRANGEBYSCORE")
-                    .arg(&s.alive_key)
-                    .arg(unix_ms())
-                    .arg("+inf")
-                    .query_async(&mut conn),
-            )
-            .await?;
-        if tags.is_empty() {
-            return Ok(Vec::new());
-        }
+        let mut cmd = script(LIVE);
+        cmd.arg(2).arg(&s.members_key).arg(&s.alive_key);
         let values: Vec<Option<String>> = s
-            .command(
-                "HMGET",
-                redis::cmd("HMGET")
-                    .arg(&s.members_key)
-                    .arg(&tags)
-                    .query_async(&mut conn),
-            )
+            .command("ZRANGEBYSCORE", cmd.query_async(&mut conn))
             .await?;
         let mut nodes: Vec<NodeInfo> = values
             .into_iter()
@@ -125,31 +149,31 @@ pub(super) async fn run_heartbeat(shared: Arc<Shared>) {
         let info = NodeInfo::of(&shared.hub, shared.config.address, shared.started_at);
         let body = serde_json::to_string(&info).expect("node info serialises");
         let tag = shared.hub.node_tag();
-        let now = unix_ms();
         let Ok(mut conn) = shared.commands() else {
             continue;
         };
-        let mut pipe = redis::pipe();
-        pipe.hset(&shared.members_key, tag, body).ignore();
-        pipe.zadd(&shared.alive_key, tag, now + ttl).ignore();
-        pipe.cmd("ZRANGEBYSCORE")
+        let mut cmd = script(HEARTBEAT);
+        cmd.arg(2)
+            .arg(&shared.members_key)
             .arg(&shared.alive_key)
-            .arg("-inf")
-            .arg(format!("({now}"));
-        let Ok((dead,)) = shared
-            .command("HSET", pipe.query_async::<(Vec<String>,)>(&mut conn))
+            .arg(tag)
+            .arg(body)
+            .arg(ttl);
+        let before = tokio::time::Instant::now();
+        let Ok((secs, micros)) = shared
+            .command("HSET", cmd.query_async::<(u64, u64)>(&mut conn))
             .await
         else {
             continue;
         };
-        if !dead.is_empty() {
-            // Forget members past their time.
-            let mut pipe = redis::pipe();
-            pipe.zrem(&shared.alive_key, &dead).ignore();
-            pipe.hdel(&shared.members_key, &dead).ignore();
-            let _ = shared
-                .command("ZREM", pipe.query_async::<()>(&mut conn))
-                .await;
+        let first = shared.clock.now().is_none();
+        shared.clock.record(
+            before,
+            tokio::time::Instant::now(),
+            secs * 1_000_000 + micros,
+        );
+        if first {
+            shared.report_health();
         }
     }
 }

@@ -18,8 +18,8 @@
 //!   `<prefix>{p<k>}:svc`, so a node notices when the partition's slot moves
 //!   even if it has no topic there.
 //! * `<prefix>{nodes}` (a hash: node tag → its `/api/cluster` entry) and
-//!   `<prefix>{nodes}:alive` (a sorted set: node tag → the Unix time in ms
-//!   until which it counts as alive): the membership. Each node refreshes
+//!   `<prefix>{nodes}:alive` (a sorted set: node tag → the Unix time in ms,
+//!   on Redis's clock, until which it counts as alive): the membership. Each node refreshes
 //!   both every heartbeat interval, for three intervals, and removes the
 //!   entries of nodes past their time. `/api/cluster` reads them directly
 //!   (no keyspace scan); both keys share one hash tag, so they live in one
@@ -51,6 +51,11 @@
 //! without a subscription behind them. Reconnecting retries every few
 //! hundred milliseconds at most, so the node is back as soon as Redis is.
 //!
+//! Health follows the publish path (`probe.rs`): a partition is healthy
+//! while its link is up and its last publish or probe publish succeeded.
+//! A publish is refused (503) only when a partition it touches is down, so
+//! a cluster shard lost for good refuses its own topics only.
+//!
 //! A PUBLISH that Redis reports as received by nobody, for a topic this node
 //! has confirmed subscribed, shows the subscriber connection is gone before
 //! the node noticed. The node's subscribers of that topic would miss the
@@ -64,15 +69,20 @@
 //! time, in order, so a request that needs a topic another request is
 //! subscribing is answered after that SUBSCRIBE returned.
 //!
-//! A request forwarded to the node holding a client carries a deadline;
-//! the owner drops it unapplied once the deadline has passed, and the
-//! sender answers 503 when the owner does not answer in time. 404 is for a
-//! node that is not a live member of the cluster.
+//! A request forwarded to the node holding a client carries a deadline on
+//! Redis's clock (`clock.rs`); the owner drops it unapplied once the
+//! deadline has passed, and the sender answers 503 when the owner does not
+//! answer in time. A `SET NX` on `<prefix>fw:<sender tag>:<id>` (with the
+//! sender channel's hash tag on a cluster) settles a change whose answer
+//! is late (`forwarding.rs`). 404 is for a node that is not a live member
+//! of the cluster.
 
+mod clock;
 mod envelope;
 mod forwarding;
 mod history;
 mod membership;
+mod probe;
 mod subscriber;
 mod topology;
 
@@ -104,7 +114,8 @@ use topology::{Backend, Commands, Target};
 /// Settings of the Redis relay.
 #[derive(Debug, Clone)]
 pub struct RedisConfig {
-    /// `redis://[user:password@]host:port[/db]` or
+    /// `redis://[user:password@]host:port[/0]` (another database is
+    /// refused: pub/sub ignores it, see `topology.rs`) or
     /// `redis+cluster://[user:password@]h1:p1,h2:p2,...`.
     pub url: String,
     /// Prefix of every channel and key.
@@ -127,6 +138,11 @@ pub struct RedisConfig {
 
 /// Bound on one Redis command; beyond it Redis counts as unreachable.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long the cluster must have had no live primary for a partition
+/// before the node counts it as lost by the cluster and reports itself
+/// healthy with that partition degraded (see `Shared::health`): longer
+/// than a failover takes with the usual `cluster-node-timeout`.
+const LOST_AFTER: Duration = Duration::from_secs(10);
 /// Channels per SUBSCRIBE command when re-subscribing everything.
 const SUBSCRIBE_BATCH: usize = 1000;
 /// Longest wait between reconnect attempts: a refused connection costs
@@ -167,6 +183,12 @@ struct Link {
     replay_rx: Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<ReplayRequest>>>,
     /// `Err(reason)` while it is down.
     state: Mutex<Result<(), String>>,
+    /// `Err(reason)` while publishes of this partition fail: the last
+    /// publish's or probe's outcome (`probe.rs`).
+    publish: Mutex<Result<(), String>>,
+    /// Since when the cluster itself has had no live primary for this
+    /// partition (its owner is marked failed): every node sees the same.
+    orphaned: Mutex<Option<std::time::Instant>>,
     /// The Redis node it is connected to (cluster).
     primary: Mutex<Option<String>>,
     /// Cancelled to make the link reconnect now.
@@ -205,9 +227,20 @@ struct Shared {
     /// The history position this node last dispatched, per topic.
     positions: Mutex<HashMap<Arc<str>, history::Position>>,
     /// Cluster nodes to ask where a partition lives: the seeds, then every
-    /// node `CLUSTER SLOTS` has named.
+    /// node the last `CLUSTER SLOTS` named (refreshed every heartbeat,
+    /// `probe.rs`; bounded by the cluster's size).
     known_nodes: Mutex<Vec<(String, u16)>>,
+    /// Since when the cluster has had no live primary for the membership
+    /// keys' slot (`probe.rs`).
+    membership_orphaned: Mutex<Option<std::time::Instant>>,
+    /// The probe topic of each partition (`probe.rs`).
+    probe_topics: OnceLock<Vec<String>>,
+    /// Commands Fanout needs that the Redis user may not run, with
+    /// Redis's reason (`ACL DRYRUN`, checked at start).
+    missing_permissions: Mutex<Vec<String>>,
     heartbeat: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Redis's clock, the one every cross-node decision uses.
+    clock: clock::RedisClock,
     started_at: SystemTime,
     stop: CancellationToken,
 }
@@ -246,6 +279,8 @@ impl RedisRelay {
                         replays,
                         replay_rx: Arc::new(tokio::sync::Mutex::new(rx)),
                         state: Mutex::new(Err("connecting to Redis".into())),
+                        publish: Mutex::new(Ok(())),
+                        orphaned: Mutex::new(None),
                         primary: Mutex::new(None),
                         reconnect: Mutex::new(CancellationToken::new()),
                         messages_in: metrics::counter!(
@@ -265,7 +300,11 @@ impl RedisRelay {
             confirmed: Mutex::new(HashSet::new()),
             positions: Mutex::new(HashMap::new()),
             known_nodes: Mutex::new(target.addresses()),
+            probe_topics: OnceLock::new(),
+            membership_orphaned: Mutex::new(None),
+            missing_permissions: Mutex::new(Vec::new()),
             heartbeat: Mutex::new(None),
+            clock: clock::RedisClock::new(),
             started_at: SystemTime::now(),
             stop: CancellationToken::new(),
         });
@@ -401,13 +440,39 @@ impl Shared {
     fn subscriber_health(&self) -> Result<(), String> {
         for (k, link) in self.active_links().iter().enumerate() {
             if let Err(e) = &*link.state.lock() {
-                return Err(match self.partitions() {
-                    Some(_) => format!("partition {k}: {e}"),
-                    None => e.clone(),
-                });
+                return Err(self.in_partition(k, e));
             }
         }
         Ok(())
+    }
+
+    /// `reason`, prefixed with the partition on a cluster.
+    fn in_partition(&self, k: usize, reason: &str) -> String {
+        match self.partitions() {
+            Some(_) => format!("partition {k}: {reason}"),
+            None => reason.to_owned(),
+        }
+    }
+
+    /// `Err(reason)` while partition `k` cannot carry a publish: its
+    /// subscriber link is down, or its last publish or probe failed.
+    fn partition_health(&self, k: usize) -> Result<(), String> {
+        let link = &self.links[k];
+        link.state.lock().clone()?;
+        link.publish.lock().clone()
+    }
+
+    /// Record the outcome of a publish (or probe) of partition `k`.
+    fn set_publish(&self, k: usize, state: Result<(), String>) {
+        let changed = {
+            let mut p = self.links[k].publish.lock();
+            let changed = p.is_ok() != state.is_ok();
+            *p = state;
+            changed
+        };
+        if changed {
+            self.report_health();
+        }
     }
 
     fn set_commands(&self, state: Result<(), String>) {
@@ -430,21 +495,71 @@ impl Shared {
         }
     }
 
+    /// The relay's health. Each partition is healthy while it can carry a
+    /// publish ([`Shared::partition_health`]). The node is unhealthy when
+    /// any partition is down for a reason of its own (its connection, its
+    /// publishes, its permissions), or when every partition is down; it
+    /// stays healthy, listing the partitions in `degraded`, when the only
+    /// partitions down are ones the cluster itself lost (their primary is
+    /// marked failed and no replica took over for [`LOST_AFTER`]): every
+    /// node is in the same state then, and a load balancer that took them
+    /// all out would turn a partial outage into a total one. Publishes and
+    /// subscriptions of those partitions answer 503, the others work. The
+    /// same for the slot of the membership keys: lost by the cluster for
+    /// `LOST_AFTER`, the heartbeat's failures no longer make the node
+    /// unhealthy, and `membership_lost` says why.
+    /// During an ordinary failover (shorter than `LOST_AFTER`) the node is
+    /// unhealthy, as for any other outage.
     fn health(&self) -> RelayHealth {
-        let sub = self.subscriber_health();
-        let cmd = self.command_health.lock().clone();
-        let reads = self.reads_health.lock().clone();
-        let reason = match (sub, cmd, reads) {
-            (Ok(()), Ok(()), Ok(())) => None,
-            (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => Some(e),
+        let links = self.active_links();
+        let down: Vec<(usize, String)> = (0..links.len())
+            .filter_map(|k| self.partition_health(k).err().map(|e| (k, e)))
+            .collect();
+        let partitions_reason = if !down.is_empty() && down.len() == links.len() {
+            Some(self.in_partition(down[0].0, &down[0].1))
+        } else {
+            down.iter()
+                .find(|(k, _)| {
+                    !self.links[*k]
+                        .orphaned
+                        .lock()
+                        .is_some_and(|since| since.elapsed() >= LOST_AFTER)
+                })
+                .map(|(k, e)| self.in_partition(*k, e))
         };
+        // The membership keys' shard lost by the cluster: the heartbeat's
+        // failures are every node's, like a lost partition's.
+        let membership_lost = self
+            .membership_orphaned
+            .lock()
+            .is_some_and(|since| since.elapsed() >= LOST_AFTER)
+            .then(|| {
+                "the cluster has no live primary for the membership keys: forwarded subscription requests and /api/cluster answer 503".to_owned()
+            });
+        let cmd = match &membership_lost {
+            Some(_) => Ok(()),
+            // Forwarding and request order need Redis's clock.
+            None => self
+                .command_health
+                .lock()
+                .clone()
+                .and_then(|()| match self.clock.now() {
+                    Some(_) => Ok(()),
+                    None => Err("Redis's clock has not been read yet".to_owned()),
+                }),
+        };
+        let reads = self.reads_health.lock().clone();
+        let missing = self.missing_permissions.lock().clone();
+        let reason = partitions_reason.or(cmd.err()).or(reads.err()).or_else(|| {
+            (!missing.is_empty())
+                .then(|| format!("the Redis user may not run: {}", missing.join("; ")))
+        });
         let shards = match self.partitions() {
-            Some(_) => self
-                .active_links()
+            Some(_) => links
                 .iter()
                 .enumerate()
                 .map(|(k, l)| {
-                    let state = l.state.lock().clone();
+                    let state = self.partition_health(k);
                     ShardHealth {
                         partition: k as u16,
                         primary: l.primary.lock().clone(),
@@ -464,6 +579,11 @@ impl Shared {
             },
             healthy: reason.is_none(),
             reason,
+            membership_lost,
+            degraded: match self.partitions() {
+                Some(_) => down.iter().map(|(k, _)| *k as u16).collect(),
+                None => Vec::new(),
+            },
             shards,
         }
     }
@@ -549,13 +669,42 @@ impl Shared {
         }
     }
 
-    /// Publish a batch and return each message's receiver count: one
-    /// pipeline on a standalone Redis. On a cluster, one pipeline per
-    /// primary involved (the primary each partition's link is connected
-    /// to), all sent concurrently; a message that primary refuses (its slot
-    /// just moved) is sent again through the cluster connection, which
-    /// follows `MOVED`.
-    async fn publish_batch(&self, batch: &[Publication]) -> Result<Vec<i64>, RelayError> {
+    /// A publish command, bounded by `COMMAND_TIMEOUT`, like
+    /// [`Self::command`], but a timeout is told apart: a command that was
+    /// sent and not answered in time may still run (Redis stalled, not
+    /// gone), so its outcome is unknown.
+    async fn publish_command<T, F>(&self, f: F) -> Result<T, Sent>
+    where
+        F: std::future::Future<Output = redis::RedisResult<T>>,
+    {
+        let (reason, unknown) = match tokio::time::timeout(COMMAND_TIMEOUT, f).await {
+            Ok(Ok(v)) => {
+                self.set_commands(Ok(()));
+                return Ok(v);
+            }
+            Ok(Err(e)) => (format!("Redis PUBLISH failed: {e}"), e.is_timeout()),
+            Err(_) => ("Redis PUBLISH timed out".to_owned(), true),
+        };
+        if unknown {
+            // For the heartbeat to renew the connections.
+            self.stalled
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        self.set_commands(Err(reason.clone()));
+        Err(if unknown {
+            Sent::Unknown(reason)
+        } else {
+            Sent::Not(reason)
+        })
+    }
+
+    /// Publish a batch and return each message's outcome: one pipeline on
+    /// a standalone Redis. On a cluster, one pipeline per primary involved
+    /// (the primary each partition's link is connected to), all sent
+    /// concurrently; a message that primary refuses (its slot just moved)
+    /// is sent again through the cluster connection, which follows
+    /// `MOVED`.
+    async fn publish_batch(&self, batch: &[Publication]) -> Result<Vec<Outcome>, RelayError> {
         let conn = self.commands()?;
         let cluster = self.partitions().is_some();
         let mut groups: HashMap<Option<String>, Vec<usize>> = HashMap::new();
@@ -572,7 +721,7 @@ impl Shared {
             let p = &batch[i];
             let base = protocol::base_topic(&p.topic);
             if self.history_on() {
-                self.history_cmd(base, envelope(p))
+                self.history_cmd(base, envelope(p), p.id.as_deref())
             } else {
                 self.publish_cmd(self.topic_channel(base), envelope(p))
             }
@@ -580,11 +729,15 @@ impl Shared {
         let runs = groups.into_iter().map(|(primary, idx)| {
             let mut conn = conn.clone();
             async move {
+                let parts: HashSet<usize> = idx
+                    .iter()
+                    .map(|&i| self.link_of(protocol::base_topic(&batch[i].topic)))
+                    .collect();
                 let mut pipe = redis::pipe();
                 for &i in &idx {
                     pipe.add_command(command(i));
                 }
-                let values: Vec<redis::Value> = match (
+                let values: Result<Vec<redis::Value>, Sent> = match (
                     &mut conn,
                     primary.as_deref().and_then(|a| a.rsplit_once(':')),
                 ) {
@@ -593,37 +746,83 @@ impl Shared {
                             host: host.to_owned(),
                             port: port.parse().unwrap_or_default(),
                         };
-                        self.command("PUBLISH", c.route_pipeline(pipe, 0, idx.len(), route))
-                            .await?
+                        self.publish_command(c.route_pipeline(pipe, 0, idx.len(), route))
+                            .await
                     }
-                    _ => self.command("PUBLISH", pipe.query_async(&mut conn)).await?,
+                    _ => self.publish_command(pipe.query_async(&mut conn)).await,
                 };
-                let mut counts = Vec::with_capacity(idx.len());
+                let values = match values {
+                    Ok(v) => v,
+                    Err(sent) => {
+                        // Each partition's health follows its publishes.
+                        let (Sent::Not(r) | Sent::Unknown(r)) = &sent;
+                        for &k in &parts {
+                            self.set_publish(k, Err(r.clone()));
+                        }
+                        return idx
+                            .into_iter()
+                            .map(|i| (i, Outcome::Failed(sent.clone())))
+                            .collect::<Vec<_>>();
+                    }
+                };
+                let mut outcomes = Vec::with_capacity(idx.len());
                 for (&i, v) in idx.iter().zip(values) {
-                    counts.push(match history::script_receivers(&v) {
-                        Some(n) => n,
+                    outcomes.push(match history::script_receivers(&v) {
+                        Some(n) => (i, Outcome::Published(n)),
                         // Refused by that node (moved): through the
                         // cluster connection's own routing.
-                        None => {
-                            let v: redis::Value = self
-                                .command("PUBLISH", command(i).query_async(&mut conn))
-                                .await?;
-                            history::script_receivers(&v).unwrap_or(0)
-                        }
+                        None => match self
+                            .publish_command(command(i).query_async::<redis::Value>(&mut conn))
+                            .await
+                        {
+                            Ok(v) => (
+                                i,
+                                Outcome::Published(history::script_receivers(&v).unwrap_or(0)),
+                            ),
+                            Err(sent) => (i, Outcome::Failed(sent)),
+                        },
                     });
                 }
-                Ok::<_, RelayError>((idx, counts))
+                for &k in &parts {
+                    let failed = outcomes.iter().find_map(|(i, o)| match o {
+                        Outcome::Failed(Sent::Not(r) | Sent::Unknown(r))
+                            if self.link_of(protocol::base_topic(&batch[*i].topic)) == k =>
+                        {
+                            Some(r.clone())
+                        }
+                        _ => None,
+                    });
+                    self.set_publish(k, failed.map_or(Ok(()), Err));
+                }
+                outcomes
             }
         });
-        let mut receivers = vec![0; batch.len()];
+        let mut outcomes = vec![Outcome::Published(0); batch.len()];
         for run in join_all(runs).await {
-            let (idx, counts) = run?;
-            for (i, n) in idx.into_iter().zip(counts) {
-                receivers[i] = n;
+            for (i, o) in run {
+                outcomes[i] = o;
             }
         }
-        Ok(receivers)
+        Ok(outcomes)
     }
+}
+
+/// Whether a failed publish command may have run.
+#[derive(Debug, Clone)]
+enum Sent {
+    /// Refused, or never sent: it did not run.
+    Not(String),
+    /// Sent and not answered in time: it may run yet.
+    Unknown(String),
+}
+
+/// What became of one message of a batch.
+#[derive(Debug, Clone)]
+enum Outcome {
+    /// Published: the receiver count Redis reported (-1: a retry of a
+    /// message the history already holds, not published again).
+    Published(i64),
+    Failed(Sent),
 }
 
 impl Relay for RedisRelay {
@@ -631,14 +830,54 @@ impl Relay for RedisRelay {
         Box::pin(async move {
             let s = &self.shared;
             // Only a node that would itself receive what it publishes may
-            // acknowledge it: with a subscriber link down, its own clients
-            // would miss the message.
-            if let Err(reason) = s.subscriber_health() {
-                return Err(RelayError::Unavailable(reason));
+            // acknowledge it: with the subscriber link of a message's
+            // partition down, its own clients would miss the message. The
+            // whole batch is refused before anything is sent; partitions
+            // not in the batch do not matter.
+            let involved: HashSet<usize> = batch
+                .iter()
+                .map(|p| s.link_of(protocol::base_topic(&p.topic)))
+                .collect();
+            for k in involved {
+                if let Err(reason) = &*s.links[k].state.lock() {
+                    return Err(RelayError::Unavailable(s.in_partition(k, reason)));
+                }
             }
-            let receivers = s.publish_batch(&batch).await?;
+            let outcomes = s.publish_batch(&batch).await?;
+            let (mut published, mut unknown, mut not_published) = (vec![], vec![], vec![]);
+            let mut receivers = Vec::with_capacity(batch.len());
+            let mut reason = None;
+            for (i, o) in outcomes.into_iter().enumerate() {
+                match o {
+                    Outcome::Published(n) => {
+                        published.push(i);
+                        receivers.push(n);
+                    }
+                    Outcome::Failed(sent) => {
+                        receivers.push(-1);
+                        let (Sent::Not(r) | Sent::Unknown(r)) = &sent;
+                        reason.get_or_insert_with(|| r.clone());
+                        match sent {
+                            Sent::Not(_) => not_published.push(i),
+                            Sent::Unknown(_) => unknown.push(i),
+                        }
+                    }
+                }
+            }
             s.check_receivers(&batch, &receivers);
-            Ok(())
+            match reason {
+                None => Ok(()),
+                // Nothing went out: try again, nothing changed.
+                Some(r) if published.is_empty() && unknown.is_empty() => {
+                    Err(RelayError::Unavailable(r))
+                }
+                Some(reason) => Err(RelayError::Incomplete {
+                    reason,
+                    published,
+                    unknown,
+                    not_published,
+                }),
+            }
         })
     }
 
@@ -710,6 +949,10 @@ impl Relay for RedisRelay {
         })
     }
 
+    fn stamp(&self) -> Option<u64> {
+        self.shared.clock.stamp()
+    }
+
     fn take_incoming(&self) -> Option<mpsc::Receiver<Incoming>> {
         self.incoming.lock().take()
     }
@@ -725,10 +968,4 @@ impl Relay for RedisRelay {
     fn close(&self) -> BoxFuture<'_, ()> {
         Box::pin(self.shared.leave())
     }
-}
-
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }

@@ -59,12 +59,16 @@ pub(super) async fn run(
         }
     };
     let links = backend.partitions().unwrap_or(1) as usize;
+    if backend.partitions().is_some() {
+        shared.remember_nodes(backend.cluster_seeds());
+    }
     let _ = shared.backend.set(backend);
     shared.report_health();
     *shared.heartbeat.lock() = Some(tokio::spawn(super::membership::run_heartbeat(
         shared.clone(),
     )));
     tokio::spawn(super::history::run_reads_check(shared.clone()));
+    tokio::spawn(super::probe::run_probe(shared.clone()));
     for (k, control) in controls.into_iter().enumerate().take(links) {
         tokio::spawn(run_link(shared.clone(), k, control));
     }
@@ -431,14 +435,37 @@ async fn owner(
     for i in 0..candidates.len() {
         let (host, port) = &candidates[(start + i) % candidates.len()];
         match slots_from(template, host, *port, &tag).await {
-            Ok((owner, nodes)) => {
-                let mut known = shared.known_nodes.lock();
-                for n in nodes {
-                    if !known.contains(&n) {
-                        known.push(n);
+            Ok((owner, nodes, failed)) => {
+                {
+                    let mut known = shared.known_nodes.lock();
+                    for n in nodes {
+                        if !known.contains(&n) {
+                            known.push(n);
+                        }
                     }
                 }
-                return owner.ok_or_else(|| format!("no primary owns partition {k}"));
+                // A slot without a live primary is lost for every node,
+                // not only this one (see `Shared::health`).
+                let mut orphaned = shared.links[k].orphaned.lock();
+                let lost = |o: &mut Option<Instant>| {
+                    o.get_or_insert_with(Instant::now);
+                };
+                return match owner {
+                    None => {
+                        lost(&mut orphaned);
+                        Err("no primary owns the partition's slot".into())
+                    }
+                    Some((h, p)) if failed.contains(&(h.clone(), p)) => {
+                        lost(&mut orphaned);
+                        Err(format!(
+                            "the partition's primary {h}:{p} is marked failed by the cluster"
+                        ))
+                    }
+                    Some(owner) => {
+                        *orphaned = None;
+                        Ok(owner)
+                    }
+                };
             }
             Err(e) => last = format!("{host}:{port}: {e}"),
         }
@@ -446,15 +473,23 @@ async fn owner(
     Err(last)
 }
 
-/// Ask the node at `host:port` which primary owns the slot of `tag`, and
-/// which nodes it knows.
+/// Ask the node at `host:port` which primary owns the slot of `tag`,
+/// which nodes it knows, and which of them it marks failed (`CLUSTER
+/// NODES` flag `fail`).
 #[allow(clippy::type_complexity)]
-async fn slots_from(
+pub(super) async fn slots_from(
     template: &redis::ConnectionInfo,
     host: &str,
     port: u16,
     tag: &str,
-) -> Result<(Option<(String, u16)>, Vec<(String, u16)>), String> {
+) -> Result<
+    (
+        Option<(String, u16)>,
+        Vec<(String, u16)>,
+        Vec<(String, u16)>,
+    ),
+    String,
+> {
     let info = topology::at(template, host, port);
     let client = redis::Client::open(info).map_err(|e| e.to_string())?;
     let query = async {
@@ -468,21 +503,18 @@ async fn slots_from(
             .arg("SLOTS")
             .query_async(&mut conn)
             .await?;
-        Ok::<_, redis::RedisError>((slot, ranges))
+        let nodes: String = redis::cmd("CLUSTER")
+            .arg("NODES")
+            .query_async(&mut conn)
+            .await?;
+        Ok::<_, redis::RedisError>((slot, ranges, nodes))
     };
-    let (slot, ranges) = tokio::time::timeout(Duration::from_secs(1), query)
+    let (slot, ranges, listing) = tokio::time::timeout(Duration::from_secs(1), query)
         .await
         .map_err(|_| "timed out".to_owned())?
         .map_err(|e| e.to_string())?;
-    let addr = |v: &Value| match v {
-        Value::Array(node) => match (node.first(), node.get(1)) {
-            (Some(Value::BulkString(h)), Some(Value::Int(p))) => {
-                Some((String::from_utf8_lossy(h).into_owned(), *p as u16))
-            }
-            _ => None,
-        },
-        _ => None,
-    };
+    let addr = topology::node_address;
+    let failed = failed_nodes(&listing);
     let mut owner = None;
     let mut nodes = Vec::new();
     for range in ranges {
@@ -494,7 +526,25 @@ async fn slots_from(
             owner = items.get(2).and_then(addr);
         }
     }
-    Ok((owner, nodes))
+    Ok((owner, nodes, failed))
+}
+
+/// The nodes a `CLUSTER NODES` listing marks failed. Each line is
+/// `<id> <ip:port@cport[,hostname]> <flags> …`; `fail?` is one node's
+/// suspicion only, `fail` the cluster's verdict.
+fn failed_nodes(listing: &str) -> Vec<(String, u16)> {
+    listing
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let address = f.nth(1)?;
+            let flags = f.next()?;
+            flags.split(',').any(|x| x == "fail").then_some(())?;
+            let address = address.split(['@', ',']).next()?;
+            let (host, port) = address.rsplit_once(':')?;
+            Some((host.to_owned(), port.parse().ok()?))
+        })
+        .collect()
 }
 
 /// Serve subscription changes on a live link until it is lost. Returns
@@ -586,5 +636,27 @@ async fn serve(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_nodes_the_cluster_marks_failed_are_failed() {
+        let listing = "\
+a1 127.0.0.1:7000@17000 myself,master - 0 0 1 connected 0-5460
+b2 127.0.0.1:7001@17001,redis-b master,fail - 1 2 2 connected 5461-10922
+c3 127.0.0.1:7002@17002 master,fail? - 1 2 3 connected 10923-16383
+d4 10.0.0.4:7003@17003 slave,fail b2 1 2 2 connected
+";
+        assert_eq!(
+            failed_nodes(listing),
+            vec![
+                ("127.0.0.1".to_owned(), 7001),
+                ("10.0.0.4".to_owned(), 7003)
+            ]
+        );
     }
 }

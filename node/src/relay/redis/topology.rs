@@ -1,11 +1,13 @@
 //! Which Redis the relay talks to, and how: one setting, `--redis-url`,
 //! names a standalone Redis or a Redis Cluster.
 //!
-//! * `redis://[user:password@]host:port[/db]` (or `rediss://` for TLS,
+//! * `redis://[user:password@]host:port[/0]` (or `rediss://` for TLS,
 //!   verified against the system's roots, or `SSL_CERT_FILE`): a
 //!   standalone Redis. If that
 //!   address turns out to be a cluster node (`cluster_enabled:1`), the relay
 //!   switches to cluster mode, with that node as the seed, and logs it.
+//!   Another database number than 0 is refused: Redis pub/sub ignores it,
+//!   so it would not isolate two deployments (`--redis-prefix` does).
 //! * `redis+cluster://[user:password@]h1:p1,h2:p2,...` (`rediss+cluster://`
 //!   for TLS): a Redis Cluster, found through any of the seeds.
 //! * `redis+sentinel://[user:password@]s1:p1,s2:p2/<master name>`: the
@@ -15,6 +17,14 @@
 //!   Sentinels again at every reconnect, checks `ROLE` before using an
 //!   address, and checks it again every heartbeat: it never publishes to a
 //!   replica.
+//!
+//! A cluster is reached through its seeds (one is enough), but never
+//! depends on them: the node asks a seed for every node (`CLUSTER SLOTS`)
+//! and builds the crate's cluster connection with all of them as its
+//! initial nodes, so that it can start over through any live one (the
+//! crate starts over from its initial nodes only). `probe.rs` refreshes the
+//! list every heartbeat and rebuilds the connection if it still loses the
+//! cluster.
 //!
 //! In cluster mode, commands go through the crate's cluster connection,
 //! which routes each by its key's slot and follows `MOVED`/failovers;
@@ -88,7 +98,16 @@ impl Target {
         }
         // Let the crate judge the plain form (and refuse what it cannot do,
         // such as TLS without the feature).
-        url.into_connection_info()?;
+        let info = url.into_connection_info()?;
+        anyhow::ensure!(
+            info.redis_settings().db() == 0,
+            "{} names Redis database {}, but pub/sub channels are shared by all \
+             databases of a server: a database number does not keep two deployments \
+             apart (each would receive the other's messages). Use database 0 and give \
+             each deployment its own FANOUT_REDIS_PREFIX (--redis-prefix)",
+            redact(url),
+            info.redis_settings().db()
+        );
         Ok(Self::Plain(url.to_owned()))
     }
 }
@@ -216,11 +235,21 @@ pub(super) enum Backend {
     Cluster {
         /// Credentials and options for connections to single cluster nodes.
         template: redis::ConnectionInfo,
-        commands: Commands,
-        /// A cluster connection of its own for bulk history reads.
-        reads: Commands,
+        /// Replaced by [`Backend::rebuild`] when it stops working.
+        conns: parking_lot::RwLock<ClusterConns>,
         partitions: u16,
     },
+}
+
+/// The cluster connections in use, and the nodes they were built from.
+pub(super) struct ClusterConns {
+    commands: Commands,
+    /// A cluster connection of its own for bulk history reads.
+    reads: Commands,
+    /// Every node `CLUSTER SLOTS` named when they were built: the crate
+    /// reconnects through these (its "initial nodes") when it has lost
+    /// its view, so none of them may be the only way in.
+    pub(super) nodes: Vec<(String, u16)>,
 }
 
 /// Where to ask for the primary.
@@ -288,7 +317,7 @@ impl Backend {
     pub(super) fn commands(&self) -> Commands {
         match self {
             Self::Standalone { current, .. } => current.read().commands.clone(),
-            Self::Cluster { commands, .. } => commands.clone(),
+            Self::Cluster { conns, .. } => conns.read().commands.clone(),
         }
     }
 
@@ -296,7 +325,7 @@ impl Backend {
     pub(super) fn reads(&self) -> Commands {
         match self {
             Self::Standalone { current, .. } => current.read().reads.clone(),
-            Self::Cluster { reads, .. } => reads.clone(),
+            Self::Cluster { conns, .. } => conns.read().reads.clone(),
         }
     }
 
@@ -417,7 +446,45 @@ async fn cluster(seeds: &[String], partitions: u16) -> Result<Backend, String> {
         .as_str()
         .into_connection_info()
         .map_err(|e| e.to_string())?;
-    let mut builder = ClusterClientBuilder::new(seeds.iter().map(String::as_str))
+    let candidates: Vec<(String, u16)> = Target::Cluster(seeds.to_vec()).addresses();
+    let conns = cluster_conns(&template, &candidates).await?;
+    tracing::info!(
+        partitions,
+        nodes = conns.nodes.len(),
+        "connected to the Redis Cluster"
+    );
+    Ok(Backend::Cluster {
+        template,
+        conns: parking_lot::RwLock::new(conns),
+        partitions,
+    })
+}
+
+/// Learn every node of the cluster from the first of `candidates` that
+/// answers `CLUSTER SLOTS`, then open the cluster connections with all of
+/// them as the crate's initial nodes. Given one seed, the crate would
+/// otherwise know only that seed once it has to start over (after it lost
+/// every connection it had, e.g. when that seed dies): it retries the
+/// dead seed without pause and every command fails with
+/// `ClusterConnectionNotFound`.
+pub(super) async fn cluster_conns(
+    template: &redis::ConnectionInfo,
+    candidates: &[(String, u16)],
+) -> Result<ClusterConns, String> {
+    let mut last = String::from("no cluster node known");
+    let mut nodes = None;
+    for (host, port) in candidates {
+        match cluster_nodes(template, host, *port).await {
+            Ok(found) if !found.is_empty() => {
+                nodes = Some(found);
+                break;
+            }
+            Ok(_) => last = format!("{host}:{port}: CLUSTER SLOTS names no node"),
+            Err(e) => last = format!("{host}:{port}: {e}"),
+        }
+    }
+    let nodes = nodes.ok_or(last)?;
+    let mut builder = ClusterClientBuilder::new(nodes.iter().map(|(h, p)| at(template, h, *p)))
         .connection_timeout(std::time::Duration::from_secs(1))
         .response_timeout(COMMAND_TIMEOUT)
         .retries(3);
@@ -435,15 +502,85 @@ async fn cluster(seeds: &[String], partitions: u16) -> Result<Backend, String> {
             .map_err(|_| "cluster connect timed out".to_owned())?
             .map_err(|e| e.to_string())
     };
-    let commands = Commands::Cluster(connect().await?);
-    let reads = Commands::Cluster(connect().await?);
-    tracing::info!(partitions, "connected to the Redis Cluster");
-    Ok(Backend::Cluster {
-        template,
-        commands,
-        reads,
-        partitions,
+    Ok(ClusterConns {
+        commands: Commands::Cluster(connect().await?),
+        reads: Commands::Cluster(connect().await?),
+        nodes,
     })
+}
+
+/// Every node (primaries and replicas) that the node at `host:port` names
+/// in `CLUSTER SLOTS`.
+pub(super) async fn cluster_nodes(
+    template: &redis::ConnectionInfo,
+    host: &str,
+    port: u16,
+) -> Result<Vec<(String, u16)>, String> {
+    let client = redis::Client::open(at(template, host, port)).map_err(|e| e.to_string())?;
+    let query = async {
+        let mut conn = client.get_multiplexed_async_connection().await?;
+        redis::cmd("CLUSTER")
+            .arg("SLOTS")
+            .query_async::<Vec<Value>>(&mut conn)
+            .await
+    };
+    let ranges = tokio::time::timeout(std::time::Duration::from_secs(1), query)
+        .await
+        .map_err(|_| "timed out".to_owned())?
+        .map_err(|e| e.to_string())?;
+    let mut nodes: Vec<(String, u16)> = Vec::new();
+    for range in ranges {
+        let Value::Array(items) = range else { continue };
+        for n in items.iter().skip(2).filter_map(node_address) {
+            if !nodes.contains(&n) {
+                nodes.push(n);
+            }
+        }
+    }
+    Ok(nodes)
+}
+
+/// `host:port` of one node entry of a `CLUSTER SLOTS` range.
+pub(super) fn node_address(v: &Value) -> Option<(String, u16)> {
+    match v {
+        Value::Array(node) => match (node.first(), node.get(1)) {
+            (Some(Value::BulkString(h)), Some(Value::Int(p))) => {
+                Some((String::from_utf8_lossy(h).into_owned(), *p as u16))
+            }
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+impl Backend {
+    /// On a cluster: new cluster connections, built from every node that
+    /// any of `known` names now, in place of the current ones. The nodes
+    /// they were built from.
+    pub(super) async fn rebuild(
+        &self,
+        known: &[(String, u16)],
+    ) -> Result<Vec<(String, u16)>, String> {
+        let Self::Cluster {
+            template, conns, ..
+        } = self
+        else {
+            return Ok(Vec::new());
+        };
+        let fresh = cluster_conns(template, known).await?;
+        let nodes = fresh.nodes.clone();
+        *conns.write() = fresh;
+        Ok(nodes)
+    }
+
+    /// The nodes the cluster connections were built from (empty
+    /// standalone).
+    pub(super) fn cluster_seeds(&self) -> Vec<(String, u16)> {
+        match self {
+            Self::Cluster { conns, .. } => conns.read().nodes.clone(),
+            Self::Standalone { .. } => Vec::new(),
+        }
+    }
 }
 
 /// `template` (credentials, TLS, options) aimed at `host:port`: a TLS
@@ -491,6 +628,10 @@ mod tests {
             ])
         );
         assert!(Target::parse("redis+cluster://").is_err());
+        assert!(Target::parse("redis://127.0.0.1:6379/0").is_ok());
+        let e = Target::parse("redis://u:secret@127.0.0.1:6379/1").unwrap_err();
+        assert!(e.to_string().contains("FANOUT_REDIS_PREFIX"), "{e}");
+        assert!(!e.to_string().contains("secret"), "{e}");
         assert_eq!(
             Target::parse("redis+sentinel://u:p@s1:26379,s2:26380/mymaster").unwrap(),
             Target::Sentinel {
