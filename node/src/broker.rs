@@ -41,7 +41,7 @@ use crate::{
     metrics as m,
     pocketbase::Companion,
     protocol,
-    relay::{NodeInfo, Publication, Relay, RelayError, RelayHealth},
+    relay::{Forwarded, NodeInfo, OAuth2Redirect, Publication, Relay, RelayError, RelayHealth},
 };
 
 pub use crate::relay::{SubscribeRequest, missing_client};
@@ -204,11 +204,14 @@ impl Broker {
             Some(tag) if tag != self.hub.node_tag() => {
                 metrics::counter!(m::FORWARDED).increment(1);
                 let tag = tag.to_owned();
-                self.relay.forward(&tag, req).await.unwrap_or_else(|e| {
-                    Err(ApiError::unavailable(format!(
-                        "Cannot reach the node of this client: {e}"
-                    )))
-                })
+                self.relay
+                    .forward(&tag, Forwarded::Subscribe(req))
+                    .await
+                    .unwrap_or_else(|e| {
+                        Err(ApiError::unavailable(format!(
+                            "Cannot reach the node of this client: {e}"
+                        )))
+                    })
             }
             _ => self.subscribe_local(req).await,
         }
@@ -378,6 +381,53 @@ impl Broker {
 }
 
 impl Broker {
+    /// The OAuth2 all-in-one flow's redirect (companion mode): hand the
+    /// provider's answer to the client whose id is `state`, here or on the
+    /// node that holds it. `Ok` when the client took it and a code came,
+    /// as PocketBase decides between its success and failure redirects
+    /// (`apis/record_auth_with_oauth2_redirect.go`).
+    pub async fn oauth2_redirect(&self, redirect: OAuth2Redirect) -> Result<(), ApiError> {
+        match protocol::node_tag_of(&redirect.state) {
+            Some(tag) if tag != self.hub.node_tag() => {
+                let tag = tag.to_owned();
+                self.relay
+                    .forward(&tag, Forwarded::OAuth2(redirect))
+                    .await
+                    .unwrap_or_else(|e| Err(ApiError::unavailable(e.to_string())))
+            }
+            _ => self.oauth2_redirect_local(&redirect),
+        }
+    }
+
+    /// [`Broker::oauth2_redirect`] for a client of this node: it must exist,
+    /// hold the key `@oauth2`, and have connected from the redirect's IP.
+    /// It then gets one `@oauth2` event, `{"state","code"[,"error"]}`, and
+    /// loses the key, as in PocketBase.
+    pub fn oauth2_redirect_local(&self, redirect: &OAuth2Redirect) -> Result<(), ApiError> {
+        let failure = |why: &str| Err(ApiError::bad_request(why.to_owned()));
+        let Some(client) = self.hub.client_by_id(&redirect.state) else {
+            return failure("Missing or invalid OAuth2 subscription client.");
+        };
+        if client.is_discarded() || !client.has_subscription(protocol::OAUTH2_TOPIC) {
+            return failure("Missing or invalid OAuth2 subscription client.");
+        }
+        if client.ip() != redirect.ip {
+            return failure("The OAuth2 redirect came from another IP than the realtime client.");
+        }
+        let mut data = serde_json::json!({"state": redirect.state, "code": redirect.code});
+        if !redirect.error.is_empty() {
+            data["error"] = redirect.error.clone().into();
+        }
+        let message = crate::client::Message::json(protocol::OAUTH2_TOPIC, &data)
+            .expect("a JSON object frames");
+        let _ = client.send(&message);
+        self.hub.unsubscribe(&client, &[protocol::OAUTH2_TOPIC]);
+        if !redirect.error.is_empty() || redirect.code.is_empty() {
+            return failure("The OAuth2 provider returned an error or no code.");
+        }
+        Ok(())
+    }
+
     /// Put a client's previous set and auth back after a failed change;
     /// relay interest follows the hub again (best effort, once the relay
     /// is back).

@@ -69,11 +69,17 @@ async fn serve_forwarded(
                         metrics::counter!(crate::metrics::FORWARDS_EXPIRED).increment(1);
                         continue;
                     }
-                    let _ = reply.send(
-                        broker
-                            .subscribe_local_committed(request, Some(deadline), commit)
-                            .await,
-                    );
+                    let answer = match request {
+                        crate::relay::Forwarded::Subscribe(request) => {
+                            broker
+                                .subscribe_local_committed(request, Some(deadline), commit)
+                                .await
+                        }
+                        crate::relay::Forwarded::OAuth2(redirect) => {
+                            broker.oauth2_redirect_local(&redirect)
+                        }
+                    };
+                    let _ = reply.send(answer);
                 }
             });
             tx
@@ -85,9 +91,11 @@ async fn serve_forwarded(
             _ = shutdown.cancelled() => return,
         };
         let Some(req) = next else { return };
-        let lane = req
-            .request
-            .client_id
+        let client = match &req.request {
+            crate::relay::Forwarded::Subscribe(r) => &r.client_id,
+            crate::relay::Forwarded::OAuth2(r) => &r.state,
+        };
+        let lane = client
             .bytes()
             .fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(b as usize));
         let _ = lanes[lane % FORWARD_LANES].send(req).await;

@@ -452,3 +452,95 @@ async fn a_pocketbase_restart_closes_bridged_streams_and_later_subscriptions_wor
     let (_, data) = next_event(&mut late).await;
     assert_eq!(data["record"]["title"], "after");
 }
+
+/// A request that does not follow redirects: the status and `Location`.
+async fn redirect_of(req: reqwest::RequestBuilder) -> (StatusCode, String) {
+    let res = req.send().await.expect("an answer");
+    let location = res
+        .headers()
+        .get("location")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    (res.status(), location)
+}
+
+#[tokio::test]
+async fn an_oauth2_redirect_reaching_any_node_hands_the_code_to_its_client_once() {
+    const SUCCESS: &str = "../_/#/auth/oauth2-redirect-success";
+    const FAILURE: &str = "../_/#/auth/oauth2-redirect-failure";
+    let pb = PocketBase::start().await;
+    let redis = fanout_testkit::RedisServer::start().await;
+    let cluster = [
+        ("FANOUT_REDIS_URL", redis.url()),
+        ("FANOUT_HEARTBEAT_INTERVAL", "300ms".to_owned()),
+        ("FANOUT_FORWARD_TIMEOUT", "800ms".to_owned()),
+    ];
+    let cluster: Vec<(&str, &str)> = cluster.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let a = companion_node(&pb.url(), &cluster).await;
+    let b = companion_node(&pb.url(), &cluster).await;
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    // The SDK's one-off client: a stream on node a holding exactly @oauth2.
+    let mut sse = a.connect().await;
+    a.subscribe(&sse.client_id, &["@oauth2"]).await;
+    let redirect = |node: &NodeProcess, query: String| {
+        http.get(format!("{}/api/oauth2-redirect?{query}", node.api.base))
+    };
+
+    // Wrong state, and the right state from another IP: failure, no event.
+    let (status, to) = redirect_of(redirect(&b, "state=nobody&code=x".into())).await;
+    assert_eq!(
+        (status, to.as_str()),
+        (StatusCode::TEMPORARY_REDIRECT, FAILURE)
+    );
+    let other_ip = redirect(&b, format!("state={}&code=x", sse.client_id))
+        .header("x-forwarded-for", "192.0.2.9");
+    let (status, to) = redirect_of(other_ip).await;
+    assert_eq!(
+        (status, to.as_str()),
+        (StatusCode::TEMPORARY_REDIRECT, FAILURE)
+    );
+
+    // Through the other node: 307 to success, and the client gets the code.
+    let (status, to) = redirect_of(redirect(
+        &b,
+        format!("state={}&code=the-code", sse.client_id),
+    ))
+    .await;
+    assert_eq!(
+        (status, to.as_str()),
+        (StatusCode::TEMPORARY_REDIRECT, SUCCESS)
+    );
+    let (name, data) = sse.next_json().await;
+    assert_eq!(name, "@oauth2");
+    assert_eq!(data, json!({"state": sse.client_id, "code": "the-code"}));
+
+    // Sent once: @oauth2 is unsubscribed, so a second redirect fails.
+    let (_, to) = redirect_of(redirect(&a, format!("state={}&code=again", sse.client_id))).await;
+    assert_eq!(to, FAILURE);
+
+    // form_post: POST answers 303; an error from the provider reaches the
+    // client and redirects to the failure page.
+    a.subscribe(&sse.client_id, &["@oauth2"]).await;
+    let post = http
+        .post(format!("{}/api/oauth2-redirect", b.api.base))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!("state={}&error=access_denied", sse.client_id));
+    let (status, to) = redirect_of(post).await;
+    assert_eq!((status, to.as_str()), (StatusCode::SEE_OTHER, FAILURE));
+    let (_, data) = sse.next_json().await;
+    assert_eq!(
+        data,
+        json!({"state": sse.client_id, "code": "", "error": "access_denied"})
+    );
+}
+
+#[tokio::test]
+async fn without_companion_mode_the_oauth2_redirect_is_not_served() {
+    let node = NodeProcess::start(&[]).await;
+    let (status, body) = node.get_json("/api/oauth2-redirect?state=x&code=y").await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+}

@@ -180,10 +180,12 @@ impl Bridges {
         }
     }
 
-    /// Whether `key` is bridged (`--pocketbase-topics`).
+    /// Whether `key` is bridged (`--pocketbase-topics`). `@oauth2` never
+    /// is: Fanout serves the OAuth2 redirect itself.
     pub fn bridges(&self, key: &str) -> bool {
         let topics = &self.inner.config.topics;
-        topics.is_empty() || topics.iter().any(|p| key.starts_with(p.as_str()))
+        key != crate::protocol::OAUTH2_TOPIC
+            && (topics.is_empty() || topics.iter().any(|p| key.starts_with(p.as_str())))
     }
 
     /// Make `client`'s bridged keys `keys`, in the bucket of `record` (a
