@@ -78,23 +78,36 @@ pub async fn subscribe_form(
         .trim();
     if ct.starts_with("application/json") {
         json_form(&body)
-    } else if ct.starts_with("multipart/form-data") {
-        let mut values = Vec::new();
+    } else {
+        Ok(form_from_values(form_values(ct, query, body).await?))
+    }
+}
+
+/// The name/value pairs of a form body and the URL query, in Go's order:
+/// `multipart/form-data` (`Request.ParseMultipartForm`: the query's pairs,
+/// then the body's non-file parts) or `application/x-www-form-urlencoded`
+/// (`Request.ParseForm`: the body's pairs, then the query's). Any other
+/// content type `ct` is an error.
+pub async fn form_values(
+    ct: &str,
+    query: Option<&str>,
+    body: Bytes,
+) -> Result<Vec<(String, String)>, BindError> {
+    let mut values = Vec::new();
+    if ct.starts_with("multipart/form-data") {
         parse_query(query.unwrap_or(""), &mut values)?;
         multipart_values(ct, body, &mut values).await?;
-        Ok(form_from_values(values))
     } else if ct.starts_with("application/x-www-form-urlencoded") {
-        let mut values = Vec::new();
         // Go parses the media type again, strictly, and reports its error
         // after reading the form.
         let media = parse_media_type(ct);
         parse_query(&String::from_utf8_lossy(&body), &mut values)?;
         media?;
         parse_query(query.unwrap_or(""), &mut values)?;
-        Ok(form_from_values(values))
     } else {
-        Err(BindError("unsupported content type".into()))
+        return Err(BindError("unsupported content type".into()));
     }
+    Ok(values)
 }
 
 // ---------------------------------------------------------------------------

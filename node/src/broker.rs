@@ -38,8 +38,10 @@ use crate::{
     client::Client,
     error::{ApiError, field_error},
     hub::{Audience, Hub, SubscribeError},
-    metrics as m, protocol,
-    relay::{NodeInfo, Publication, Relay, RelayError, RelayHealth},
+    metrics as m,
+    pocketbase::Companion,
+    protocol,
+    relay::{Forwarded, NodeInfo, OAuth2Redirect, Publication, Relay, RelayError, RelayHealth},
 };
 
 pub use crate::relay::{SubscribeRequest, missing_client};
@@ -65,6 +67,8 @@ pub struct Broker {
     hub: Hub,
     relay: Arc<dyn Relay>,
     auth: Authenticator,
+    /// Companion mode: identities verified by PocketBase instead of `auth`.
+    companion: Option<Arc<Companion>>,
     publish_wait: Duration,
 }
 
@@ -93,8 +97,21 @@ impl Broker {
             hub,
             relay,
             auth,
+            companion: None,
             publish_wait: DEFAULT_PUBLISH_WAIT,
         }
+    }
+
+    /// Verify realtime tokens through PocketBase (companion mode) instead
+    /// of the [`Authenticator`].
+    pub fn with_companion(mut self, companion: Arc<Companion>) -> Self {
+        self.companion = Some(companion);
+        self
+    }
+
+    /// The companion, in companion mode.
+    pub fn companion(&self) -> Option<&Arc<Companion>> {
+        self.companion.as_ref()
     }
 
     /// How long a publish waits for a full fan-out backlog before it is
@@ -122,6 +139,9 @@ impl Broker {
     /// Unregister a client and release the relay topics it alone held.
     pub fn disconnect(&self, client_id: &str) {
         self.hub.unregister(client_id);
+        if let Some(c) = &self.companion {
+            c.bridges().leave(client_id);
+        }
     }
 
     /// Publish messages to every subscriber on every node.
@@ -184,11 +204,14 @@ impl Broker {
             Some(tag) if tag != self.hub.node_tag() => {
                 metrics::counter!(m::FORWARDED).increment(1);
                 let tag = tag.to_owned();
-                self.relay.forward(&tag, req).await.unwrap_or_else(|e| {
-                    Err(ApiError::unavailable(format!(
-                        "Cannot reach the node of this client: {e}"
-                    )))
-                })
+                self.relay
+                    .forward(&tag, Forwarded::Subscribe(req))
+                    .await
+                    .unwrap_or_else(|e| {
+                        Err(ApiError::unavailable(format!(
+                            "Cannot reach the node of this client: {e}"
+                        )))
+                    })
             }
             _ => self.subscribe_local(req).await,
         }
@@ -266,7 +289,10 @@ impl Broker {
                 client.applied_stamp.fetch_max(s, Ordering::AcqRel);
             }
         };
-        let auth = self.auth.verify_header(req.authorization.as_deref());
+        let auth = tokio::select! {
+            a = self.identify(&req) => a?,
+            _ = until(deadline) => return Err(late()),
+        };
         let previous_auth = client.auth();
         if let Some(prev) = &previous_auth
             && !auth.as_ref().is_some_and(|a| a.same_as(prev))
@@ -288,9 +314,13 @@ impl Broker {
             .filter(|k| !held_before.contains(k.as_str()))
             .filter_map(|k| protocol::since_of(k).map(|since| (k.clone(), since)))
             .collect();
+        if let (Some(companion), Some(record)) = (&self.companion, &auth) {
+            companion.bind(&req.client_id, req.authorization.as_deref(), req.ip, record);
+        }
+        let bound = auth.map(Arc::new);
         let changes = self
             .hub
-            .replace_subscriptions_holding(&client, &req.subscriptions, auth.map(Arc::new), true)
+            .replace_subscriptions_holding(&client, &req.subscriptions, bound.clone(), true)
             .map_err(subscribe_error)?;
         // Every topic of the new set, not only the new ones: a topic
         // another client just added may still be subscribing, and this
@@ -303,7 +333,8 @@ impl Broker {
                 topics.push(Arc::from(base));
             }
         }
-        if topics.is_empty() {
+        // In companion mode PocketBase hears of every change, even to none.
+        if topics.is_empty() && self.companion.is_none() {
             applied();
             return Ok(());
         }
@@ -311,6 +342,18 @@ impl Broker {
             r = self.sync_and_replay(&client, topics.clone(), resumes) => r,
             _ = until(deadline) => Err(RelayError::Unavailable(late().message)),
         };
+        // Companion mode: PocketBase must have acknowledged the keys too.
+        let bridged = match (&synced, &self.companion) {
+            (Ok(()), Some(c)) => tokio::select! {
+                r = c.bridges().set(&client, bound.as_deref(), req.authorization.as_deref(), &req.subscriptions) => r.map_err(bridge_error),
+                _ = until(deadline) => Err(late()),
+            },
+            _ => Ok(()),
+        };
+        if let (Ok(()), Err(refusal)) = (&synced, bridged) {
+            self.revert(&client, &previous, previous_auth, topics);
+            return Err(refusal);
+        }
         // A forwarded change stands only if it wins the race against its
         // sender giving up (`relay::Incoming::commit`).
         let synced = match (synced, commit) {
@@ -327,17 +370,7 @@ impl Broker {
             }
             Err(e) => {
                 tracing::warn!(client = client.id(), error = %e, "subscription failed; reverting");
-                let back = self
-                    .hub
-                    .replace_subscriptions(&client, &previous, previous_auth);
-                if back.is_ok() {
-                    // Best effort: interest follows the hub again once the
-                    // relay is back.
-                    let sync = self.relay.sync_topics(topics);
-                    tokio::spawn(async move {
-                        let _ = sync.await;
-                    });
-                }
+                self.revert(&client, &previous, previous_auth, topics);
                 Err(ApiError::new(
                     StatusCode::SERVICE_UNAVAILABLE,
                     format!("Subscriptions could not be applied: {e}"),
@@ -348,6 +381,101 @@ impl Broker {
 }
 
 impl Broker {
+    /// The OAuth2 all-in-one flow's redirect (companion mode): hand the
+    /// provider's answer to the client whose id is `state`, here or on the
+    /// node that holds it. `Ok` when the client took it and a code came,
+    /// as PocketBase decides between its success and failure redirects
+    /// (`apis/record_auth_with_oauth2_redirect.go`).
+    pub async fn oauth2_redirect(&self, redirect: OAuth2Redirect) -> Result<(), ApiError> {
+        match protocol::node_tag_of(&redirect.state) {
+            Some(tag) if tag != self.hub.node_tag() => {
+                let tag = tag.to_owned();
+                self.relay
+                    .forward(&tag, Forwarded::OAuth2(redirect))
+                    .await
+                    .unwrap_or_else(|e| Err(ApiError::unavailable(e.to_string())))
+            }
+            _ => self.oauth2_redirect_local(&redirect),
+        }
+    }
+
+    /// [`Broker::oauth2_redirect`] for a client of this node: it must exist,
+    /// hold the key `@oauth2`, and have connected from the redirect's IP.
+    /// It then gets one `@oauth2` event, `{"state","code"[,"error"]}`, and
+    /// loses the key, as in PocketBase.
+    pub fn oauth2_redirect_local(&self, redirect: &OAuth2Redirect) -> Result<(), ApiError> {
+        let failure = |why: &str| Err(ApiError::bad_request(why.to_owned()));
+        let Some(client) = self.hub.client_by_id(&redirect.state) else {
+            return failure("Missing or invalid OAuth2 subscription client.");
+        };
+        if client.is_discarded() || !client.has_subscription(protocol::OAUTH2_TOPIC) {
+            return failure("Missing or invalid OAuth2 subscription client.");
+        }
+        if client.ip() != redirect.ip {
+            return failure("The OAuth2 redirect came from another IP than the realtime client.");
+        }
+        let mut data = serde_json::json!({"state": redirect.state, "code": redirect.code});
+        if !redirect.error.is_empty() {
+            data["error"] = redirect.error.clone().into();
+        }
+        let message = crate::client::Message::json(protocol::OAUTH2_TOPIC, &data)
+            .expect("a JSON object frames");
+        let _ = client.send(&message);
+        self.hub.unsubscribe(&client, &[protocol::OAUTH2_TOPIC]);
+        if !redirect.error.is_empty() || redirect.code.is_empty() {
+            return failure("The OAuth2 provider returned an error or no code.");
+        }
+        Ok(())
+    }
+
+    /// Put a client's previous set and auth back after a failed change;
+    /// relay interest follows the hub again (best effort, once the relay
+    /// is back).
+    fn revert(
+        &self,
+        client: &Arc<Client>,
+        previous: &[String],
+        previous_auth: Option<Arc<crate::auth::AuthRecord>>,
+        topics: Vec<Arc<str>>,
+    ) {
+        if self
+            .hub
+            .replace_subscriptions(client, previous, previous_auth.clone())
+            .is_ok()
+        {
+            let sync = self.relay.sync_topics(topics);
+            tokio::spawn(async move {
+                let _ = sync.await;
+            });
+            // PocketBase follows too (the member keeps its token).
+            if let Some(c) = &self.companion {
+                let (bridges, client, previous) =
+                    (c.bridges().clone(), client.clone(), previous.to_vec());
+                tokio::spawn(async move {
+                    let _ = bridges
+                        .set(&client, previous_auth.as_deref(), None, &previous)
+                        .await;
+                });
+            }
+        }
+    }
+
+    /// The identity a subscription request binds: verified by PocketBase in
+    /// companion mode (503 when it cannot answer), else by the
+    /// [`Authenticator`]. `None` is a guest.
+    async fn identify(
+        &self,
+        req: &SubscribeRequest,
+    ) -> Result<Option<crate::auth::AuthRecord>, ApiError> {
+        match &self.companion {
+            Some(c) => c
+                .identify(req.authorization.as_deref(), req.ip)
+                .await
+                .map_err(|e| ApiError::unavailable(format!("{e}."))),
+            None => Ok(self.auth.verify_header(req.authorization.as_deref())),
+        }
+    }
+
     /// Confirm the topics on the relay, then replay the history of each
     /// resumed key (released for live messages once replayed).
     async fn sync_and_replay(
@@ -368,6 +496,23 @@ impl Broker {
             self.relay.replay(client.clone(), stored, since).await?;
         }
         synced
+    }
+}
+
+/// The answer to a subscription PocketBase did not take: its own status
+/// and error JSON for a refusal, 503 otherwise.
+fn bridge_error(e: crate::pocketbase::BridgeError) -> ApiError {
+    use crate::pocketbase::BridgeError;
+    match e {
+        BridgeError::Refused { status, body } => ApiError {
+            status: StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST),
+            message: body["message"]
+                .as_str()
+                .unwrap_or(crate::error::DEFAULT_BAD_REQUEST)
+                .to_owned(),
+            data: body["data"].as_object().cloned().unwrap_or_default(),
+        },
+        e => ApiError::unavailable(format!("{e}.")),
     }
 }
 

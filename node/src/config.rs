@@ -195,6 +195,55 @@ pub struct Config {
     #[arg(long, env = "FANOUT_HEARTBEAT_INTERVAL", default_value = "2s", value_parser = humantime::parse_duration)]
     pub heartbeat_interval: Duration,
 
+    /// PocketBase's base URL (`http://host:port`) for companion mode:
+    /// realtime auth tokens are verified by that PocketBase, and clients are
+    /// bridged onto its realtime API (see docs/pocketbase.md). Needs
+    /// `--pocketbase-secret` and PocketBase's hooks file
+    /// (`deploy/pocketbase/pb_hooks/fanout.pb.js`); excludes `--jwt-secret`;
+    /// plain HTTP only.
+    #[arg(long, env = "FANOUT_POCKETBASE_URL")]
+    pub pocketbase_url: Option<String>,
+
+    /// The secret Fanout presents to PocketBase's hooks (`X-Fanout-Secret`);
+    /// PocketBase reads the same value from its env `FANOUT_SECRET`.
+    #[arg(long, env = "FANOUT_POCKETBASE_SECRET", hide_env_values = true)]
+    pub pocketbase_secret: Option<String>,
+
+    /// How long one call to PocketBase may take (then 503).
+    #[arg(long, env = "FANOUT_POCKETBASE_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub pocketbase_timeout: Duration,
+
+    /// Most auth tokens whose verdict is cached; the least recently used
+    /// leave first.
+    #[arg(long, env = "FANOUT_POCKETBASE_TOKEN_CACHE", default_value_t = 100_000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub pocketbase_token_cache: u32,
+
+    /// How long a verified token is trusted before PocketBase is asked
+    /// again; a revoked token stops counting within this bound.
+    #[arg(long, env = "FANOUT_POCKETBASE_AUTH_RECHECK", default_value = "1m", value_parser = humantime::parse_duration)]
+    pub pocketbase_auth_recheck: Duration,
+
+    /// Most token verifications under way at once (per node).
+    #[arg(long, env = "FANOUT_POCKETBASE_VERIFY_CONCURRENCY", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..))]
+    pub pocketbase_verify_concurrency: u32,
+
+    /// Most token verifications under way at once for one client address;
+    /// beyond it that address's subscription requests get 503.
+    #[arg(long, env = "FANOUT_POCKETBASE_VERIFY_PER_IP", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..))]
+    pub pocketbase_verify_per_ip: u32,
+
+    /// Comma-separated subscription key prefixes bridged to PocketBase in
+    /// companion mode (e.g. `posts/,comments/,example`); none bridges every
+    /// key, so the custom messages of the app's hooks keep working.
+    #[arg(long, env = "FANOUT_POCKETBASE_TOPICS", value_delimiter = ',')]
+    pub pocketbase_topics: Vec<String>,
+
+    /// Most realtime connections a node opens to PocketBase in companion
+    /// mode (one per identity and 1,000 keys); beyond it a subscription
+    /// request that needs one more gets 503.
+    #[arg(long, env = "FANOUT_POCKETBASE_MAX_BRIDGES", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub pocketbase_max_bridges: u32,
+
     /// Log format.
     #[arg(long, env = "FANOUT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -208,6 +257,68 @@ fn parse_net(s: &str) -> Result<IpNet, String> {
 }
 
 impl Config {
+    /// Companion mode's settings, when `--pocketbase-url` is set.
+    ///
+    /// # Errors
+    /// A URL that is not `http://…`, a missing `--pocketbase-secret`, or
+    /// `--jwt-secret` given as well.
+    pub fn pocketbase(
+        &self,
+    ) -> Result<
+        Option<(
+            crate::pocketbase::VerifierConfig,
+            crate::pocketbase::BridgeConfig,
+        )>,
+        String,
+    > {
+        let Some(url) = self.pocketbase_url.as_deref().filter(|u| !u.is_empty()) else {
+            return Ok(None);
+        };
+        let url = url.trim_end_matches('/');
+        if !url.starts_with("http://") {
+            return Err(format!(
+                "--pocketbase-url must be an http:// URL (got {url:?}); reach PocketBase over \
+                 its internal address"
+            ));
+        }
+        let Some(secret) = self.pocketbase_secret.clone().filter(|s| !s.is_empty()) else {
+            return Err(
+                "--pocketbase-url needs --pocketbase-secret (FANOUT_POCKETBASE_SECRET), the \
+                 value PocketBase has in FANOUT_SECRET"
+                    .to_owned(),
+            );
+        };
+        if self.jwt_secret.as_deref().is_some_and(|s| !s.is_empty()) {
+            return Err(
+                "--jwt-secret and --pocketbase-url exclude each other: in companion mode \
+                 PocketBase verifies every token"
+                    .to_owned(),
+            );
+        }
+        let bridges = crate::pocketbase::BridgeConfig {
+            url: url.to_owned(),
+            secret: secret.clone(),
+            timeout: self.pocketbase_timeout,
+            max_lanes: self.pocketbase_max_bridges as usize,
+            topics: self
+                .pocketbase_topics
+                .iter()
+                .map(|t| t.trim().to_owned())
+                .filter(|t| !t.is_empty())
+                .collect(),
+        };
+        let verifier = crate::pocketbase::VerifierConfig {
+            url: url.to_owned(),
+            secret,
+            timeout: self.pocketbase_timeout,
+            cache_entries: self.pocketbase_token_cache as usize,
+            recheck: self.pocketbase_auth_recheck,
+            concurrency: self.pocketbase_verify_concurrency as usize,
+            per_ip: self.pocketbase_verify_per_ip as usize,
+        };
+        Ok(Some((verifier, bridges)))
+    }
+
     /// The defaults, as if started with no flags and no environment.
     pub fn defaults() -> Self {
         Self::parse_from(["fanout"])

@@ -99,6 +99,10 @@ pub fn router(state: AppState) -> Router {
             get(realtime_connect).post(realtime_subscribe),
         )
         .route("/api/health", get(health))
+        .route(
+            "/api/oauth2-redirect",
+            get(oauth2_redirect).post(oauth2_redirect),
+        )
         .method_not_allowed_fallback(not_allowed)
         .layer(CorsLayer::permissive());
     let mut publish_route = Router::new()
@@ -269,6 +273,92 @@ async fn realtime_subscribe(
         })
         .await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+// ---------------------------------------------------------------------------
+// GET and POST /api/oauth2-redirect (companion mode)
+
+/// Where PocketBase sends the browser after an OAuth2 redirect: its own
+/// admin UI's pages, relative to `/api/oauth2-redirect`
+/// (`apis/record_auth_with_oauth2_redirect.go`).
+const OAUTH2_SUCCESS: &str = "../_/#/auth/oauth2-redirect-success";
+const OAUTH2_FAILURE: &str = "../_/#/auth/oauth2-redirect-failure";
+
+/// The OAuth2 all-in-one flow's redirect, served as PocketBase serves it:
+/// `state` (the client id), `code` and `error` from the query (GET) or the
+/// body (POST, `response_mode=form_post`); the client may be on any node.
+/// Answers 307 (GET) or 303 (POST) to PocketBase's success or failure
+/// page. Without companion mode there is no PocketBase to finish the
+/// flow: 404.
+async fn oauth2_redirect(
+    State(state): State<AppState>,
+    ConnectInfo(PeerAddr(peer)): ConnectInfo<PeerAddr>,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let s = &state.inner;
+    if s.streams.broker.companion().is_none() {
+        return Err(ApiError::not_found("The requested resource wasn't found."));
+    }
+    let post = req.method() == axum::http::Method::POST;
+    let query = req.uri().query().map(str::to_owned);
+    let (headers, body) = s.body(req).await?;
+    let ip = s.real_ip.resolve(peer.ip(), &headers)?;
+    let fields = if post {
+        oauth2_body(&headers, query.as_deref(), body).await
+    } else {
+        form_urlencoded::parse(query.unwrap_or_default().as_bytes())
+            .into_owned()
+            .collect()
+    };
+    let field = |name: &str| {
+        fields
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default()
+    };
+    let redirect = crate::relay::OAuth2Redirect {
+        state: field("state"),
+        code: field("code"),
+        error: field("error"),
+        ip,
+    };
+    let ok = !redirect.state.is_empty() && s.streams.broker.oauth2_redirect(redirect).await.is_ok();
+    let status = if post {
+        StatusCode::SEE_OTHER
+    } else {
+        StatusCode::TEMPORARY_REDIRECT
+    };
+    let to = if ok { OAUTH2_SUCCESS } else { OAUTH2_FAILURE };
+    Ok((status, [(header::LOCATION, to)]).into_response())
+}
+
+/// The fields of a POSTed redirect, bound as PocketBase's `BindBody` binds
+/// them: a form (the `form_post` response mode), or JSON whose member names
+/// match without regard to case. A body that does not bind has none (the
+/// failure page).
+async fn oauth2_body(
+    headers: &HeaderMap,
+    query: Option<&str>,
+    body: bytes::Bytes,
+) -> Vec<(String, String)> {
+    let ct = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .trim();
+    if ct.starts_with("application/json") {
+        let Ok(serde_json::Value::Object(map)) = serde_json::from_slice(&body) else {
+            return Vec::new();
+        };
+        return map
+            .into_iter()
+            .filter_map(|(k, v)| Some((k.to_ascii_lowercase(), v.as_str()?.to_owned())))
+            .collect();
+    }
+    crate::bind::form_values(ct, query, body)
+        .await
+        .unwrap_or_default()
 }
 
 fn bind_error() -> ApiError {
@@ -704,6 +794,7 @@ async fn health(State(state): State<AppState>) -> Response {
         "subscriptions": hub.total_subscriptions(),
         "backlog": backlog,
         "relay": relay,
+        "pocketbase": s.streams.broker.companion().map(|c| c.health()),
         "shuttingDown": s.streams.shutdown.is_cancelled(),
     });
     let (status, message) = if !relay.healthy {

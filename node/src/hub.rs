@@ -879,6 +879,18 @@ impl Hub {
         *slot = auth;
     }
 
+    /// Make a client a guest if it is still bound to `record` (PocketBase's
+    /// "unset auth" when a token is revoked); its subscriptions stay.
+    /// Whether it was unbound.
+    pub fn unbind_auth_if(&self, client: &Arc<Client>, record: &AuthRecord) -> bool {
+        let mut st = client.state.lock();
+        if !st.registered || !st.auth.as_ref().is_some_and(|a| a.same_as(record)) {
+            return false;
+        }
+        self.rebind(client, &mut st.auth, None);
+        true
+    }
+
     fn unbind_user(&self, user_id: &str, seq: u64) {
         let mut users = self.inner.users.write();
         if let Some(m) = users.get_mut(user_id) {

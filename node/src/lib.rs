@@ -10,6 +10,8 @@
 //! * [`broker`]: hub + relay, the library's entry point;
 //! * [`http`] and [`sse`]: the HTTP routes and the stream body; [`bind`]:
 //!   request bodies bound as PocketBase binds them;
+//! * [`pocketbase`]: companion mode, identities verified by PocketBase and
+//!   bridges onto its realtime API;
 //! * [`server`]: listener, startup and graceful shutdown; `conn`: each
 //!   accepted connection (the SSE fast path, hyper for the rest).
 
@@ -24,6 +26,7 @@ pub mod error;
 pub mod http;
 pub mod hub;
 pub mod metrics;
+pub mod pocketbase;
 pub mod protocol;
 pub mod realip;
 pub mod relay;

@@ -25,7 +25,7 @@ async fn main() -> anyhow::Result<()> {
              POST /api/publish is accepted from loopback addresses only"
         );
     }
-    if config.jwt_secret.is_none() {
+    if config.jwt_secret.is_none() && config.pocketbase_url.is_none() {
         tracing::info!("no JWT secret configured: every realtime client is a guest");
     }
     let server = Server::start(config).await?;

@@ -47,6 +47,10 @@ pub const BACKLOG_DELIVERIES: &str = "fanout_backlog_deliveries";
 /// Gauge: bytes of publications held by the fan-out.
 pub const BACKLOG_BYTES: &str = "fanout_backlog_bytes";
 
+/// Streams made guests because PocketBase no longer accepts the token they
+/// were bound through (companion mode).
+pub const POCKETBASE_REVOKED: &str = "fanout_pocketbase_revoked_total";
+
 /// Request bodies that did not arrive within the body timeout (408).
 pub const BODY_TIMEOUTS: &str = "fanout_body_timeouts_total";
 

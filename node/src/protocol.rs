@@ -19,6 +19,9 @@ pub const CLIENT_ID_LEN: usize = 40;
 pub const NODE_TAG_LEN: usize = 8;
 /// The event PocketBase sends first on every stream.
 pub const CONNECT_EVENT: &str = "PB_CONNECT";
+/// The key the SDKs' OAuth2 all-in-one flow subscribes, whose event carries
+/// the provider's answer (PocketBase `apis/record_auth_with_oauth2_redirect.go`).
+pub const OAUTH2_TOPIC: &str = "@oauth2";
 /// PocketBase's limit on a subscription set.
 pub const MAX_SUBSCRIPTIONS: usize = 1000;
 /// PocketBase's limit on one topic, in bytes.

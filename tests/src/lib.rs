@@ -14,6 +14,8 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
+pub mod pocketbase;
+
 use eventsource_stream::{Event, Eventsource};
 use futures_util::{Stream, StreamExt};
 pub use reqwest::StatusCode;

@@ -14,7 +14,7 @@ use std::{
 use futures_util::future::BoxFuture;
 use tokio::sync::mpsc;
 
-use super::{Incoming, NodeInfo, Publication, Relay, RelayError, RelayHealth, SubscribeRequest};
+use super::{Forwarded, Incoming, NodeInfo, Publication, Relay, RelayError, RelayHealth};
 use crate::{client::Client, error::ApiError, hub::Hub, metrics as m, protocol};
 
 /// The in-process relay of a single node.
@@ -148,7 +148,7 @@ impl Relay for LocalRelay {
     fn forward(
         &self,
         _node: &str,
-        _request: SubscribeRequest,
+        _request: Forwarded,
     ) -> BoxFuture<'_, Result<Result<(), ApiError>, RelayError>> {
         // A single node holds every client; an id of another node is unknown.
         Box::pin(async { Ok(Err(super::missing_client())) })

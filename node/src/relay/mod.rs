@@ -55,6 +55,29 @@ pub struct SubscribeRequest {
     pub stamp: Option<u64>,
 }
 
+/// The OAuth2 all-in-one flow's redirect, for the node holding the client
+/// whose id is `state` (PocketBase
+/// `apis/record_auth_with_oauth2_redirect.go`).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct OAuth2Redirect {
+    /// The client id the SDK put in the provider URL.
+    pub state: String,
+    pub code: String,
+    pub error: String,
+    /// The real IP of the redirect request; it must be the stream's.
+    pub ip: IpAddr,
+}
+
+/// A request for a client held by another node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Forwarded {
+    /// Replace its subscriptions ([`crate::Broker::subscribe`]).
+    Subscribe(SubscribeRequest),
+    /// Hand it an OAuth2 redirect: `Ok` when the client took it and the
+    /// provider gave a code, `Err` otherwise.
+    OAuth2(OAuth2Redirect),
+}
+
 /// PocketBase's answer for an unknown client id.
 pub fn missing_client() -> ApiError {
     ApiError::not_found("Missing or invalid client id.")
@@ -170,7 +193,7 @@ impl NodeInfo {
 /// A subscription request that another node forwarded to this one, the
 /// owner of its client. The broker applies it and answers on `reply`.
 pub struct Incoming {
-    pub request: SubscribeRequest,
+    pub request: Forwarded,
     /// The instant (this node's monotonic clock) from which the sender may
     /// have given up: past it, the request must be dropped unapplied (and
     /// `reply` dropped unanswered).
@@ -206,7 +229,7 @@ pub trait Relay: Send + Sync + 'static {
     fn forward(
         &self,
         node: &str,
-        request: SubscribeRequest,
+        request: Forwarded,
     ) -> BoxFuture<'_, Result<Result<(), ApiError>, RelayError>>;
 
     /// Replay to `client`, for its held key `key`, the history of the

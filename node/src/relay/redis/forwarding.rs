@@ -34,7 +34,7 @@ use super::Shared;
 use crate::{
     error::ApiError,
     metrics as m,
-    relay::{Incoming, RelayError, SubscribeRequest, missing_client},
+    relay::{Forwarded, Incoming, OAuth2Redirect, RelayError, SubscribeRequest, missing_client},
 };
 
 /// Messages on a node channel.
@@ -50,6 +50,16 @@ enum NodeMessage {
         /// where clocks agree, so a rolling upgrade keeps forwarding.)
         deadline: u64,
         request: SubscribeRequest,
+    },
+    /// An OAuth2 redirect for a client of the receiving node (answered
+    /// like a subscription: 204, or the failure). Older nodes do not know
+    /// it; the sender then gets no answer and redirects to the failure
+    /// page.
+    Oauth2 {
+        id: u64,
+        from: String,
+        deadline: u64,
+        redirect: OAuth2Redirect,
     },
     Reply {
         id: u64,
@@ -85,76 +95,18 @@ impl Shared {
                     let _ = waiter.send(answer);
                 }
             }
+            Ok(NodeMessage::Oauth2 {
+                id,
+                from,
+                deadline,
+                redirect,
+            }) => self.on_forwarded(id, from, deadline, Forwarded::OAuth2(redirect), false),
             Ok(NodeMessage::Subscribe {
                 id,
                 from,
                 deadline,
                 request,
-            }) => {
-                let Some(deadline) = self.clock.local_deadline(deadline) else {
-                    // The sender may have answered 503 already (or this
-                    // node has not read Redis's clock yet, and cannot
-                    // tell): never applied.
-                    metrics::counter!(m::FORWARDS_EXPIRED).increment(1);
-                    return;
-                };
-                // Queued here, in the order the channel delivered them, so
-                // one client's requests are applied in order.
-                let (reply, answer) = oneshot::channel();
-                let commit = {
-                    let shared = self.clone();
-                    let key = self.claim_key(&from, id);
-                    Box::pin(async move { shared.claim(key, "applied").await == Some(true) })
-                };
-                let queued = self.incoming.try_send(Incoming {
-                    request,
-                    deadline,
-                    commit: Some(commit),
-                    reply,
-                });
-                let shared = self.clone();
-                tokio::spawn(async move {
-                    let result = match queued {
-                        Ok(()) => match answer.await {
-                            Ok(r) => r,
-                            // Dropped past its deadline: nobody waits.
-                            Err(_) => return,
-                        },
-                        Err(_) => Err(ApiError::unavailable("The node is overloaded.")),
-                    };
-                    let msg = match result {
-                        Ok(()) => NodeMessage::Reply {
-                            id,
-                            status: 204,
-                            error: None,
-                        },
-                        Err(e) => NodeMessage::Reply {
-                            id,
-                            status: e.status.as_u16(),
-                            error: Some(ErrorBody {
-                                message: e.message,
-                                data: e.data,
-                            }),
-                        },
-                    };
-                    let body = serde_json::to_vec(&msg).expect("node message serialises");
-                    let channel = shared.node_channel_of(&from);
-                    let answer = async {
-                        let mut conn = shared.commands()?;
-                        shared
-                            .command(
-                                "PUBLISH",
-                                shared
-                                    .publish_cmd(channel, body)
-                                    .query_async::<i64>(&mut conn),
-                            )
-                            .await
-                    };
-                    if let Err(e) = answer.await {
-                        tracing::warn!(error = %e, "could not answer a forwarded request");
-                    }
-                });
-            }
+            }) => self.on_forwarded(id, from, deadline, Forwarded::Subscribe(request), true),
             Err(e) => {
                 metrics::counter!(m::RELAY_BAD_MESSAGES).increment(1);
                 tracing::warn!(error = %e, "undecodable message on node channel");
@@ -162,12 +114,91 @@ impl Shared {
         }
     }
 
-    /// Apply a subscription request on the node with tag `node` (see
+    /// A request for one of this node's clients: queued for the broker, in
+    /// the order the channel delivered them (so one client's requests are
+    /// applied in order), and answered on the sender's channel. With
+    /// `claim`, a change stands only if the owner claims it before the
+    /// sender gives up (see [`Shared::claim`]).
+    fn on_forwarded(
+        self: &Arc<Self>,
+        id: u64,
+        from: String,
+        deadline: u64,
+        request: Forwarded,
+        claim: bool,
+    ) {
+        let Some(deadline) = self.clock.local_deadline(deadline) else {
+            // The sender may have answered 503 already (or this
+            // node has not read Redis's clock yet, and cannot
+            // tell): never applied.
+            metrics::counter!(m::FORWARDS_EXPIRED).increment(1);
+            return;
+        };
+        // Queued here, in the order the channel delivered them, so
+        // one client's requests are applied in order.
+        let (reply, answer) = oneshot::channel();
+        let commit = claim.then(|| {
+            let shared = self.clone();
+            let key = self.claim_key(&from, id);
+            Box::pin(async move { shared.claim(key, "applied").await == Some(true) })
+                as futures_util::future::BoxFuture<'static, bool>
+        });
+        let queued = self.incoming.try_send(Incoming {
+            request,
+            deadline,
+            commit,
+            reply,
+        });
+        let shared = self.clone();
+        tokio::spawn(async move {
+            let result = match queued {
+                Ok(()) => match answer.await {
+                    Ok(r) => r,
+                    // Dropped past its deadline: nobody waits.
+                    Err(_) => return,
+                },
+                Err(_) => Err(ApiError::unavailable("The node is overloaded.")),
+            };
+            let msg = match result {
+                Ok(()) => NodeMessage::Reply {
+                    id,
+                    status: 204,
+                    error: None,
+                },
+                Err(e) => NodeMessage::Reply {
+                    id,
+                    status: e.status.as_u16(),
+                    error: Some(ErrorBody {
+                        message: e.message,
+                        data: e.data,
+                    }),
+                },
+            };
+            let body = serde_json::to_vec(&msg).expect("node message serialises");
+            let channel = shared.node_channel_of(&from);
+            let answer = async {
+                let mut conn = shared.commands()?;
+                shared
+                    .command(
+                        "PUBLISH",
+                        shared
+                            .publish_cmd(channel, body)
+                            .query_async::<i64>(&mut conn),
+                    )
+                    .await
+            };
+            if let Err(e) = answer.await {
+                tracing::warn!(error = %e, "could not answer a forwarded request");
+            }
+        });
+    }
+
+    /// Apply a request on the node with tag `node` (see
     /// [`Relay::forward`]).
     pub(super) async fn forward(
         &self,
         node: String,
-        request: SubscribeRequest,
+        request: Forwarded,
     ) -> Result<Result<(), ApiError>, RelayError> {
         let s = self;
         // Given up at this node's monotonic `start + timeout`; the deadline
@@ -185,11 +216,21 @@ impl Shared {
         // Removes the waiter however this ends, the HTTP request being
         // dropped mid-forward included.
         let _waiter = Waiter { shared: s, id };
-        let msg = NodeMessage::Subscribe {
-            id,
-            from: s.hub.node_tag().to_owned(),
-            deadline,
-            request,
+        let from = s.hub.node_tag().to_owned();
+        let claimed = matches!(request, Forwarded::Subscribe(_));
+        let msg = match request {
+            Forwarded::Subscribe(request) => NodeMessage::Subscribe {
+                id,
+                from,
+                deadline,
+                request,
+            },
+            Forwarded::OAuth2(redirect) => NodeMessage::Oauth2 {
+                id,
+                from,
+                deadline,
+                redirect,
+            },
         };
         let body = serde_json::to_vec(&msg).expect("node message serialises");
         let mut conn = s.commands()?;
@@ -214,6 +255,7 @@ impl Shared {
         // already claimed it as applied: then its 204 is on the way (or
         // the owner died after the change), and the change stands.
         if listened
+            && claimed
             && s.claim(s.claim_key(s.hub.node_tag(), id), "expired")
                 .await
                 .is_some_and(|given_up| !given_up)

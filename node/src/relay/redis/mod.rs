@@ -103,8 +103,7 @@ use crate::{
     hub::Hub,
     metrics as m, protocol,
     relay::{
-        Incoming, NodeInfo, Publication, Relay, RelayError, RelayHealth, ShardHealth,
-        SubscribeRequest,
+        Forwarded, Incoming, NodeInfo, Publication, Relay, RelayError, RelayHealth, ShardHealth,
     },
 };
 
@@ -908,7 +907,7 @@ impl Relay for RedisRelay {
     fn forward(
         &self,
         node: &str,
-        request: SubscribeRequest,
+        request: Forwarded,
     ) -> BoxFuture<'_, Result<Result<(), ApiError>, RelayError>> {
         Box::pin(self.shared.forward(node.to_owned(), request))
     }
