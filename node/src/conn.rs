@@ -93,6 +93,10 @@ impl ConnHandle {
     pub(crate) fn busy(&self) {
         self.entry.busy();
     }
+
+    fn idle(&self) {
+        self.entry.idle(&self.tracker);
+    }
 }
 
 /// Accept until shutdown, then wait up to `drain` for connections to end.
@@ -100,18 +104,33 @@ pub(crate) async fn serve(listener: TcpListener, conns: Conns, drain: Duration) 
     let conns = Arc::new(conns);
     let tracker = TaskTracker::new();
     let graceful = GracefulShutdown::new();
+    let streams = || conns.streams.broker.hub().total_clients();
     loop {
+        // Accept only what can be served: at a cap, the next client waits
+        // in the listen backlog until there is room (see `admission`).
+        tokio::select! {
+            _ = conns.tracker.room(streams) => {}
+            _ = conns.streams.shutdown.cancelled() => break,
+        }
         let accepted = tokio::select! {
             a = listener.accept() => a,
             _ = conns.streams.shutdown.cancelled() => break,
         };
         match accepted {
             Ok((tcp, peer)) => {
-                let streams = conns.streams.broker.hub().total_clients();
-                // No room and nobody to evict: closing it is the answer.
-                if let Some(slot) = conns.tracker.admit(streams) {
-                    tracker.spawn(handle(conns.clone(), tcp, peer, graceful.watcher(), slot));
-                }
+                // The room may have gone since (a stream that ended became
+                // a kept-alive connection): wait for it again.
+                let slot = loop {
+                    if let Some(slot) = conns.tracker.admit(streams()) {
+                        break Some(slot);
+                    }
+                    tokio::select! {
+                        _ = conns.tracker.room(streams) => {}
+                        _ = conns.streams.shutdown.cancelled() => break None,
+                    }
+                };
+                let Some(slot) = slot else { break };
+                tracker.spawn(handle(conns.clone(), tcp, peer, graceful.watcher(), slot));
             }
             Err(e) if is_per_connection(&e) => {}
             Err(e) => {
@@ -166,7 +185,8 @@ async fn handle(
             // Closed, failed, or slow to send a head: nothing to answer.
             Ok(Ok(None)) | Ok(Err(_)) | Err(_) => return,
         },
-        // Closed to make room for a newer connection.
+        // Closed to make room for a newer connection (half-sent after its
+        // grace).
         _ = slot.entry.evicted().cancelled() => return,
         // A connection that has not sent a request yet must not hold up
         // shutdown.
@@ -182,7 +202,10 @@ async fn handle(
         Head::Realtime(xff) => {
             // A stream is counted as a stream, not as a request connection.
             drop(slot);
-            match serve_sse(&conns, &mut io, peer, xff, prefix.clone()).await {
+            let served = serve_sse(&conns, &mut io, peer, xff, prefix.clone()).await;
+            // A stream ended (or was refused): room for a newcomer.
+            conns.tracker.released();
+            match served {
                 // Refused (the router answers), or ended cleanly: the
                 // connection goes on with hyper.
                 Some(rest) => prefix = rest,
@@ -192,9 +215,14 @@ async fn handle(
                 return;
             }
             let streams = conns.streams.broker.hub().total_clients();
+            // Kept alive after its stream if there is room at once; closing
+            // it otherwise is ordinary HTTP.
             match conns.tracker.admit(streams) {
                 Some(s) => slot = s,
-                None => return,
+                None => {
+                    metrics::counter!(crate::metrics::CONNECTIONS_REFUSED).increment(1);
+                    return;
+                }
             }
         }
     }
@@ -384,7 +412,7 @@ async fn serve_hyper(
         async move {
             let res = answer.await;
             // Idle until the next request head (hyper's head timeout).
-            handle.waiting();
+            handle.idle();
             res
         }
     });
