@@ -178,6 +178,32 @@ async fn connections_beyond_the_limit_get_503() {
 }
 
 #[tokio::test]
+async fn health_is_503_with_the_reason_while_the_node_is_at_its_stream_cap() {
+    let node = start_with(|c| c.max_connections = 2).await;
+    let _a = node.connect().await;
+    let (status, _) = node.get_json("/api/health").await;
+    assert_eq!(status, StatusCode::OK);
+    let b = node.connect().await;
+    let (status, body) = node.get_json("/api/health").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["status"], 503);
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("realtime connection cap"),
+        "{body}"
+    );
+    assert_eq!(body["data"]["connections"], 2);
+    // Room again: healthy again.
+    drop(b);
+    let hub = node.server.broker().hub().clone();
+    wait_until("slot freed", || hub.total_clients() < 2).await;
+    let (status, body) = node.get_json("/api/health").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+}
+
+#[tokio::test]
 async fn shutdown_ends_open_streams_promptly() {
     let node = start_with(|c| c.drain_timeout = Duration::from_secs(30)).await;
     let mut a = node.connect().await;
