@@ -139,6 +139,15 @@ pub struct Config {
     #[arg(long, env = "FANOUT_WRITE_TIMEOUT", default_value = "15s", value_parser = humantime::parse_duration)]
     pub write_timeout: Duration,
 
+    /// Window over which deliberate mass closes are spread, each stream at
+    /// a random moment within it, so their clients do not all reconnect in
+    /// the same instant: a gap or new epoch closing a topic's streams (they
+    /// get nothing more at once, and are closed within the window), and the
+    /// shutdown drain (within at most half of --drain-timeout). 0s closes
+    /// at once.
+    #[arg(long, env = "FANOUT_CLOSE_SPREAD", default_value = "3s", value_parser = humantime::parse_duration)]
+    pub close_spread: Duration,
+
     /// On SIGINT/SIGTERM, how long to wait for connections to close.
     #[arg(long, env = "FANOUT_DRAIN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,

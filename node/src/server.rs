@@ -113,6 +113,7 @@ pub struct Server {
     broker: Broker,
     shutdown: CancellationToken,
     drain: Duration,
+    close_spread: Duration,
     task: JoinHandle<()>,
 }
 
@@ -131,6 +132,7 @@ impl Server {
             max_subscription_bytes: config.max_subscription_bytes,
             max_backlog_deliveries: config.max_backlog_deliveries,
             max_backlog_bytes: config.max_backlog_bytes,
+            close_spread: config.close_spread,
         });
         // Install the recorder before anything counts: the relay resolves
         // some counters once, at start.
@@ -209,6 +211,7 @@ impl Server {
             broker,
             shutdown,
             drain: config.drain_timeout,
+            close_spread: config.close_spread,
             task,
         })
     }
@@ -226,9 +229,12 @@ impl Server {
     /// wait up to the drain timeout for connections to close.
     pub async fn shutdown(self) -> anyhow::Result<()> {
         self.shutdown.cancel();
+        // Spread, so the clients do not all land on the other nodes at
+        // once; within half the drain, so they are all closed before it.
+        let spread = self.close_spread.min(self.drain / 2);
         self.broker
             .hub()
-            .close_all(crate::client::CloseReason::Shutdown);
+            .close_all_within(crate::client::CloseReason::Shutdown, spread);
         self.broker.close().await;
         // The accept loop drains for at most the drain timeout itself.
         match tokio::time::timeout(self.drain + Duration::from_secs(1), self.task).await {
