@@ -41,10 +41,17 @@ cluster() { # cluster [env...]: Redis + 3 nodes; sets RPORT NODES NODE_PIDS
 
 joined() { local IFS=,; echo "$*"; }
 
+evictions() { # evictions NODE...: connections closed to make room, per node
+  for n in "$@"; do
+    curl -fs "http://$n/metrics" | awk -v n="$n" '/^fanout_connections_evicted_total/ {e=$2} END {printf "%s evicted %d\n", n, e}' >&2 || true
+  done
+}
+
 log "storm: kill one of 3 nodes, $CLIENTS clients"
 cluster
 storm node-killed --nodes "$(joined "${NODES[@]}")" --victim 0 \
   --event "kill -9 ${NODE_PIDS[0]}" --pids "$(joined "${NODE_PIDS[@]:1}")"
+evictions "${NODES[@]:1}"
 stop_all
 
 # Redis killed and started again empty on its port (daemonized, so it
@@ -64,6 +71,7 @@ for spread in 0s 3s; do
   cluster FANOUT_CLOSE_SPREAD="$spread"
   storm "new-epoch-spread-$spread" --nodes "$(joined "${NODES[@]}")" \
     --event "$(restart_redis_empty)" --pids "$(joined "${NODE_PIDS[@]}")"
+  evictions "${NODES[@]}"
   redis-cli -p "$RPORT" shutdown nosave >/dev/null 2>&1 || true
   stop_all
 done

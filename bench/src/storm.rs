@@ -45,8 +45,8 @@ pub struct StormArgs {
     /// PID`); the storm is what follows.
     #[arg(long)]
     pub event: String,
-    /// How many streams the event closes: the clients first placed on this
-    /// node (index into --nodes); without it, all of them.
+    /// How many streams the event closes: the clients subscribed on this
+    /// node (index into --nodes) when it happens; without it, all of them.
     #[arg(long)]
     pub victim: Option<usize>,
     /// Server pids whose peak resident memory (VmHWM) is reported.
@@ -94,7 +94,11 @@ struct Shared {
     nodes: Vec<SocketAddr>,
     http: reqwest::Client,
     subscribed: AtomicUsize,
+    /// Clients subscribed on each node.
+    live: Vec<AtomicUsize>,
     failures: AtomicU64,
+    /// Failures by what the client saw (for the log).
+    failure_kinds: Mutex<std::collections::BTreeMap<String, u64>>,
     dead_refusals: AtomicU64,
     closed: AtomicU64,
     /// Ms since `start` of every close and of every successful reconnect.
@@ -112,10 +116,10 @@ impl Shared {
 }
 
 enum Attempt {
-    /// Subscribed; resolves when the stream ends.
-    Live(tokio::sync::oneshot::Receiver<()>),
-    /// Failed as a client would see it.
-    Failed,
+    /// Subscribed on the node of this index; resolves when the stream ends.
+    Live(usize, tokio::sync::oneshot::Receiver<()>),
+    /// Failed as a client would see it, and how.
+    Failed(String),
 }
 
 /// One try, through the modelled balancer: random node, dead ones skipped.
@@ -123,7 +127,8 @@ async fn attempt(s: &Shared, i: usize, first: Option<usize>) -> Attempt {
     let n = s.nodes.len();
     let start = first.unwrap_or_else(|| (i.wrapping_mul(2654435761) ^ s.ms() as usize) % n);
     for k in 0..n {
-        let node = s.nodes[(start + k) % n];
+        let index = (start + k) % n;
+        let node = s.nodes[index];
         // From the address the POST comes from: a client is bound to it.
         let source = None;
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
@@ -139,7 +144,11 @@ async fn attempt(s: &Shared, i: usize, first: Option<usize>) -> Attempt {
                 s.dead_refusals.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
-            _ => return Attempt::Failed,
+            Ok(Err(e)) => {
+                let e = format!("{e:#}");
+                return Attempt::Failed(e.split(" (os error").next().unwrap_or(&e).to_owned());
+            }
+            Err(_) => return Attempt::Failed("no answer".into()),
         };
         let res = s
             .http
@@ -148,11 +157,12 @@ async fn attempt(s: &Shared, i: usize, first: Option<usize>) -> Attempt {
             .send()
             .await;
         return match res {
-            Ok(r) if r.status().as_u16() == 204 => Attempt::Live(end_rx),
-            _ => Attempt::Failed,
+            Ok(r) if r.status().as_u16() == 204 => Attempt::Live(index, end_rx),
+            Ok(r) => Attempt::Failed(format!("POST /api/realtime: {}", r.status())),
+            Err(e) => Attempt::Failed(format!("POST /api/realtime: {e}")),
         };
     }
-    Attempt::Failed
+    Attempt::Failed("every node refused the connect".into())
 }
 
 /// One SDK-like client, forever.
@@ -161,21 +171,24 @@ async fn client(s: Arc<Shared>, i: usize, first: usize) {
     let mut placed = Some(first);
     loop {
         match attempt(&s, i, placed.take()).await {
-            Attempt::Live(end) => {
+            Attempt::Live(node, end) => {
                 if tries > 0 || s.armed.load(Ordering::Relaxed) {
                     s.reconnects.lock().push(s.ms());
                 }
                 tries = 0;
+                s.live[node].fetch_add(1, Ordering::AcqRel);
                 s.subscribed.fetch_add(1, Ordering::AcqRel);
                 let _ = end.await;
+                s.live[node].fetch_sub(1, Ordering::AcqRel);
                 s.subscribed.fetch_sub(1, Ordering::AcqRel);
                 if s.armed.load(Ordering::Relaxed) {
                     s.closed.fetch_add(1, Ordering::Relaxed);
                     s.closes.lock().push(s.ms());
                 }
             }
-            Attempt::Failed => {
+            Attempt::Failed(kind) => {
                 s.failures.fetch_add(1, Ordering::Relaxed);
+                *s.failure_kinds.lock().entry(kind).or_default() += 1;
             }
         }
         let wait = BACKOFF_MS[tries.min(BACKOFF_MS.len() - 1)];
@@ -202,6 +215,8 @@ pub async fn storm(args: StormArgs) -> anyhow::Result<StormReport> {
             .pool_max_idle_per_host(256)
             .build()?,
         subscribed: AtomicUsize::new(0),
+        live: args.nodes.iter().map(|_| AtomicUsize::new(0)).collect(),
+        failure_kinds: Mutex::new(Default::default()),
         failures: AtomicU64::new(0),
         dead_refusals: AtomicU64::new(0),
         closed: AtomicU64::new(0),
@@ -222,9 +237,13 @@ pub async fn storm(args: StormArgs) -> anyhow::Result<StormReport> {
     }
     let setup_ms = s.ms();
     let setup_failures = s.failures.swap(0, Ordering::Relaxed);
+    let setup_kinds = std::mem::take(&mut *s.failure_kinds.lock());
+    if !setup_kinds.is_empty() {
+        eprintln!("storm: setup failures: {setup_kinds:?}");
+    }
     s.dead_refusals.store(0, Ordering::Relaxed);
     let expected = match args.victim {
-        Some(v) => (0..args.clients).filter(|i| i % n == v).count() as u64,
+        Some(v) => s.live[v].load(Ordering::Acquire) as u64,
         None => args.clients as u64,
     };
     s.armed.store(true, Ordering::Release);
@@ -251,6 +270,10 @@ pub async fn storm(args: StormArgs) -> anyhow::Result<StormReport> {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let end = s.ms();
+    let kinds = s.failure_kinds.lock().clone();
+    if !kinds.is_empty() {
+        eprintln!("storm: failures after the event: {kinds:?}");
+    }
     let closes = s.closes.lock().clone();
     let first = closes.iter().copied().min().unwrap_or(end);
     let last = closes.iter().copied().max().unwrap_or(end);

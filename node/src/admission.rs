@@ -24,21 +24,23 @@
 //! A newcomer is taken in place of a connection that has really been idle:
 //!
 //! * a kept-alive connection between requests: it has its answers, and
-//!   closing an idle keep-alive connection is ordinary HTTP;
-//! * a connection that has waited on its client (for a request head, or for
-//!   more of a body) for at least [`GRACE`]: a client that means it sends a
-//!   whole head in one packet right after connecting, so a head still
-//!   missing after a second is a half-sent request (a slowloris), not a
-//!   client the node was too busy to read.
+//!   closing an idle keep-alive connection is ordinary HTTP (nginx does the
+//!   same when it runs out of connections);
+//! * a connection that sent part of a request head, or part of a body, and
+//!   then nothing for at least [`GRACE`]: a head fits in one packet, so a
+//!   head stalled halfway is a half-sent request (a slowloris), not a slow
+//!   network.
 //!
 //! Of those, the one waiting longest goes first. A connection whose request
-//! is being handled is never closed this way, and neither is one within its
-//! first second. So a flood of half-sent requests cannot lock out health
-//! checks or new streams for longer than about a second per round of the
-//! cap, and a burst of legitimate connects is never closed to make room for
-//! itself. The full first-head timeout (`--head-timeout`, 10 s) is not the
-//! grace: waiting for it would let a few hundred half-sent requests hold
-//! the node shut for ten seconds at a time.
+//! is being handled is never closed this way, and neither is one that has
+//! not sent anything yet, or that the node has not read from yet: a client
+//! in a burst, or on a slow network, whose head is on its way. Those are
+//! left to the first-head timeout (`--head-timeout`). So a flood of
+//! half-sent requests delays health checks and new streams by about a
+//! second per round of the cap, and a burst of legitimate connects is
+//! never closed to make room for itself. Only when `accept` itself fails
+//! for lack of descriptors is the longest-waiting connection closed
+//! whatever it is doing on the wire.
 
 use std::{
     collections::HashMap,
@@ -60,8 +62,9 @@ use crate::metrics as m;
 /// may then close.
 pub const FD_RESERVE: usize = 64;
 
-/// How long a connection may wait on its client for a request head or body
-/// before it may be closed to make room (see the module documentation).
+/// How long a connection may wait on its client for the rest of a request
+/// head or body before it may be closed to make room (see the module
+/// documentation).
 pub const GRACE: Duration = Duration::from_secs(1);
 
 /// One tracked non-stream connection.
@@ -75,8 +78,8 @@ pub(crate) struct Entry {
 }
 
 impl Entry {
-    /// The connection waits on its client for a request head or more of a
-    /// body: it may make room once it has waited [`GRACE`].
+    /// The connection waits on its client for the rest of a request head
+    /// or body: it may make room once it has waited [`GRACE`].
     pub(crate) fn waiting(&self, tracker: &Tracker) {
         self.between_requests.store(false, Ordering::Relaxed);
         self.waiting_since.store(tracker.now(), Ordering::Relaxed);
@@ -201,16 +204,13 @@ impl Tracker {
                     .min()
                 {
                     Some(from) if from <= now => return,
-                    Some(from) => Some(Duration::from_millis(from - now)),
-                    None => None,
+                    Some(from) => (from - now).min(self.grace),
+                    // Busy, or not read from yet: one may start waiting
+                    // without a wake-up, so look again after a grace.
+                    None => self.grace,
                 }
             };
-            match wake {
-                Some(after) => {
-                    let _ = tokio::time::timeout(after, self.room.notified()).await;
-                }
-                None => self.room.notified().await,
-            }
+            let _ = tokio::time::timeout(Duration::from_millis(wake), self.room.notified()).await;
         }
     }
 
@@ -225,8 +225,10 @@ impl Tracker {
             }
         }
         let id = self.next.fetch_add(1, Ordering::Relaxed);
+        // Not waiting yet: its clock starts when its task first reads (a
+        // connection the node has not got round to is not idle).
         let entry = Arc::new(Entry {
-            waiting_since: AtomicU64::new(self.now()),
+            waiting_since: AtomicU64::new(0),
             between_requests: AtomicBool::new(false),
             evict: CancellationToken::new(),
         });
@@ -301,15 +303,26 @@ mod tests {
     #[test]
     fn a_connection_makes_room_only_once_really_idle_and_busy_ones_stay() {
         let t = Tracker::with_grace(2, 1000, 40 * MS);
+        let admit = |t: &Arc<Tracker>| {
+            let s = t.admit(0)?;
+            s.entry.waiting(t);
+            Some(s)
+        };
+        // Admitted but not read from yet: not waiting, cannot make room.
         let a = t.admit(0).unwrap();
+        let x = t.admit(0).unwrap();
+        std::thread::sleep(50 * MS);
+        assert!(t.admit(0).is_none());
+        drop(x);
+        a.entry.waiting(&t);
         std::thread::sleep(3 * MS);
-        let b = t.admit(0).unwrap();
+        let b = admit(&t).unwrap();
         // Both still within their grace: nobody makes room.
         assert!(t.admit(0).is_none());
         assert!(!a.entry.evicted().is_cancelled());
         // Past it, a (waiting longest) goes.
         std::thread::sleep(50 * MS);
-        let c = t.admit(0).unwrap();
+        let c = admit(&t).unwrap();
         assert!(a.entry.evicted().is_cancelled());
         assert!(!b.entry.evicted().is_cancelled());
         // Busy connections stay.
@@ -323,12 +336,14 @@ mod tests {
         // Out of descriptors, the grace does not hold.
         let t1 = Tracker::with_grace(1, 1000, Duration::from_secs(60));
         let e = t1.admit(0).unwrap();
+        e.entry.waiting(&t1);
         assert!(t1.admit(0).is_none());
         assert!(t1.evict_one());
         assert!(e.entry.evicted().is_cancelled());
         // The descriptor budget counts streams too.
         let t2 = Tracker::with_grace(100, 10, Duration::ZERO);
         let x = t2.admit(8).unwrap();
+        x.entry.waiting(&t2);
         let y = t2.admit(8).unwrap();
         assert_eq!(t2.http_connections(), 2);
         let _z = t2.admit(8).unwrap();
@@ -341,6 +356,7 @@ mod tests {
     async fn room_waits_for_a_slot_to_free_or_a_grace_to_pass() {
         let t = Tracker::with_grace(1, 1000, 200 * MS);
         let a = t.admit(0).unwrap();
+        a.entry.waiting(&t);
         let started = tokio::time::Instant::now();
         // Nothing leaves: room comes when a's grace has passed.
         t.room(|| 0).await;

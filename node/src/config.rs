@@ -121,8 +121,8 @@ pub struct Config {
 
     /// Most connections that are not SSE streams (requests, keep-alive).
     /// At the cap new clients wait in the listen backlog; a connection kept
-    /// alive between requests, or waiting on its client for over 1 s, may
-    /// be closed for a newcomer.
+    /// alive between requests, or stalled for over 1 s halfway through a
+    /// request, may be closed for a newcomer.
     #[arg(long, env = "FANOUT_MAX_HTTP_CONNECTIONS", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_http_connections: u32,
 

@@ -178,7 +178,10 @@ async fn handle(
     stream.set_write_timeout(Some(conns.write_timeout));
     let mut io: Io = Box::pin(stream);
     let mut head = BytesMut::with_capacity(1024);
-    let read = tokio::time::timeout(conns.head_timeout, read_head(&mut io, &mut head));
+    // Not waiting (evictable) until part of a head has come and stalled;
+    // a connection that has sent nothing yet is left to the head timeout.
+    let started = || slot.entry.waiting(&conns.tracker);
+    let read = tokio::time::timeout(conns.head_timeout, read_head(&mut io, &mut head, started));
     let realtime = tokio::select! {
         r = read => match r {
             Ok(Ok(Some(realtime))) => realtime,
@@ -192,6 +195,8 @@ async fn handle(
         // shutdown.
         _ = conns.streams.shutdown.cancelled() => return,
     };
+    // A whole head: being served, not waiting on the client.
+    slot.entry.busy();
     let mut prefix = head.freeze();
     match realtime {
         Head::Other => {}
@@ -218,7 +223,10 @@ async fn handle(
             // Kept alive after its stream if there is room at once; closing
             // it otherwise is ordinary HTTP.
             match conns.tracker.admit(streams) {
-                Some(s) => slot = s,
+                Some(s) => {
+                    s.entry.idle(&conns.tracker);
+                    slot = s;
+                }
                 None => {
                     metrics::counter!(crate::metrics::CONNECTIONS_REFUSED).increment(1);
                     return;
@@ -240,8 +248,14 @@ enum Head {
 }
 
 /// Read until a complete request head is buffered; `None` when the peer
-/// went away first.
-async fn read_head(io: &mut Io, buf: &mut BytesMut) -> io::Result<Option<Head>> {
+/// went away first. `partial` is called once, when the first bytes read do
+/// not make a whole head.
+async fn read_head(
+    io: &mut Io,
+    buf: &mut BytesMut,
+    partial: impl FnOnce(),
+) -> io::Result<Option<Head>> {
+    let mut partial = Some(partial);
     loop {
         if io.read_buf(buf).await? == 0 {
             return Ok(None);
@@ -256,7 +270,11 @@ async fn read_head(io: &mut Io, buf: &mut BytesMut) -> io::Result<Option<Head>> 
                     None => Head::Other,
                 }));
             }
-            Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => continue,
+            Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => {
+                if let Some(f) = partial.take() {
+                    f();
+                }
+            }
             // Malformed, too many headers or too long: hyper answers.
             _ => return Ok(Some(Head::Other)),
         }

@@ -241,7 +241,8 @@ async fn without_redis_a_subscription_with_since_replays_what_followed_then_goes
 }
 
 /// A reconnect storm: more clients connect at once than
-/// `--max-http-connections`, all before any of them has sent its head.
+/// `--max-http-connections`, all before any of them has sent its head, and
+/// send it only after the eviction grace.
 /// Each must get its stream; none may be closed to make room for the
 /// others (they wait in the listen backlog instead).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -256,6 +257,9 @@ async fn a_burst_of_connects_beyond_the_http_connection_cap_is_served_not_closed
     for _ in 0..CLIENTS {
         socks.push(tokio::net::TcpStream::connect(addr).await.unwrap());
     }
+    // Longer than the grace: a client that has sent nothing yet (its head
+    // on its way) is never closed to make room.
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
     let mut tasks = tokio::task::JoinSet::new();
     for mut sock in socks {
         tasks.spawn(async move {
