@@ -247,7 +247,10 @@ pub async fn storm(args: StormArgs) -> anyhow::Result<StormReport> {
         None => args.clients as u64,
     };
     s.armed.store(true, Ordering::Release);
-    eprintln!("storm: {} clients subscribed in {setup_ms} ms; event: {}", args.clients, args.event);
+    eprintln!(
+        "storm: {} clients subscribed in {setup_ms} ms; event: {}",
+        args.clients, args.event
+    );
     let status = std::process::Command::new("sh")
         .arg("-c")
         .arg(&args.event)

@@ -307,5 +307,8 @@ async fn at_the_cap_a_half_sent_request_is_closed_after_its_grace_for_a_health_c
     assert!(started.elapsed() >= std::time::Duration::from_millis(900));
     let mut buf = [0u8; 64];
     let first = tokio::time::timeout(WAIT, half[0].read(&mut buf)).await;
-    assert!(matches!(first, Ok(Ok(0)) | Ok(Err(_))), "the oldest was closed");
+    assert!(
+        matches!(first, Ok(Ok(0)) | Ok(Err(_))),
+        "the oldest was closed"
+    );
 }
