@@ -429,8 +429,16 @@ async fn serve_hyper(
         let answer = router.clone().oneshot(req);
         async move {
             let res = answer.await;
-            // Idle until the next request head (hyper's head timeout).
-            handle.idle();
+            // A stream the router serves (HTTP/1.0) stays busy while its
+            // body streams; anything else is idle until the next request
+            // head (hyper's head timeout).
+            let streaming = matches!(&res, Ok(r) if r
+                .headers()
+                .get(axum::http::header::CONTENT_TYPE)
+                .is_some_and(|v| v == "text/event-stream"));
+            if !streaming {
+                handle.idle();
+            }
             res
         }
     });
