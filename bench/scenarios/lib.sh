@@ -10,7 +10,7 @@ WORK="${BENCH_WORK:-$(mktemp -d /tmp/fanout-bench.XXXXXX)}"
 RESULTS="${RESULTS:-$WORK/results.jsonl}"
 SERVER_CPU="${SERVER_CPU:-0}"
 BENCH_CPU="${BENCH_CPU:-1}"
-FANOUT="$ROOT/target/release/fanout"
+FANOUT="${FANOUT_BIN:-$ROOT/target/release/fanout}"
 BENCH="$ROOT/target/release/fanout-bench"
 PIDS=()
 

@@ -6,12 +6,14 @@
 //! fanout-bench run --nodes 127.0.0.1:8090 --clients 5000 --messages 200
 //! fanout-bench report --results r.jsonl --out docs/benchmarks.md --chart docs/benchmarks.png --command "…"
 //! fanout-bench floor --connections 5000 --writer-cpu 0 --reader-cpu 1
+//! fanout-bench storm --nodes 127.0.0.1:8090,127.0.0.1:8091 --clients 3000 --victim 0 --event "kill -9 PID"
 //! ```
 
 mod floor;
 mod report;
 mod run;
 mod sse;
+mod storm;
 
 use clap::{Parser, Subcommand};
 
@@ -32,6 +34,10 @@ enum Command {
     /// Time the kernel's floor: one thread writing one frame to each of N
     /// loopback sockets (one JSON line on stdout).
     Floor(floor::FloorArgs),
+    /// A reconnect storm: SDK-like clients, one event that closes many
+    /// streams (a node killed, Redis restarted), and the recovery (one
+    /// JSON line on stdout).
+    Storm(storm::StormArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -49,6 +55,17 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Report(args) => report::report(args),
+        Command::Storm(args) => {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            let json_out = args.json_out.clone();
+            let r = rt.block_on(storm::storm(args))?;
+            eprint!("{}", storm::summary(&r));
+            emit(&r, json_out)?;
+            rt.shutdown_background();
+            Ok(())
+        }
         Command::Floor(args) => {
             let json_out = args.json_out.clone();
             let r = floor::floor(args)?;

@@ -124,7 +124,9 @@ pub struct Config {
     pub body_timeout: Duration,
 
     /// Most connections that are not SSE streams (requests, keep-alive).
-    /// At the cap, the connection idle longest is closed for a new one.
+    /// At the cap new clients wait in the listen backlog; a connection kept
+    /// alive between requests, or stalled for over 1 s halfway through a
+    /// request, may be closed for a newcomer.
     #[arg(long, env = "FANOUT_MAX_HTTP_CONNECTIONS", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_http_connections: u32,
 
@@ -143,6 +145,15 @@ pub struct Config {
     /// long (a stalled reader).
     #[arg(long, env = "FANOUT_WRITE_TIMEOUT", default_value = "15s", value_parser = humantime::parse_duration)]
     pub write_timeout: Duration,
+
+    /// Window over which deliberate mass closes are spread, each stream at
+    /// a random moment within it, so their clients do not all reconnect in
+    /// the same instant: a gap or new epoch closing a topic's streams (they
+    /// get nothing more at once, and are closed within the window), and the
+    /// shutdown drain (within at most half of --drain-timeout). 0s closes
+    /// at once.
+    #[arg(long, env = "FANOUT_CLOSE_SPREAD", default_value = "3s", value_parser = humantime::parse_duration)]
+    pub close_spread: Duration,
 
     /// On SIGINT/SIGTERM, how long to wait for connections to close.
     #[arg(long, env = "FANOUT_DRAIN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]

@@ -93,6 +93,10 @@ impl ConnHandle {
     pub(crate) fn busy(&self) {
         self.entry.busy();
     }
+
+    fn idle(&self) {
+        self.entry.idle(&self.tracker);
+    }
 }
 
 /// Accept until shutdown, then wait up to `drain` for connections to end.
@@ -100,18 +104,33 @@ pub(crate) async fn serve(listener: TcpListener, conns: Conns, drain: Duration) 
     let conns = Arc::new(conns);
     let tracker = TaskTracker::new();
     let graceful = GracefulShutdown::new();
+    let streams = || conns.streams.broker.hub().total_clients();
     loop {
+        // Accept only what can be served: at a cap, the next client waits
+        // in the listen backlog until there is room (see `admission`).
+        tokio::select! {
+            _ = conns.tracker.room(streams) => {}
+            _ = conns.streams.shutdown.cancelled() => break,
+        }
         let accepted = tokio::select! {
             a = listener.accept() => a,
             _ = conns.streams.shutdown.cancelled() => break,
         };
         match accepted {
             Ok((tcp, peer)) => {
-                let streams = conns.streams.broker.hub().total_clients();
-                // No room and nobody to evict: closing it is the answer.
-                if let Some(slot) = conns.tracker.admit(streams) {
-                    tracker.spawn(handle(conns.clone(), tcp, peer, graceful.watcher(), slot));
-                }
+                // The room may have gone since (a stream that ended became
+                // a kept-alive connection): wait for it again.
+                let slot = loop {
+                    if let Some(slot) = conns.tracker.admit(streams()) {
+                        break Some(slot);
+                    }
+                    tokio::select! {
+                        _ = conns.tracker.room(streams) => {}
+                        _ = conns.streams.shutdown.cancelled() => break None,
+                    }
+                };
+                let Some(slot) = slot else { break };
+                tracker.spawn(handle(conns.clone(), tcp, peer, graceful.watcher(), slot));
             }
             Err(e) if is_per_connection(&e) => {}
             Err(e) => {
@@ -159,19 +178,25 @@ async fn handle(
     stream.set_write_timeout(Some(conns.write_timeout));
     let mut io: Io = Box::pin(stream);
     let mut head = BytesMut::with_capacity(1024);
-    let read = tokio::time::timeout(conns.head_timeout, read_head(&mut io, &mut head));
+    // Not waiting (evictable) until part of a head has come and stalled;
+    // a connection that has sent nothing yet is left to the head timeout.
+    let started = || slot.entry.waiting(&conns.tracker);
+    let read = tokio::time::timeout(conns.head_timeout, read_head(&mut io, &mut head, started));
     let realtime = tokio::select! {
         r = read => match r {
             Ok(Ok(Some(realtime))) => realtime,
             // Closed, failed, or slow to send a head: nothing to answer.
             Ok(Ok(None)) | Ok(Err(_)) | Err(_) => return,
         },
-        // Closed to make room for a newer connection.
+        // Closed to make room for a newer connection (half-sent after its
+        // grace).
         _ = slot.entry.evicted().cancelled() => return,
         // A connection that has not sent a request yet must not hold up
         // shutdown.
         _ = conns.streams.shutdown.cancelled() => return,
     };
+    // A whole head: being served, not waiting on the client.
+    slot.entry.busy();
     let mut prefix = head.freeze();
     match realtime {
         Head::Other => {}
@@ -182,7 +207,10 @@ async fn handle(
         Head::Realtime(xff) => {
             // A stream is counted as a stream, not as a request connection.
             drop(slot);
-            match serve_sse(&conns, &mut io, peer, xff, prefix.clone()).await {
+            let served = serve_sse(&conns, &mut io, peer, xff, prefix.clone()).await;
+            // A stream ended (or was refused): room for a newcomer.
+            conns.tracker.released();
+            match served {
                 // Refused (the router answers), or ended cleanly: the
                 // connection goes on with hyper.
                 Some(rest) => prefix = rest,
@@ -192,9 +220,17 @@ async fn handle(
                 return;
             }
             let streams = conns.streams.broker.hub().total_clients();
+            // Kept alive after its stream if there is room at once; closing
+            // it otherwise is ordinary HTTP.
             match conns.tracker.admit(streams) {
-                Some(s) => slot = s,
-                None => return,
+                Some(s) => {
+                    s.entry.idle(&conns.tracker);
+                    slot = s;
+                }
+                None => {
+                    metrics::counter!(crate::metrics::CONNECTIONS_REFUSED).increment(1);
+                    return;
+                }
             }
         }
     }
@@ -212,8 +248,14 @@ enum Head {
 }
 
 /// Read until a complete request head is buffered; `None` when the peer
-/// went away first.
-async fn read_head(io: &mut Io, buf: &mut BytesMut) -> io::Result<Option<Head>> {
+/// went away first. `partial` is called once, when the first bytes read do
+/// not make a whole head.
+async fn read_head(
+    io: &mut Io,
+    buf: &mut BytesMut,
+    partial: impl FnOnce(),
+) -> io::Result<Option<Head>> {
+    let mut partial = Some(partial);
     loop {
         if io.read_buf(buf).await? == 0 {
             return Ok(None);
@@ -228,7 +270,11 @@ async fn read_head(io: &mut Io, buf: &mut BytesMut) -> io::Result<Option<Head>> 
                     None => Head::Other,
                 }));
             }
-            Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => continue,
+            Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => {
+                if let Some(f) = partial.take() {
+                    f();
+                }
+            }
             // Malformed, too many headers or too long: hyper answers.
             _ => return Ok(Some(Head::Other)),
         }
@@ -383,8 +429,16 @@ async fn serve_hyper(
         let answer = router.clone().oneshot(req);
         async move {
             let res = answer.await;
-            // Idle until the next request head (hyper's head timeout).
-            handle.waiting();
+            // A stream the router serves (HTTP/1.0) stays busy while its
+            // body streams; anything else is idle until the next request
+            // head (hyper's head timeout).
+            let streaming = matches!(&res, Ok(r) if r
+                .headers()
+                .get(axum::http::header::CONTENT_TYPE)
+                .is_some_and(|v| v == "text/event-stream"));
+            if !streaming {
+                handle.idle();
+            }
             res
         }
     });

@@ -815,6 +815,16 @@ async fn health(State(state): State<AppState>) -> Response {
             StatusCode::SERVICE_UNAVAILABLE,
             "API is shutting down.".to_owned(),
         )
+    } else if hub.total_clients() >= s.streams.max_connections {
+        // A balancer that reads this stops sending new clients here, where
+        // their first connect would get 503.
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "API is at its realtime connection cap ({} streams); new streams are refused.",
+                s.streams.max_connections
+            ),
+        )
     } else {
         (StatusCode::OK, "API is healthy.".to_owned())
     };

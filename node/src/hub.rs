@@ -103,6 +103,10 @@ pub struct HubConfig {
     /// the fan-out; at twice this, relayed work is shed (see the module
     /// documentation).
     pub max_backlog_bytes: usize,
+    /// Window over which mass closes ([`Hub::close_topic`],
+    /// [`Hub::close_all`]) are spread at random; zero closes at once.
+    /// Default 3 s (`--close-spread`).
+    pub close_spread: Duration,
 }
 
 impl Default for HubConfig {
@@ -116,6 +120,7 @@ impl Default for HubConfig {
             max_subscription_bytes: 256 << 10,
             max_backlog_deliveries: 1_000_000,
             max_backlog_bytes: 64 << 20,
+            close_spread: Duration::from_secs(3),
         }
     }
 }
@@ -527,10 +532,19 @@ impl Hub {
     }
 
     fn unregister_quiet(&self, id: &str, reason: CloseReason) -> TopicChanges {
-        let Some(client) = self.inner.clients.write().remove(id) else {
-            return TopicChanges::default();
-        };
-        client.close(reason);
+        match self.detach(id) {
+            Some((client, changes)) => {
+                client.close(reason);
+                changes
+            }
+            None => TopicChanges::default(),
+        }
+    }
+
+    /// Unregister without closing the stream: nothing more reaches the
+    /// client, and its close is the caller's.
+    fn detach(&self, id: &str) -> Option<(Arc<Client>, TopicChanges)> {
+        let client = self.inner.clients.write().remove(id)?;
         let mut st = client.state.lock();
         st.registered = false;
         st.subscription_bytes = 0;
@@ -550,7 +564,7 @@ impl Hub {
         self.inner
             .subscriptions
             .fetch_sub(keys.len(), Ordering::Relaxed);
-        changes
+        Some((client, changes))
     }
 
     /// Let live messages of `key` reach `client` again (its history has
@@ -601,8 +615,9 @@ impl Hub {
         client.state.lock().subscriptions.get(key).cloned()
     }
 
-    /// Close and unregister every local subscriber of the base topic
-    /// `base`; how many there were.
+    /// Unregister every local subscriber of the base topic `base` at once
+    /// (nothing more reaches them), and close their streams spread over
+    /// [`HubConfig::close_spread`]; how many there were.
     pub fn close_topic(&self, base: &str, reason: CloseReason) -> usize {
         let ids: Vec<Arc<str>> = {
             let index = self.inner.index.read();
@@ -619,21 +634,29 @@ impl Hub {
             ids
         };
         let mut changes = TopicChanges::default();
+        let mut closing = Vec::with_capacity(ids.len());
         for id in &ids {
-            changes
-                .removed
-                .extend(self.unregister_quiet(id, reason).removed);
+            if let Some((client, gone)) = self.detach(id) {
+                changes.removed.extend(gone.removed);
+                closing.push(client);
+            }
         }
         self.topics_changed(changes);
+        crate::closing::close_spread(closing, reason, self.inner.config.close_spread);
         ids.len()
     }
 
-    /// Close every stream (server shutdown). Clients stay registered until
-    /// their streams end.
+    /// Close every stream, spread over [`HubConfig::close_spread`].
+    /// Clients stay registered until their streams end.
     pub fn close_all(&self, reason: CloseReason) {
-        for client in self.inner.clients.read().values() {
-            client.close(reason);
-        }
+        self.close_all_within(reason, self.inner.config.close_spread);
+    }
+
+    /// Close every stream, spread over `window` (server shutdown, bounded
+    /// by its drain). Clients stay registered until their streams end.
+    pub fn close_all_within(&self, reason: CloseReason, window: Duration) {
+        let clients: Vec<Arc<Client>> = self.inner.clients.read().values().cloned().collect();
+        crate::closing::close_spread(clients, reason, window);
     }
 
     /// A copy of the registry (PocketBase's `Clients()`).

@@ -4,6 +4,7 @@
 //! Where to look:
 //! * [`protocol`]: the wire format (ids, SSE frames, topic keys and options);
 //! * [`hub`]: this node's client registry, topic index and fan-out;
+//!   `closing`: mass closes spread over `--close-spread`;
 //! * [`client`]: one client's queue, subscriptions, store and auth;
 //! * [`relay`]: how publications reach every node's hub: the in-process
 //!   relay, and the cluster relay over Redis (`relay::redis`);
@@ -20,6 +21,7 @@ pub mod auth;
 pub mod bind;
 pub mod broker;
 pub mod client;
+mod closing;
 pub mod config;
 mod conn;
 pub mod error;

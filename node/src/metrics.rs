@@ -57,7 +57,9 @@ pub const BODY_TIMEOUTS: &str = "fanout_body_timeouts_total";
 /// Non-stream connections closed to make room for a new connection (the
 /// one waiting longest on its client).
 pub const CONNECTIONS_EVICTED: &str = "fanout_connections_evicted_total";
-/// New connections closed at once: no room, and none waiting to evict.
+/// Connections closed at once for lack of room: one kept alive after its
+/// stream, at a cap with no connection that may make room. New connections
+/// are not refused: they wait in the listen backlog.
 pub const CONNECTIONS_REFUSED: &str = "fanout_connections_refused_total";
 /// Gauge: open connections that are not SSE streams.
 pub const HTTP_CONNECTIONS: &str = "fanout_http_connections";

@@ -24,9 +24,15 @@ use crate::{
     sse::{Streams, Timeouts},
 };
 
-/// Listen backlog. tokio's `TcpListener::bind` uses 128, which turns a
-/// reconnect storm of thousands of clients into seconds of SYN retries.
-const BACKLOG: u32 = 4096;
+/// Listen backlog asked of the kernel, which caps it at
+/// `net.core.somaxconn`. tokio's `TcpListener::bind` uses 128, which turns
+/// a reconnect storm of thousands of clients into seconds of SYN retries;
+/// and at the connection caps new clients wait here (see `admission`).
+const BACKLOG: u32 = 65_535;
+
+/// Below this effective backlog a reconnect storm overflows it (clients
+/// then retry their SYN after 1 s, 3 s, …): warned about at start.
+const BACKLOG_WANTED: u32 = 4096;
 
 fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     let socket = if addr.is_ipv4() {
@@ -37,6 +43,13 @@ fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
     socket.listen(BACKLOG)
+}
+
+/// The listen backlog the kernel grants: `BACKLOG` capped by
+/// `net.core.somaxconn` (`None` where that cannot be read).
+fn effective_backlog() -> Option<u32> {
+    let somaxconn = std::fs::read_to_string("/proc/sys/net/core/somaxconn").ok()?;
+    Some(somaxconn.trim().parse::<u32>().ok()?.min(BACKLOG))
 }
 
 /// Lanes that apply forwarded requests: one client's requests always take
@@ -108,6 +121,7 @@ pub struct Server {
     broker: Broker,
     shutdown: CancellationToken,
     drain: Duration,
+    close_spread: Duration,
     task: JoinHandle<()>,
 }
 
@@ -130,6 +144,7 @@ impl Server {
             max_subscription_bytes: config.max_subscription_bytes,
             max_backlog_deliveries: config.max_backlog_deliveries,
             max_backlog_bytes: config.max_backlog_bytes,
+            close_spread: config.close_spread,
         });
         // Install the recorder before anything counts: the relay resolves
         // some counters once, at start.
@@ -200,7 +215,14 @@ impl Server {
             head_timeout: config.head_timeout,
             tracker,
         };
-        tracing::info!(nofile, fd_budget, "connection budget");
+        let backlog = effective_backlog();
+        tracing::info!(nofile, fd_budget, ?backlog, "connection budget");
+        if backlog.is_some_and(|b| b < BACKLOG_WANTED) {
+            tracing::warn!(
+                ?backlog,
+                "the listen backlog is small for a reconnect storm; raise net.core.somaxconn to {BACKLOG_WANTED} or more"
+            );
+        }
         let task = tokio::spawn(conn::serve(listener, conns, config.drain_timeout));
         tracing::info!(%addr, node = broker.hub().node_tag(), "fanout listening");
         Ok(Self {
@@ -208,6 +230,7 @@ impl Server {
             broker,
             shutdown,
             drain: config.drain_timeout,
+            close_spread: config.close_spread,
             task,
         })
     }
@@ -225,9 +248,12 @@ impl Server {
     /// wait up to the drain timeout for connections to close.
     pub async fn shutdown(self) -> anyhow::Result<()> {
         self.shutdown.cancel();
+        // Spread, so the clients do not all land on the other nodes at
+        // once; within half the drain, so they are all closed before it.
+        let spread = self.close_spread.min(self.drain / 2);
         self.broker
             .hub()
-            .close_all(crate::client::CloseReason::Shutdown);
+            .close_all_within(crate::client::CloseReason::Shutdown, spread);
         self.broker.close().await;
         if let Some(c) = self.broker.companion() {
             c.close();

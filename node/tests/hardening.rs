@@ -393,3 +393,76 @@ async fn the_binary_exits_naming_both_settings_when_no_client_queue_can_carry_th
         "{stderr}"
     );
 }
+
+/// A reconnect storm: more clients connect at once than
+/// `--max-http-connections`, all before any of them has sent its head, and
+/// send it only after the eviction grace.
+/// Each must get its stream; none may be closed to make room for the
+/// others (they wait in the listen backlog instead).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_connects_beyond_the_http_connection_cap_is_served_not_closed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const CLIENTS: usize = 300;
+    let node = start_with(|c| c.max_http_connections = 8).await;
+    let addr = node.server.local_addr();
+    // Every handshake completes first (the kernel does it), so all of them
+    // are waiting when the node starts reading heads.
+    let mut socks = Vec::new();
+    for _ in 0..CLIENTS {
+        socks.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    // Longer than the grace: a client that has sent nothing yet (its head
+    // on its way) is never closed to make room.
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let mut tasks = tokio::task::JoinSet::new();
+    for mut sock in socks {
+        tasks.spawn(async move {
+            sock.write_all(b"GET /api/realtime HTTP/1.1\r\nHost: x\r\n\r\n")
+                .await
+                .unwrap();
+            let mut all = Vec::new();
+            let mut buf = [0u8; 1024];
+            let got = tokio::time::timeout(WAIT, async {
+                while !String::from_utf8_lossy(&all).contains("PB_CONNECT") {
+                    match sock.read(&mut buf).await {
+                        Ok(0) | Err(_) => return false,
+                        Ok(n) => all.extend_from_slice(&buf[..n]),
+                    }
+                }
+                true
+            })
+            .await;
+            (matches!(got, Ok(true)), sock)
+        });
+    }
+    let results = tasks.join_all().await;
+    let closed = results.iter().filter(|(ok, _)| !ok).count();
+    assert_eq!(closed, 0, "{closed} of {CLIENTS} closed before PB_CONNECT");
+    assert_eq!(node.server.broker().hub().total_clients(), CLIENTS);
+}
+
+/// The burst fix keeps the slowloris protection: at the cap, a half-sent
+/// request is closed for a newcomer once it has waited its grace, so a
+/// health check still gets through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_the_cap_a_half_sent_request_is_closed_after_its_grace_for_a_health_check() {
+    use tokio::io::AsyncReadExt;
+    let node = start_with(|c| c.max_http_connections = 4).await;
+    let mut half = Vec::new();
+    for _ in 0..4 {
+        half.push(raw(&node, b"GET /api/hea").await);
+    }
+    let started = std::time::Instant::now();
+    let (status, _) = tokio::time::timeout(WAIT, node.get_json("/api/health"))
+        .await
+        .expect("a health check answers");
+    assert_eq!(status, StatusCode::OK);
+    // Not before the grace (1 s): they were fresh connections.
+    assert!(started.elapsed() >= std::time::Duration::from_millis(900));
+    let mut buf = [0u8; 64];
+    let first = tokio::time::timeout(WAIT, half[0].read(&mut buf)).await;
+    assert!(
+        matches!(first, Ok(Ok(0)) | Ok(Err(_))),
+        "the oldest was closed"
+    );
+}

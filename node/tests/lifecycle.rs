@@ -178,6 +178,32 @@ async fn connections_beyond_the_limit_get_503() {
 }
 
 #[tokio::test]
+async fn health_is_503_with_the_reason_while_the_node_is_at_its_stream_cap() {
+    let node = start_with(|c| c.max_connections = 2).await;
+    let _a = node.connect().await;
+    let (status, _) = node.get_json("/api/health").await;
+    assert_eq!(status, StatusCode::OK);
+    let b = node.connect().await;
+    let (status, body) = node.get_json("/api/health").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["status"], 503);
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("realtime connection cap"),
+        "{body}"
+    );
+    assert_eq!(body["data"]["connections"], 2);
+    // Room again: healthy again.
+    drop(b);
+    let hub = node.server.broker().hub().clone();
+    wait_until("slot freed", || hub.total_clients() < 2).await;
+    let (status, body) = node.get_json("/api/health").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+}
+
+#[tokio::test]
 async fn shutdown_ends_open_streams_promptly() {
     let node = start_with(|c| c.drain_timeout = Duration::from_secs(30)).await;
     let mut a = node.connect().await;
@@ -259,4 +285,80 @@ async fn a_connection_outlives_its_stream() {
         .unwrap();
     let got = read_until(&mut sock, "API is healthy.").await;
     assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+}
+
+/// Redis restarted without persistence: a new epoch, so every stream of the
+/// topic is closed. The closes are spread over `--close-spread` (not all in
+/// one instant, all within the window), and no stream gets a message from
+/// past the gap before its close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_epoch_closes_the_topics_streams_spread_over_the_window_and_delivers_nothing_past_it()
+{
+    use futures_util::StreamExt;
+    const CLIENTS: usize = 30;
+    const SPREAD: Duration = Duration::from_secs(2);
+    let mut redis = fanout_testkit::RedisServer::start().await;
+    let url = redis.url();
+    let node = start_with(|c| {
+        c.redis_url = Some(url);
+        c.close_spread = SPREAD;
+    })
+    .await;
+    let mut clients = Vec::new();
+    for _ in 0..CLIENTS {
+        let sse = node.connect().await;
+        node.subscribe(&sse.client_id, &["n"]).await;
+        clients.push(sse);
+    }
+    node.publish("n", json!(0)).await;
+    for sse in &mut clients {
+        assert_eq!(sse.next_json().await.1, json!(0));
+    }
+    let port = redis.port;
+    redis.stop().await;
+    redis = fanout_testkit::RedisServer::start_on(port).await;
+    node.wait_healthy().await;
+    let gap = tokio::time::Instant::now();
+    // The first message after the restart carries a new epoch; the second
+    // follows while the streams wait for their close.
+    node.publish_retrying("n", json!(1)).await;
+    node.publish("n", json!(2)).await;
+    let mut tasks = tokio::task::JoinSet::new();
+    for mut sse in clients {
+        tasks.spawn(async move {
+            let mut got = Vec::new();
+            let closed = tokio::time::timeout(SPREAD + Duration::from_secs(10), async {
+                loop {
+                    match sse.events.next().await {
+                        None | Some(Err(_)) => return,
+                        Some(Ok(e)) => got.push(e.data),
+                    }
+                }
+            })
+            .await;
+            assert!(closed.is_ok(), "a stream was not closed");
+            (tokio::time::Instant::now(), got)
+        });
+    }
+    let results = tasks.join_all().await;
+    for (_, got) in &results {
+        assert!(got.is_empty(), "delivered past the gap: {got:?}");
+    }
+    let first = results.iter().map(|r| r.0).min().unwrap();
+    let last = results.iter().map(|r| r.0).max().unwrap();
+    // Uniform over 2 s, 30 closes span well over 0.5 s (all within a few
+    // ms before the spread).
+    assert!(
+        last - first > Duration::from_millis(500),
+        "closes within {:?}",
+        last - first
+    );
+    // The publish that revealed the gap returned after the node saw it, so
+    // measured from before it: the window, plus slack for a loaded machine.
+    assert!(
+        last - gap < SPREAD + Duration::from_secs(2),
+        "last close {:?} after the gap",
+        last - gap
+    );
+    drop(redis);
 }
