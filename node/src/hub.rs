@@ -633,17 +633,25 @@ impl Hub {
             ids.dedup();
             ids
         };
+        self.close_clients(&ids, reason)
+    }
+
+    /// Unregister these clients at once (nothing more reaches them), and
+    /// close their streams spread over [`HubConfig::close_spread`]; how
+    /// many were still registered.
+    pub fn close_clients(&self, ids: &[impl AsRef<str>], reason: CloseReason) -> usize {
         let mut changes = TopicChanges::default();
         let mut closing = Vec::with_capacity(ids.len());
-        for id in &ids {
-            if let Some((client, gone)) = self.detach(id) {
+        for id in ids {
+            if let Some((client, gone)) = self.detach(id.as_ref()) {
                 changes.removed.extend(gone.removed);
                 closing.push(client);
             }
         }
         self.topics_changed(changes);
+        let n = closing.len();
         crate::closing::close_spread(closing, reason, self.inner.config.close_spread);
-        ids.len()
+        n
     }
 
     /// Close every stream, spread over [`HubConfig::close_spread`].

@@ -119,6 +119,7 @@ pub struct Bridges {
 
 struct Inner {
     config: BridgeConfig,
+    hub: crate::hub::Hub,
     http: reqwest::Client,
     buckets: Mutex<HashMap<Identity, Arc<Bucket>>>,
     /// Client id → the bucket it is a member of.
@@ -162,8 +163,8 @@ struct Lane {
 }
 
 impl Bridges {
-    /// Bridges to the PocketBase of `config`.
-    pub fn new(config: BridgeConfig) -> Self {
+    /// Bridges of `hub`'s clients to the PocketBase of `config`.
+    pub fn new(hub: crate::hub::Hub, config: BridgeConfig) -> Self {
         let http = reqwest::Client::builder()
             .connect_timeout(config.timeout)
             .pool_max_idle_per_host(64)
@@ -172,6 +173,7 @@ impl Bridges {
         Self {
             inner: Arc::new(Inner {
                 config,
+                hub,
                 http,
                 buckets: Mutex::new(HashMap::new()),
                 member_of: Mutex::new(HashMap::new()),
@@ -557,6 +559,28 @@ impl Bridges {
         }
     }
 
+    /// The lane is lost: its holders leave the bucket and the node at once
+    /// (nothing more reaches them), and their streams are closed spread
+    /// over `--close-spread`, so they reconnect and re-fetch, not all in
+    /// the same instant.
+    fn close_holders(&self, bucket: &Bucket, lane: &Lane) {
+        let keys = lane.keys.lock().clone();
+        let ids: Vec<String> = {
+            let st = bucket.st.lock();
+            let mut ids = HashSet::new();
+            for k in &keys {
+                if let Some(h) = st.holders.get(k) {
+                    ids.extend(h.iter().cloned());
+                }
+            }
+            ids.into_iter().collect()
+        };
+        for id in &ids {
+            self.leave(id);
+        }
+        self.inner.hub.close_clients(&ids, CloseReason::Gap);
+    }
+
     /// Start the lane's connection task, once.
     fn ensure_running(&self, bucket: &Arc<Bucket>, lane: &Arc<Lane>) {
         if lane.started.swap(true, Ordering::AcqRel) {
@@ -591,7 +615,7 @@ impl Bridges {
             if connected {
                 backoff = Duration::from_millis(100);
                 if let Some(b) = bucket.upgrade() {
-                    close_holders(&b, &lane);
+                    self.close_holders(&b, &lane);
                 }
             }
             tokio::select! {
@@ -669,26 +693,6 @@ fn deliver(bucket: &Bucket, key: &str, data: &[u8]) {
     };
     for c in clients {
         let _ = c.send(&message);
-    }
-}
-
-/// Close the streams of the members holding a key of `lane`.
-fn close_holders(bucket: &Bucket, lane: &Lane) {
-    let keys = lane.keys.lock().clone();
-    let clients: Vec<Arc<Client>> = {
-        let st = bucket.st.lock();
-        let mut ids = HashSet::new();
-        for k in &keys {
-            if let Some(h) = st.holders.get(k) {
-                ids.extend(h.iter().cloned());
-            }
-        }
-        ids.iter()
-            .filter_map(|id| st.members.get(id)?.client.upgrade())
-            .collect()
-    };
-    for c in clients {
-        c.close(CloseReason::Gap);
     }
 }
 

@@ -97,7 +97,7 @@ impl Companion {
         let recheck = config.recheck.max(Duration::from_secs(1));
         let companion = Arc::new(Self {
             verifier: TokenVerifier::new(config),
-            bridges: Bridges::new(bridges),
+            bridges: Bridges::new(hub.clone(), bridges),
             hub,
             bound: Mutex::new(HashMap::new()),
             stop: CancellationToken::new(),
