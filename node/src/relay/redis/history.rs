@@ -285,8 +285,27 @@ impl Shared {
         true
     }
 
+    /// Note that `base` was dispatched up to `epoch:offset`. A topic this
+    /// node has no position for gets one only while it is confirmed
+    /// subscribed: a message still in flight after the last local
+    /// subscriber left must not re-create a position, or the next
+    /// subscriber would start from that stale offset (replayed messages
+    /// from before it subscribed, or a gap closing its stream at once)
+    /// instead of at its subscription ([`Shared::snapshot_positions`]).
     fn set_position(&self, base: &str, epoch: &str, offset: u64, digest: u64) {
         let mut positions = self.positions.lock();
+        if !positions.contains_key(base) {
+            // The unsubscribe path removes a topic from `confirmed` and
+            // forgets its position under the `confirmed` lock: take it
+            // first (same order), so the check and the insert are atomic
+            // against it.
+            drop(positions);
+            let confirmed = self.confirmed.lock();
+            positions = self.positions.lock();
+            if !positions.contains_key(base) && !confirmed.contains(base) {
+                return;
+            }
+        }
         let p = positions
             .entry(Arc::from(base))
             .or_insert_with(|| Position {
