@@ -140,3 +140,82 @@ async fn a_subscriber_after_the_last_one_left_starts_at_its_subscription_not_at_
         "rounds {failures:?} of {rounds}: the newcomer must start at its subscription, stream open"
     );
 }
+
+/// Publish `{"n": i}` padded to about `size` bytes, with ids `m<i>`, for
+/// `i` in `range`, in batches of 50; insist on 200.
+async fn publish_padded(api: &Api, topic: &str, range: std::ops::Range<u64>, size: usize) {
+    let pad = "x".repeat(size);
+    let ids: Vec<u64> = range.collect();
+    for chunk in ids.chunks(50) {
+        let messages: Vec<serde_json::Value> = chunk
+            .iter()
+            .map(|i| json!({"topic": topic, "id": format!("m{i}"), "data": {"n": i, "pad": pad}}))
+            .collect();
+        let (status, body) = api.publish_raw(json!({"messages": messages}), &[]).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+}
+
+/// A resume after `m1` of 1,000 messages of 5 KB (5 MB: more than a
+/// client queue's default 4 MiB), then live messages: every message after
+/// the cursor once, in order, with the stream open.
+async fn check_a_resume_larger_than_the_queue(node: &NodeProcess) {
+    publish_padded(node, "big", 1..1001, 5 * 1024).await;
+    let mut sse = node.connect().await;
+    let key = since_key("big", "m1");
+    node.subscribe(&sse.client_id, &[&key]).await;
+    let live = {
+        let api = node.api.clone();
+        tokio::spawn(async move { publish_padded(&api, "big", 1001..1011, 16).await })
+    };
+    let mut seen = Vec::new();
+    let mut closed = false;
+    while seen.len() < 1009 {
+        let (got, ended) = numbers_for(&mut sse, Duration::from_secs(5)).await;
+        let quiet = got.is_empty();
+        seen.extend(got);
+        if ended {
+            closed = true;
+            break;
+        }
+        if quiet {
+            break;
+        }
+    }
+    live.await.unwrap();
+    let (rest, ended) = numbers_for(&mut sse, Duration::from_millis(500)).await;
+    seen.extend(rest);
+    let expected: Vec<u64> = (2..1011).collect();
+    let a = Account::of(&seen, &expected);
+    eprintln!(
+        "resume after m1: received {}, missing {}, duplicated {}, in order {}, stream closed {}",
+        seen.len(),
+        a.missing.len(),
+        a.duplicated.len(),
+        a.in_order,
+        closed || ended
+    );
+    assert!(!closed && !ended, "the stream stays open");
+    assert_eq!(
+        seen, expected,
+        "replay then live: every message after the cursor, once, in order"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_larger_than_the_client_queue_is_delivered_as_the_client_reads_it() {
+    // Issue 18, item 5: the whole replay was pushed at once, the client
+    // was closed as slow with 0 events, and the SDK re-posted the same
+    // cursor on every reconnect, forever.
+    let redis = RedisServer::start().await;
+    let url = redis.url();
+    let node = NodeProcess::start(&env(&url, &[])).await;
+    check_a_resume_larger_than_the_queue(&node).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_larger_than_the_client_queue_is_delivered_as_the_client_reads_it_without_redis()
+{
+    let node = NodeProcess::start(&[]).await;
+    check_a_resume_larger_than_the_queue(&node).await;
+}
