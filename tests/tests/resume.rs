@@ -142,11 +142,11 @@ async fn a_subscriber_after_the_last_one_left_starts_at_its_subscription_not_at_
 }
 
 /// Publish `{"n": i}` padded to about `size` bytes, with ids `m<i>`, for
-/// `i` in `range`, in batches of 50; insist on 200.
+/// `i` in `range`, in batches of up to 50 (2 MB at most); insist on 200.
 async fn publish_padded(api: &Api, topic: &str, range: std::ops::Range<u64>, size: usize) {
     let pad = "x".repeat(size);
     let ids: Vec<u64> = range.collect();
-    for chunk in ids.chunks(50) {
+    for chunk in ids.chunks((2_000_000 / (size + 100)).clamp(1, 50)) {
         let messages: Vec<serde_json::Value> = chunk
             .iter()
             .map(|i| json!({"topic": topic, "id": format!("m{i}"), "data": {"n": i, "pad": pad}}))
@@ -218,4 +218,77 @@ async fn a_resume_larger_than_the_client_queue_is_delivered_as_the_client_reads_
 {
     let node = NodeProcess::start(&[]).await;
     check_a_resume_larger_than_the_queue(&node).await;
+}
+
+/// Redis's `total_net_output_bytes`.
+async fn redis_output_bytes(redis: &RedisServer) -> u64 {
+    let info: String = redis.cmd(&["INFO", "stats"]).await;
+    info.lines()
+        .find_map(|l| l.strip_prefix("total_net_output_bytes:"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("total_net_output_bytes")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resumes_that_need_nothing_read_nothing_of_the_history_and_other_topics_flow() {
+    // Issue 18, item 6: every resume read the whole history (here 150
+    // messages of 200 KB), on the subscriber connection's dispatcher:
+    // other topics' messages waited behind it and the node's memory grew
+    // by the history's size per resume.
+    let redis = RedisServer::start().await;
+    let url = redis.url();
+    let node = NodeProcess::start(&env(&url, &[])).await;
+    publish_padded(&node, "big", 1..151, 200 * 1024).await;
+    let mut other = node.connect().await;
+    node.subscribe(&other.client_id, &["other"]).await;
+    let steady = Publishers::start(node.api.clone(), "other", 1);
+    let mut resumed = Vec::new();
+    for _ in 0..25 {
+        resumed.push(node.connect().await);
+    }
+    let key = since_key("big", "m150");
+    let (bytes_before, rss_before) = (redis_output_bytes(&redis).await, node.rss_kib());
+    let posts = resumed.iter().map(|sse| {
+        let (api, id, key) = (node.api.clone(), sse.client_id.clone(), key.clone());
+        async move {
+            api.post_subscriptions(json!({"clientId": id, "subscriptions": [key]}), &[])
+                .await
+                .0
+        }
+    });
+    let statuses = futures_util::future::join_all(posts).await;
+    let (bytes_after, rss_after) = (redis_output_bytes(&redis).await, node.rss_kib());
+    let read = bytes_after - bytes_before;
+    let grown = rss_after.saturating_sub(rss_before) / 1024;
+    eprintln!(
+        "25 resumes needing nothing: answers {statuses:?}; Redis sent {} KB; the node's RSS grew {grown} MB",
+        read / 1024
+    );
+    assert!(statuses.iter().all(|s| *s == StatusCode::NO_CONTENT));
+    // The steady publisher's messages and the resumes' few lookups; not
+    // the 30 MB history, let alone 25 times.
+    assert!(
+        read < 2 * 1024 * 1024,
+        "resumes that need nothing read {read} bytes from Redis"
+    );
+    assert!(grown < 20, "the node's memory grew {grown} MB");
+    // Live from the cursor on: the next message reaches each one once.
+    publish_padded(&node, "big", 151..152, 16).await;
+    for (i, sse) in resumed.iter_mut().enumerate() {
+        let (seen, closed) = numbers_for(sse, Duration::from_millis(1500)).await;
+        assert_eq!(seen, vec![151], "resumed client {i}: the next message, once");
+        assert!(!closed);
+    }
+    let acked = steady.finish().await;
+    let (seen, closed) = numbers_for(&mut other, Duration::from_secs(1)).await;
+    let mut acked: Vec<u64> = acked.into_iter().collect();
+    acked.sort();
+    let a = Account::of(&seen, &acked);
+    eprintln!(
+        "the other topic's client: {} acknowledged, missing {}, duplicated {}",
+        acked.len(),
+        a.missing.len(),
+        a.duplicated.len()
+    );
+    assert!(!closed && a.missing.is_empty() && a.duplicated.is_empty() && a.in_order);
 }

@@ -691,13 +691,7 @@ impl Shared {
             .arg(self.history_key("m", &base))
             .arg("s")
             .arg("i");
-        pipe.cmd("XRANGE")
-            .arg(self.history_key("h", &base))
-            .arg("-")
-            .arg("+")
-            .arg("COUNT")
-            .arg(1);
-        let values = self.read_history(k, "ZSCORE", pipe, 3).await?;
+        let values = self.read_history(k, "ZSCORE", pipe, 2).await?;
         let score: Option<f64> = values
             .first()
             .and_then(|v| redis::from_redis_value(v.clone()).ok())
@@ -706,24 +700,36 @@ impl Shared {
             .get(1)
             .and_then(|v| redis::from_redis_value(v.clone()).ok())
             .unwrap_or((None, None));
-        let first: Vec<StreamEntry> = values
-            .get(2)
-            .and_then(|v| redis::from_redis_value(v.clone()).ok())
-            .unwrap_or_default();
-        let cursor = score.map(|o| o as u64).or_else(|| {
-            // The last message's id (its message may have expired), or
-            // the cursor entry the publish script wrote after an expiry.
-            if last_id.as_deref() == Some(since.as_str()) {
-                return top;
-            }
-            first.first().and_then(|(id, fields)| {
+        let mut cursor = score.map(|o| o as u64);
+        if cursor.is_none() && last_id.as_deref() == Some(since.as_str()) {
+            // The last message's id (its message may have expired).
+            cursor = top;
+        }
+        if cursor.is_none() {
+            // The cursor entry the publish script wrote after an expiry:
+            // the stream's first entry.
+            let mut pipe = redis::pipe();
+            pipe.cmd("XRANGE")
+                .arg(self.history_key("h", &base))
+                .arg("-")
+                .arg("+")
+                .arg("COUNT")
+                .arg(1);
+            let first: Vec<StreamEntry> = self
+                .read_history(k, "XRANGE", pipe, 1)
+                .await?
+                .into_iter()
+                .next()
+                .and_then(|v| redis::from_redis_value(v).ok())
+                .unwrap_or_default();
+            cursor = first.first().and_then(|(id, fields)| {
                 fields
                     .iter()
                     .any(|(f, v)| f == "c" && v == since.as_bytes())
                     .then(|| entry_offset(id))
                     .flatten()
-            })
-        });
+            });
+        }
         let Some(cursor) = cursor else {
             metrics::counter!(m::RESUME_UNKNOWN_CURSOR).increment(1);
             return release(&self, client, key);
