@@ -340,3 +340,46 @@ async fn a_resume_answered_503_delivers_nothing_and_one_answered_204_delivers_it
         "204: the replay once; anything else: nothing of it"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_with_a_message_larger_than_the_client_queue_is_refused_with_400_and_changes_nothing()
+ {
+    // A node whose clients' queues hold 128 KiB, and a message of 200 KB
+    // another node (with the default limits) published: that replay can
+    // never fit the queue, so the POST says so instead of a 204 whose
+    // stream is then closed on every reconnect.
+    let redis = RedisServer::start().await;
+    let url = redis.url();
+    let publisher = NodeProcess::start(&env(&url, &[])).await;
+    let small = NodeProcess::start(&env(
+        &url,
+        &[
+            ("FANOUT_CLIENT_QUEUE_BYTES", "131072"),
+            ("FANOUT_MAX_PAYLOAD_BYTES", "65536"),
+        ],
+    ))
+    .await;
+    publish_padded(&publisher, "t", 1..2, 16).await;
+    publish_padded(&publisher, "t", 2..3, 200 * 1024).await;
+    let mut sse = small.connect().await;
+    let key = since_key("t", "m1");
+    let (status, body) = small
+        .post_subscriptions(
+            json!({"clientId": sse.client_id, "subscriptions": ["other", key]}),
+            &[],
+        )
+        .await;
+    eprintln!("{status}: {body}");
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(body["status"], 400);
+    assert!(body["message"].as_str().is_some_and(|m| !m.is_empty()));
+    assert!(body["data"].is_object());
+    // Nothing changed: no subscription, nothing delivered.
+    publish_padded(&publisher, "other", 3..4, 16).await;
+    let (seen, closed) = numbers_for(&mut sse, Duration::from_millis(500)).await;
+    assert_eq!((seen, closed), (vec![], false));
+    // Without the cursor the same client subscribes.
+    small.subscribe(&sse.client_id, &["t"]).await;
+    publish_padded(&publisher, "t", 4..5, 16).await;
+    assert_eq!(sse.next_json().await.1["n"], 4);
+}
