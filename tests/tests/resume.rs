@@ -96,8 +96,7 @@ impl Publishers {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_subscriber_after_the_last_one_left_starts_at_its_subscription_not_at_a_stale_position()
-{
+async fn a_subscriber_after_the_last_one_left_starts_at_its_subscription_not_at_a_stale_position() {
     // Issue 18, item 8: a message in flight after the last subscriber of a
     // node left re-created the node's position for the topic; the next
     // subscriber there was caught up from that stale offset, getting the
@@ -214,8 +213,7 @@ async fn a_resume_larger_than_the_client_queue_is_delivered_as_the_client_reads_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_resume_larger_than_the_client_queue_is_delivered_as_the_client_reads_it_without_redis()
-{
+async fn a_resume_larger_than_the_client_queue_is_delivered_as_the_client_reads_it_without_redis() {
     let node = NodeProcess::start(&[]).await;
     check_a_resume_larger_than_the_queue(&node).await;
 }

@@ -292,7 +292,14 @@ async fn run_replay(
         };
         for p in page {
             let pushed = hub
-                .push_replay_paced(&client, &key, &p.topic, &p.data, &p.audience, super::REPLAY_STALL)
+                .push_replay_paced(
+                    &client,
+                    &key,
+                    &p.topic,
+                    &p.data,
+                    &p.audience,
+                    super::REPLAY_STALL,
+                )
                 .await;
             if pushed.is_err() {
                 return;

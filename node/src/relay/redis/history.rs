@@ -139,7 +139,10 @@ const REPLAY_RETRY: Duration = Duration::from_millis(20);
 
 /// One entry of a resume's page.
 enum Replayed {
-    Message { offset: u64, payload: Vec<u8> },
+    Message {
+        offset: u64,
+        payload: Vec<u8>,
+    },
     /// A cursor entry: the message at its offset expired.
     Expired,
 }
@@ -871,13 +874,15 @@ impl Shared {
             // delivery on the dispatcher, between two live messages.
             let force = waited >= super::COMMAND_TIMEOUT * 2;
             let (done, rx) = tokio::sync::oneshot::channel();
-            let sent = self.links[self.link_of(&base)].replays.send(super::ReplayRequest {
-                client: client.clone(),
-                key: key.clone(),
-                after,
-                force,
-                done,
-            });
+            let sent = self.links[self.link_of(&base)]
+                .replays
+                .send(super::ReplayRequest {
+                    client: client.clone(),
+                    key: key.clone(),
+                    after,
+                    force,
+                    done,
+                });
             match (sent, rx.await) {
                 (Ok(()), Ok(true)) => return,
                 // More was dispatched meanwhile: read it, then try again.

@@ -927,8 +927,10 @@ impl Relay for RedisRelay {
         client: Arc<crate::client::Client>,
         key: protocol::SubKey,
         since: String,
-    ) -> BoxFuture<'_, Result<Result<crate::relay::PendingReplay, crate::error::ApiError>, RelayError>>
-    {
+    ) -> BoxFuture<
+        '_,
+        Result<Result<crate::relay::PendingReplay, crate::error::ApiError>, RelayError>,
+    > {
         Box::pin(Shared::prepare_replay(
             self.shared.clone(),
             client,
