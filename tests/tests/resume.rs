@@ -163,11 +163,17 @@ async fn check_a_resume_larger_than_the_queue(node: &NodeProcess) {
     let mut sse = node.connect().await;
     let key = since_key("big", "m1");
     node.subscribe(&sse.client_id, &[&key]).await;
+    // Live messages while the replay goes on; after its first 20, as the
+    // history holds 1,000 (each live message trims the oldest: those
+    // must have been replayed by then, or the replay rightly ends as a gap).
+    let mut seen = Vec::new();
+    for _ in 0..20 {
+        seen.push(sse.next_json().await.1["n"].as_u64().unwrap());
+    }
     let live = {
         let api = node.api.clone();
         tokio::spawn(async move { publish_padded(&api, "big", 1001..1011, 16).await })
     };
-    let mut seen = Vec::new();
     let mut closed = false;
     while seen.len() < 1009 {
         let (got, ended) = numbers_for(&mut sse, Duration::from_secs(5)).await;
@@ -194,6 +200,11 @@ async fn check_a_resume_larger_than_the_queue(node: &NodeProcess) {
         a.in_order,
         closed || ended
     );
+    if closed || ended {
+        let logs = node.logs();
+        let tail: Vec<&str> = logs.lines().rev().take(15).collect();
+        eprintln!("node logs (last lines, newest first): {tail:#?}");
+    }
     assert!(!closed && !ended, "the stream stays open");
     assert_eq!(
         seen, expected,

@@ -126,9 +126,18 @@ return {s, e, n}
 /// Topics read per pipeline when a link catches up.
 const CATCH_UP_BATCH: usize = 500;
 
-/// Messages a resume reads per `XRANGE` page: what one resume holds in
-/// memory at most while its client drains it.
+/// Messages a resume reads per `XRANGE` page, at most.
 const REPLAY_PAGE: usize = 32;
+
+/// Messages of a resume's first page, read while its POST is answered
+/// (the sizes of later pages follow the messages' sizes).
+const REPLAY_FIRST_PAGE: usize = 8;
+
+/// About the bytes of one resume's page: after its first page, a resume
+/// reads as many messages as fit this at their average size (1 to
+/// [`REPLAY_PAGE`]), so what it holds while its client drains stays
+/// about this size, well under a client queue's default 4 MiB.
+const REPLAY_PAGE_BYTES: usize = 1024 * 1024;
 
 /// Resume pages read at once on a node; more wait their turn.
 pub(super) const REPLAY_READS: usize = 4;
@@ -739,7 +748,9 @@ impl Shared {
         };
         let upto = self.position_of(&base);
         let page = if cursor < upto {
-            let page = self.replay_page(&base, cursor, upto).await?;
+            let page = self
+                .replay_page(&base, cursor, upto, REPLAY_FIRST_PAGE)
+                .await?;
             // The cursor's successor is gone (trimmed or expired): as a
             // cursor no longer in the history, nothing is replayed.
             if !matches!(page.first(), Some(Replayed::Message { offset, .. }) if *offset == cursor + 1)
@@ -771,13 +782,14 @@ impl Shared {
     }
 
     /// One page of `base`'s history after offset `after`, up to offset
-    /// `upto`: at most [`REPLAY_PAGE`] entries, read on the history reads
+    /// `upto`: at most `count` entries, read on the history reads
     /// connection ([`REPLAY_READS`] at a time).
     async fn replay_page(
         &self,
         base: &str,
         after: u64,
         upto: u64,
+        count: usize,
     ) -> Result<Vec<Replayed>, RelayError> {
         let _permit = self
             .replay_reads
@@ -790,7 +802,7 @@ impl Shared {
             .arg(format!("{}-0", after + 1))
             .arg(format!("{upto}-1"))
             .arg("COUNT")
-            .arg(REPLAY_PAGE);
+            .arg(count);
         let values = self
             .read_history(self.link_of(base), "XRANGE", pipe, 1)
             .await?;
@@ -834,9 +846,20 @@ impl Shared {
         mut page: Vec<Replayed>,
     ) {
         let mut waited = Duration::ZERO;
+        let mut count = REPLAY_PAGE;
         loop {
             if !self.hub.is_held(&client, &key) {
                 return; // unsubscribed or gone meanwhile
+            }
+            let bytes: usize = page
+                .iter()
+                .map(|r| match r {
+                    Replayed::Message { payload, .. } => payload.len(),
+                    Replayed::Expired => 0,
+                })
+                .sum();
+            if !page.is_empty() {
+                count = (REPLAY_PAGE_BYTES * page.len() / bytes.max(1)).clamp(1, REPLAY_PAGE);
             }
             for r in std::mem::take(&mut page) {
                 match r {
@@ -856,7 +879,7 @@ impl Shared {
             }
             let upto = self.position_of(&base);
             if after < upto {
-                match self.replay_page(&base, after, upto).await {
+                match self.replay_page(&base, after, upto, count).await {
                     Ok(p) if p.is_empty() => return self.replay_lost(&client, &base),
                     Ok(p) => page = p,
                     Err(e) => {
