@@ -291,6 +291,9 @@ async fn run_replay(
             page.into_iter().map(|(_, p)| p).collect()
         };
         for p in page {
+            if !hub.is_held(&client, &key) {
+                return; // unsubscribed or gone meanwhile
+            }
             let pushed = hub
                 .push_replay_paced(
                     &client,

@@ -864,10 +864,12 @@ impl Shared {
             for r in std::mem::take(&mut page) {
                 match r {
                     Replayed::Message { offset, payload } if offset == after + 1 => {
-                        if self
-                            .replay_to_paced(&client, &key, &base, &payload)
-                            .await
-                            .is_err()
+                        // Unsubscribed meanwhile (or gone): stop.
+                        if !self.hub.is_held(&client, &key)
+                            || self
+                                .replay_to_paced(&client, &key, &base, &payload)
+                                .await
+                                .is_err()
                         {
                             return;
                         }
