@@ -342,6 +342,16 @@ impl Broker {
             r = self.sync_and_replay(&client, topics.clone(), resumes) => r,
             _ = until(deadline) => Err(RelayError::Unavailable(late().message)),
         };
+        // Replays are delivered only once the answer is 204: one whose
+        // request fails is dropped here unstarted, nothing of it sent.
+        let (synced, replays) = match synced {
+            Ok(Ok(replays)) => (Ok(()), replays),
+            Ok(Err(refusal)) => {
+                self.revert(&client, &previous, previous_auth, topics);
+                return Err(refusal);
+            }
+            Err(e) => (Err(e), Vec::new()),
+        };
         // Companion mode: PocketBase must have acknowledged the keys too.
         let bridged = match (&synced, &self.companion) {
             (Ok(()), Some(c)) => tokio::select! {
@@ -366,9 +376,13 @@ impl Broker {
         match synced {
             Ok(()) => {
                 applied();
+                for replay in replays {
+                    replay.start();
+                }
                 Ok(())
             }
             Err(e) => {
+                drop(replays);
                 tracing::warn!(client = client.id(), error = %e, "subscription failed; reverting");
                 self.revert(&client, &previous, previous_auth, topics);
                 Err(ApiError::new(
@@ -476,26 +490,28 @@ impl Broker {
         }
     }
 
-    /// Confirm the topics on the relay, then replay the history of each
-    /// resumed key (released for live messages once replayed).
+    /// Confirm the topics on the relay, then prepare the replay of each
+    /// resumed key (started, and the key released for live messages once
+    /// replayed, only after the request is answered 204). `Ok(Err(_))`: a
+    /// resume that can never be delivered, refused with that answer.
     async fn sync_and_replay(
         &self,
         client: &Arc<Client>,
         topics: Vec<Arc<str>>,
         resumes: Vec<(String, String)>,
-    ) -> Result<(), RelayError> {
-        let synced = self.relay.sync_topics(topics).await;
+    ) -> Result<Result<Vec<crate::relay::PendingReplay>, ApiError>, RelayError> {
+        self.relay.sync_topics(topics).await?;
+        let mut replays = Vec::new();
         for (key, since) in resumes {
             let Some(stored) = self.hub.key_of(client, &key) else {
                 continue;
             };
-            if synced.is_err() {
-                self.hub.release(client, &key);
-                continue;
+            match self.relay.replay(client.clone(), stored, since).await? {
+                Ok(replay) => replays.push(replay),
+                Err(refusal) => return Ok(Err(refusal)),
             }
-            self.relay.replay(client.clone(), stored, since).await?;
         }
-        synced
+        Ok(Ok(replays))
     }
 }
 

@@ -207,6 +207,9 @@ pub struct Client {
     queue: Mutex<Queue>,
     /// The stream's waker: woken when the queue becomes non-empty or closes.
     waker: AtomicWaker,
+    /// Woken when the stream took frames or the queue closed: a replay
+    /// waiting for room ([`Client::push_when_room`]) looks again.
+    drained: tokio::sync::Notify,
     pub(crate) state: Mutex<ClientState>,
     /// Held for the whole of a subscription request (checks, change, relay
     /// confirmation, rollback), so one client's requests apply one at a
@@ -238,6 +241,7 @@ impl Client {
             max_bytes: max_bytes.max(1),
             queue: Mutex::new(Queue::new()),
             waker: AtomicWaker::new(),
+            drained: tokio::sync::Notify::new(),
             state: Mutex::new(ClientState {
                 registered: true,
                 ..Default::default()
@@ -323,23 +327,72 @@ impl Client {
     }
 
     pub(crate) fn push(&self, frame: Frame) -> Result<(), SendError> {
-        let shared = shared_key(&frame);
         let mut q = self.queue.lock();
         if q.closed.is_some() {
             return Err(SendError::Closed);
         }
-        let data_held = shared.is_some_and(|k| q.shared.contains_key(&k));
-        let size =
-            self.id_line.len() + frame.head.len() + if data_held { 0 } else { frame.data.len() };
-        // An empty queue always takes the event: the client is not behind.
-        if !q.frames.is_empty()
-            && (q.frames.len() >= self.capacity || q.bytes + size > self.max_bytes)
-        {
+        if !self.has_room(&q, &frame) {
             q.close(CloseReason::Slow);
             drop(q);
             self.waker.wake();
+            self.drained.notify_waiters();
             return Err(SendError::Full);
         }
+        self.enqueue(q, frame);
+        Ok(())
+    }
+
+    /// Whether the queue takes `frame` now. An empty queue always takes
+    /// the event: the client is not behind.
+    fn has_room(&self, q: &Queue, frame: &Frame) -> bool {
+        let data_held = shared_key(frame).is_some_and(|k| q.shared.contains_key(&k));
+        let size =
+            self.id_line.len() + frame.head.len() + if data_held { 0 } else { frame.data.len() };
+        q.frames.is_empty() || (q.frames.len() < self.capacity && q.bytes + size <= self.max_bytes)
+    }
+
+    /// Push a replayed event, paced by the stream: wait (at most `stall`
+    /// without the stream taking anything) until the queue has room for
+    /// it, instead of closing the client as slow. A replay larger than the
+    /// queue is delivered as the client reads it. `Err(Full)` when the
+    /// stream took nothing for `stall` (the client is not reading; it is
+    /// then closed as slow), `Err(Closed)` when it is closed.
+    pub(crate) async fn push_when_room(
+        &self,
+        frame: Frame,
+        stall: std::time::Duration,
+    ) -> Result<(), SendError> {
+        loop {
+            let drained = self.drained.notified();
+            tokio::pin!(drained);
+            drained.as_mut().enable();
+            {
+                let q = self.queue.lock();
+                if q.closed.is_some() {
+                    return Err(SendError::Closed);
+                }
+                if self.has_room(&q, &frame) {
+                    self.enqueue(q, frame);
+                    return Ok(());
+                }
+            }
+            if tokio::time::timeout(stall, drained).await.is_err() {
+                self.close(CloseReason::Slow);
+                return Err(SendError::Full);
+            }
+        }
+    }
+
+    /// The queue's byte bound (`--client-queue-bytes`).
+    pub(crate) fn max_bytes(&self) -> usize {
+        self.max_bytes
+    }
+
+    fn enqueue(&self, mut q: parking_lot::MutexGuard<'_, Queue>, frame: Frame) {
+        let shared = shared_key(&frame);
+        let data_held = shared.is_some_and(|k| q.shared.contains_key(&k));
+        let size =
+            self.id_line.len() + frame.head.len() + if data_held { 0 } else { frame.data.len() };
         if let Some(k) = shared {
             *q.shared.entry(k).or_insert(0) += 1;
         }
@@ -353,7 +406,6 @@ impl Client {
         if first {
             self.waker.wake();
         }
-        Ok(())
     }
 
     /// Close the client: its stream ends and further sends fail.
@@ -368,6 +420,7 @@ impl Client {
         }
         drop(q);
         self.waker.wake();
+        self.drained.notify_waiters();
     }
 
     pub fn is_discarded(&self) -> bool {
@@ -427,6 +480,7 @@ impl Client {
         if batch.is_empty() {
             return Take::Empty;
         }
+        self.drained.notify_waiters();
         Take::Data {
             size,
             events: batch.len(),

@@ -591,8 +591,47 @@ impl Hub {
         data: &[u8],
         audience: &Audience,
     ) {
-        if !protocol::key_matches(key, topic) {
+        let Some(frame) = Self::replay_frame(client, key, topic, data, audience) else {
             return;
+        };
+        if let Err(SendError::Full) = client.push(frame) {
+            self.drop_slow(vec![client.clone()]);
+        }
+    }
+
+    /// [`Hub::push_replay`], paced by the client's stream: waits for room
+    /// in its queue (see [`Client::push_when_room`]) rather than closing it
+    /// as slow. `Err` when the client is closed (or was, as not reading).
+    pub(crate) async fn push_replay_paced(
+        &self,
+        client: &Arc<Client>,
+        key: &SubKey,
+        topic: &str,
+        data: &[u8],
+        audience: &Audience,
+        stall: std::time::Duration,
+    ) -> Result<(), SendError> {
+        let Some(frame) = Self::replay_frame(client, key, topic, data, audience) else {
+            return Ok(());
+        };
+        let pushed = client.push_when_room(frame, stall).await;
+        if let Err(SendError::Full) = pushed {
+            self.drop_slow(vec![client.clone()]);
+        }
+        pushed
+    }
+
+    /// The event a replayed message makes for `client`'s `key`, if it
+    /// matches the key and the message's audience includes the client.
+    fn replay_frame(
+        client: &Client,
+        key: &SubKey,
+        topic: &str,
+        data: &[u8],
+        audience: &Audience,
+    ) -> Option<Frame> {
+        if !protocol::key_matches(key, topic) {
+            return None;
         }
         let allowed = match audience {
             Audience::All => true,
@@ -600,14 +639,28 @@ impl Hub {
             Audience::User(u) => client.auth().is_some_and(|a| a.id == *u),
         };
         if !allowed {
-            return;
+            return None;
         }
-        let Ok(data) = protocol::event_data(data) else {
-            return;
-        };
-        if let Err(SendError::Full) = client.push(Frame::new(key, &data)) {
-            self.drop_slow(vec![client.clone()]);
-        }
+        let data = protocol::event_data(data).ok()?;
+        Some(Frame::new(key, &data))
+    }
+
+    /// Close and unregister one client whose replay missed messages (its
+    /// history was trimmed or lost before it was replayed): the SDK
+    /// reconnects and the app re-fetches, as after any missed message.
+    pub(crate) fn close_lost(&self, client: &Client) {
+        let changes = self.unregister_quiet(client.id(), CloseReason::Gap);
+        self.topics_changed(changes);
+    }
+
+    /// Whether `client` still holds `key` as held (not yet released).
+    pub(crate) fn is_held(&self, client: &Client, key: &str) -> bool {
+        let index = self.inner.index.read();
+        index
+            .topics
+            .get(protocol::base_topic(key))
+            .and_then(|t| t.keys.get(key))
+            .is_some_and(|subs| subs.held.contains(&client.seq))
     }
 
     /// The stored key `key` of `client`, if it holds it.

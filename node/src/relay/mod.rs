@@ -97,6 +97,45 @@ pub struct Publication {
     pub id: Option<String>,
 }
 
+/// A replay prepared by [`Relay::replay`]: nothing of it is delivered
+/// until [`PendingReplay::start`].
+#[must_use = "a replay delivers nothing until started"]
+pub struct PendingReplay(Option<Box<dyn FnOnce() + Send>>);
+
+impl PendingReplay {
+    /// A replay that runs `start` (which spawns its task) when started.
+    pub fn new(start: impl FnOnce() + Send + 'static) -> Self {
+        Self(Some(Box::new(start)))
+    }
+
+    /// Deliver it: spawns the replay's own task, off the live path.
+    pub fn start(mut self) {
+        if let Some(f) = self.0.take() {
+            f();
+        }
+    }
+}
+
+/// How long a replay waits for a client's stream to take anything before
+/// it closes the client as slow: the client is not reading.
+pub(crate) const REPLAY_STALL: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Whether a replayed message with `data_len` bytes of data, as an event
+/// of `key`, exceeds what `client`'s queue holds (`--client-queue-bytes`).
+pub(crate) fn too_large_for(client: &crate::client::Client, key: &str, data_len: usize) -> bool {
+    let event = "id:\n".len() + crate::protocol::CLIENT_ID_LEN + "event:\ndata:\n\n".len();
+    event + key.len() + data_len > client.max_bytes()
+}
+
+/// The answer to a resume with a message the client's queue can never
+/// take: 400, PocketBase's error JSON, nothing changed.
+pub(crate) fn undeliverable_replay(client: &crate::client::Client) -> ApiError {
+    ApiError::bad_request(format!(
+        "The history after the cursor holds a message larger than the client's queue ({} bytes); it cannot be replayed. Subscribe without the cursor.",
+        client.max_bytes()
+    ))
+}
+
 /// Why the relay could not do what was asked.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum RelayError {
@@ -232,17 +271,24 @@ pub trait Relay: Send + Sync + 'static {
         request: Forwarded,
     ) -> BoxFuture<'_, Result<Result<(), ApiError>, RelayError>>;
 
-    /// Replay to `client`, for its held key `key`, the history of the
-    /// key's topic after the message whose id is `since`, then let live
-    /// messages through ([`Hub::release`]), with no gap and no duplicate
-    /// between the two. A cursor no longer in the history replays nothing
-    /// (counted in `fanout_resume_unknown_cursor_total`).
+    /// Prepare to replay to `client`, for its held key `key`, the history
+    /// of the key's topic after the message whose id is `since`: find the
+    /// cursor and read the first page, without delivering anything. The
+    /// caller starts the returned [`PendingReplay`] once the subscription
+    /// request is answered 204; dropped unstarted (the request failed),
+    /// nothing of it was delivered. Started, it pushes the history in
+    /// pages paced by the client's stream, then lets live messages through
+    /// ([`Hub::release`]), with no gap and no duplicate between the two.
+    /// A cursor no longer in the history replays nothing (counted in
+    /// `fanout_resume_unknown_cursor_total`). `Ok(Err(_))`: the replay can
+    /// never be delivered (a message larger than the client's queue
+    /// bytes), refused with that answer.
     fn replay(
         &self,
         client: Arc<crate::client::Client>,
         key: crate::protocol::SubKey,
         since: String,
-    ) -> BoxFuture<'_, Result<(), RelayError>>;
+    ) -> BoxFuture<'_, Result<Result<PendingReplay, ApiError>, RelayError>>;
 
     /// A stamp for a subscription request received now: µs on the clock
     /// every node of the cluster reads (Redis's `TIME`, through an offset

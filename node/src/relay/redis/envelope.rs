@@ -18,9 +18,6 @@ pub(super) struct Envelope<'a> {
     client_id: Option<String>,
     #[serde(default, rename = "userId")]
     user_id: Option<String>,
-    /// The publisher's id of the message, if it gave one.
-    #[serde(default, borrow)]
-    id: Option<std::borrow::Cow<'a, str>>,
     /// Set by the publish script when history is on.
     #[serde(default)]
     offset: Option<u64>,
@@ -87,16 +84,18 @@ impl Shared {
     }
 
     /// Push a message read from history to one client for one key (if it
-    /// matches the key and its audience). Its publisher id and offset.
-    pub(super) fn replay_to(
+    /// matches the key and its audience), paced by the client's stream
+    /// (waits for room in its queue). `Err` when the client is closed.
+    pub(super) async fn replay_to_paced(
         &self,
         client: &std::sync::Arc<crate::client::Client>,
         key: &crate::protocol::SubKey,
         base: &str,
         payload: &[u8],
-    ) -> Option<(Option<String>, u64)> {
-        let env = serde_json::from_slice::<Envelope>(payload).ok()?;
-        let at = (env.id.as_deref().map(str::to_owned), env.offset?);
+    ) -> Result<(), crate::client::SendError> {
+        let Ok(env) = serde_json::from_slice::<Envelope>(payload) else {
+            return Ok(());
+        };
         let topic = env.topic.as_deref().unwrap_or(base);
         let audience = match (&env.client_id, &env.user_id) {
             (Some(c), _) => Audience::Client(c.clone()),
@@ -104,14 +103,22 @@ impl Shared {
             (None, None) => Audience::All,
         };
         let data = protocol::one_line_json(env.data.get());
-        self.hub.push_replay(client, key, topic, &data, &audience);
-        Some(at)
+        self.hub
+            .push_replay_paced(
+                client,
+                key,
+                topic,
+                &data,
+                &audience,
+                crate::relay::REPLAY_STALL,
+            )
+            .await
     }
 
-    /// The publisher id and offset of a message read from history.
-    pub(super) fn id_of(payload: &[u8]) -> Option<(Option<String>, u64)> {
+    /// The data's length of a message read from history.
+    pub(super) fn data_len(payload: &[u8]) -> Option<usize> {
         let env = serde_json::from_slice::<Envelope>(payload).ok()?;
-        Some((env.id.as_deref().map(str::to_owned), env.offset?))
+        Some(env.data.get().len())
     }
 
     fn dispatch_decoded(&self, base: &str, env: Envelope<'_>) {

@@ -40,7 +40,13 @@ use std::{collections::VecDeque, sync::Arc, time::Duration};
 use redis::Value;
 
 use super::{Shared, topology::Commands};
-use crate::{client::CloseReason, metrics as m};
+use crate::{
+    client::{Client, CloseReason},
+    error::ApiError,
+    metrics as m,
+    protocol::SubKey,
+    relay::{PendingReplay, RelayError},
+};
 
 /// How long a topic's meta hash (epoch and offset counter) outlives its
 /// last publish, at least: [`meta_ttl`] takes the longer of this and twice
@@ -119,6 +125,41 @@ return {s, e, n}
 
 /// Topics read per pipeline when a link catches up.
 const CATCH_UP_BATCH: usize = 500;
+
+/// Messages a resume reads per `XRANGE` page, at most.
+const REPLAY_PAGE: usize = 32;
+
+/// Messages of a resume's first page, read while its POST is answered
+/// (the sizes of later pages follow the messages' sizes).
+const REPLAY_FIRST_PAGE: usize = 8;
+
+/// About the bytes of one resume's page: after its first page, a resume
+/// reads as many messages as fit this at their average size (1 to
+/// [`REPLAY_PAGE`]), so what it holds while its client drains stays
+/// about this size, well under a client queue's default 4 MiB.
+const REPLAY_PAGE_BYTES: usize = 1024 * 1024;
+
+/// Resume pages read at once on a node; more wait their turn.
+pub(super) const REPLAY_READS: usize = 4;
+
+/// A resume's pause before it looks again (its node has not dispatched
+/// the cursor yet, or the history cannot be read now).
+const REPLAY_RETRY: Duration = Duration::from_millis(20);
+
+/// One entry of a resume's page.
+enum Replayed {
+    Message {
+        offset: u64,
+        payload: Vec<u8>,
+    },
+    /// A cursor entry: the message at its offset expired.
+    Expired,
+}
+
+/// The offset of a stream entry id (`<offset>-1`).
+fn entry_offset(id: &str) -> Option<u64> {
+    id.split_once('-')?.0.parse().ok()
+}
 
 /// One `XRANGE` entry: its id and its field/value pairs.
 type StreamEntry = (String, Vec<(String, Vec<u8>)>);
@@ -285,8 +326,27 @@ impl Shared {
         true
     }
 
+    /// Note that `base` was dispatched up to `epoch:offset`. A topic this
+    /// node has no position for gets one only while it is confirmed
+    /// subscribed: a message still in flight after the last local
+    /// subscriber left must not re-create a position, or the next
+    /// subscriber would start from that stale offset (replayed messages
+    /// from before it subscribed, or a gap closing its stream at once)
+    /// instead of at its subscription ([`Shared::snapshot_positions`]).
     fn set_position(&self, base: &str, epoch: &str, offset: u64, digest: u64) {
         let mut positions = self.positions.lock();
+        if !positions.contains_key(base) {
+            // The unsubscribe path removes a topic from `confirmed` and
+            // forgets its position under the `confirmed` lock: take it
+            // first (same order), so the check and the insert are atomic
+            // against it.
+            drop(positions);
+            let confirmed = self.confirmed.lock();
+            positions = self.positions.lock();
+            if !positions.contains_key(base) && !confirmed.contains(base) {
+                return;
+            }
+        }
         let p = positions
             .entry(Arc::from(base))
             .or_insert_with(|| Position {
@@ -613,61 +673,277 @@ impl Shared {
         true
     }
 
-    /// Serve a resume: replay to the client, for its held key, what the
-    /// topic's history holds after the message with id `since`, up to what
-    /// this node has dispatched, then release the key. Runs on the link's
-    /// dispatcher, so no live message of the topic passes in between.
-    pub(super) async fn serve_replay(&self, req: super::ReplayRequest) {
-        let base = crate::protocol::base_topic(&req.key).to_owned();
-        let upto = self
-            .positions
-            .lock()
-            .get(base.as_str())
-            .map_or(0, |p| p.offset);
+    /// Prepare a resume of `client`'s held `key` after the message whose
+    /// id is `since` (the subscription request is being answered): find
+    /// the cursor's offset without reading the history (the ids set
+    /// holds each id's offset; the meta hash and the stream's first entry
+    /// hold the cursor of a topic whose messages expired), and read the
+    /// first page after it, up to what this node has dispatched. Nothing
+    /// is delivered until the answer is 204 and the replay is started.
+    pub(super) async fn prepare_replay(
+        self: Arc<Self>,
+        client: Arc<Client>,
+        key: SubKey,
+        since: String,
+    ) -> Result<Result<PendingReplay, ApiError>, RelayError> {
+        let release = |s: &Arc<Self>, client: Arc<Client>, key: SubKey| {
+            let hub = s.hub.clone();
+            Ok(Ok(PendingReplay::new(move || hub.release(&client, &key))))
+        };
+        if !self.history_on() {
+            return release(&self, client, key);
+        }
+        let base = crate::protocol::base_topic(&key).to_owned();
+        let k = self.link_of(&base);
+        let mut pipe = redis::pipe();
+        pipe.cmd("ZSCORE")
+            .arg(self.history_key("i", &base))
+            .arg(&since);
+        pipe.cmd("HMGET")
+            .arg(self.history_key("m", &base))
+            .arg("s")
+            .arg("i");
+        let values = self.read_history(k, "ZSCORE", pipe, 2).await?;
+        let score: Option<f64> = values
+            .first()
+            .and_then(|v| redis::from_redis_value(v.clone()).ok())
+            .flatten();
+        let (top, last_id): (Option<u64>, Option<String>) = values
+            .get(1)
+            .and_then(|v| redis::from_redis_value(v.clone()).ok())
+            .unwrap_or((None, None));
+        let mut cursor = score.map(|o| o as u64);
+        if cursor.is_none() && last_id.as_deref() == Some(since.as_str()) {
+            // The last message's id (its message may have expired).
+            cursor = top;
+        }
+        if cursor.is_none() {
+            // The cursor entry the publish script wrote after an expiry:
+            // the stream's first entry.
+            let mut pipe = redis::pipe();
+            pipe.cmd("XRANGE")
+                .arg(self.history_key("h", &base))
+                .arg("-")
+                .arg("+")
+                .arg("COUNT")
+                .arg(1);
+            let first: Vec<StreamEntry> = self
+                .read_history(k, "XRANGE", pipe, 1)
+                .await?
+                .into_iter()
+                .next()
+                .and_then(|v| redis::from_redis_value(v).ok())
+                .unwrap_or_default();
+            cursor = first.first().and_then(|(id, fields)| {
+                fields
+                    .iter()
+                    .any(|(f, v)| f == "c" && v == since.as_bytes())
+                    .then(|| entry_offset(id))
+                    .flatten()
+            });
+        }
+        let Some(cursor) = cursor else {
+            metrics::counter!(m::RESUME_UNKNOWN_CURSOR).increment(1);
+            return release(&self, client, key);
+        };
+        let upto = self.position_of(&base);
+        let page = if cursor < upto {
+            let page = self
+                .replay_page(&base, cursor, upto, REPLAY_FIRST_PAGE)
+                .await?;
+            // The cursor's successor is gone (trimmed or expired): as a
+            // cursor no longer in the history, nothing is replayed.
+            if !matches!(page.first(), Some(Replayed::Message { offset, .. }) if *offset == cursor + 1)
+            {
+                metrics::counter!(m::RESUME_UNKNOWN_CURSOR).increment(1);
+                return release(&self, client, key);
+            }
+            let too_large = page.iter().any(|r| match r {
+                Replayed::Message { payload, .. } => Self::data_len(payload)
+                    .is_some_and(|n| crate::relay::too_large_for(&client, &key, n)),
+                Replayed::Expired => false,
+            });
+            if too_large {
+                return Ok(Err(crate::relay::undeliverable_replay(&client)));
+            }
+            page
+        } else {
+            Vec::new()
+        };
+        let s = self.clone();
+        Ok(Ok(PendingReplay::new(move || {
+            tokio::spawn(s.run_replay(client, key, base, cursor, page));
+        })))
+    }
+
+    /// The offset this node has dispatched `base` up to (0: none).
+    fn position_of(&self, base: &str) -> u64 {
+        self.positions.lock().get(base).map_or(0, |p| p.offset)
+    }
+
+    /// One page of `base`'s history after offset `after`, up to offset
+    /// `upto`: at most `count` entries, read on the history reads
+    /// connection ([`REPLAY_READS`] at a time).
+    async fn replay_page(
+        &self,
+        base: &str,
+        after: u64,
+        upto: u64,
+        count: usize,
+    ) -> Result<Vec<Replayed>, RelayError> {
+        let _permit = self
+            .replay_reads
+            .acquire()
+            .await
+            .map_err(|_| RelayError::Unavailable("stopping".into()))?;
         let mut pipe = redis::pipe();
         pipe.cmd("XRANGE")
-            .arg(self.history_key("h", &base))
-            .arg("-")
-            .arg(format!("{upto}-1"));
-        let entries: Option<Vec<StreamEntry>> = self
-            .read_history(self.link_of(&base), "XRANGE", pipe, 1)
-            .await
-            .ok()
-            .and_then(|v| v.into_iter().next())
-            .and_then(|v| redis::from_redis_value(v).ok());
-        if let Some(entries) = entries {
-            // Messages (`m`), and the cursor entry (`c`: the id of the last
-            // message before the stream expired, see `PUBLISH_SCRIPT`).
-            let entries: Vec<(bool, Vec<u8>)> = entries
-                .into_iter()
-                .filter_map(|(_, fields)| {
-                    fields
-                        .into_iter()
-                        .find(|(f, _)| f == "m" || f == "c")
-                        .map(|(f, v)| (f == "m", v))
-                })
-                .collect();
-            let from = entries.iter().rposition(|(message, v)| {
-                if *message {
-                    Self::id_of(v).is_some_and(|(id, _)| id.as_deref() == Some(req.since.as_str()))
+            .arg(self.history_key("h", base))
+            .arg(format!("{}-0", after + 1))
+            .arg(format!("{upto}-1"))
+            .arg("COUNT")
+            .arg(count);
+        let values = self
+            .read_history(self.link_of(base), "XRANGE", pipe, 1)
+            .await?;
+        let entries: Vec<StreamEntry> = values
+            .into_iter()
+            .next()
+            .and_then(|v| redis::from_redis_value(v).ok())
+            .unwrap_or_default();
+        Ok(entries
+            .into_iter()
+            .filter_map(|(id, fields)| {
+                let (f, v) = fields.into_iter().find(|(f, _)| f == "m" || f == "c")?;
+                Some(if f == "m" {
+                    Replayed::Message {
+                        offset: self.peek_envelope(&v).map(|(_, o)| o)?,
+                        payload: v,
+                    }
                 } else {
-                    v == req.since.as_bytes()
-                }
-            });
-            match from {
-                Some(i) => {
-                    for (_, m) in entries[i + 1..].iter().filter(|(message, _)| *message) {
-                        self.replay_to(&req.client, &req.key, &base, m);
+                    let _ = entry_offset(&id)?;
+                    Replayed::Expired
+                })
+            })
+            .collect())
+    }
+
+    /// Deliver a started resume: push `page`, then the pages that follow,
+    /// each as the client's stream drains it, from the reads connection
+    /// (never the dispatcher: live messages of other topics do not wait
+    /// for it), until it reaches this node's position; then the link's
+    /// dispatcher releases the key between two live messages
+    /// ([`Shared::finish_replay`]). Live messages of the key wait (held)
+    /// meanwhile, in Redis and not in memory. Messages the history lost
+    /// before they were replayed (trimmed, expired) close the client's
+    /// stream, as any missed message does.
+    async fn run_replay(
+        self: Arc<Self>,
+        client: Arc<Client>,
+        key: SubKey,
+        base: String,
+        mut after: u64,
+        mut page: Vec<Replayed>,
+    ) {
+        let mut waited = Duration::ZERO;
+        let mut count = REPLAY_PAGE;
+        loop {
+            if !self.hub.is_held(&client, &key) {
+                return; // unsubscribed or gone meanwhile
+            }
+            let bytes: usize = page
+                .iter()
+                .map(|r| match r {
+                    Replayed::Message { payload, .. } => payload.len(),
+                    Replayed::Expired => 0,
+                })
+                .sum();
+            if !page.is_empty() {
+                count = (REPLAY_PAGE_BYTES * page.len() / bytes.max(1)).clamp(1, REPLAY_PAGE);
+            }
+            for r in std::mem::take(&mut page) {
+                match r {
+                    Replayed::Message { offset, payload } if offset == after + 1 => {
+                        // Unsubscribed meanwhile (or gone): stop.
+                        if !self.hub.is_held(&client, &key)
+                            || self
+                                .replay_to_paced(&client, &key, &base, &payload)
+                                .await
+                                .is_err()
+                        {
+                            return;
+                        }
                         metrics::counter!(m::RESUME_REPLAYED).increment(1);
+                        after = offset;
+                    }
+                    _ => return self.replay_lost(&client, &base),
+                }
+            }
+            let upto = self.position_of(&base);
+            if after < upto {
+                match self.replay_page(&base, after, upto, count).await {
+                    Ok(p) if p.is_empty() => return self.replay_lost(&client, &base),
+                    Ok(p) => page = p,
+                    Err(e) => {
+                        if waited >= super::COMMAND_TIMEOUT * 10 {
+                            tracing::warn!(topic = %base, error = %e, "a replay could not read the history");
+                            return self.replay_lost(&client, &base);
+                        }
+                        tokio::time::sleep(REPLAY_RETRY).await;
+                        waited += REPLAY_RETRY;
                     }
                 }
-                None => metrics::counter!(m::RESUME_UNKNOWN_CURSOR).increment(1),
+                continue;
             }
-            self.hub.release(&req.client, &req.key);
-            let _ = req.done.send(());
+            // Caught up with what this node dispatched: hand over to live
+            // delivery on the dispatcher, between two live messages.
+            let force = waited >= super::COMMAND_TIMEOUT * 2;
+            let (done, rx) = tokio::sync::oneshot::channel();
+            let sent = self.links[self.link_of(&base)]
+                .replays
+                .send(super::ReplayRequest {
+                    client: client.clone(),
+                    key: key.clone(),
+                    after,
+                    force,
+                    done,
+                });
+            match (sent, rx.await) {
+                (Ok(()), Ok(true)) => return,
+                // More was dispatched meanwhile: read it, then try again.
+                (Ok(()), Ok(false)) if self.position_of(&base) > after => {}
+                // The node has not reached the cursor yet (or its link is
+                // reconnecting): wait for it.
+                _ => {
+                    tokio::time::sleep(REPLAY_RETRY).await;
+                    waited += REPLAY_RETRY;
+                }
+            }
         }
-        // On a read error `done` is dropped: the caller releases the key
-        // and answers 503.
+    }
+
+    /// On the link's dispatcher, between two live messages: release a
+    /// replay's key if the replay reached this node's position (live
+    /// delivery continues with the next offset, no gap and no duplicate).
+    pub(super) fn finish_replay(&self, req: super::ReplayRequest) {
+        let at = self.position_of(crate::protocol::base_topic(&req.key));
+        let done = at == req.after || (req.force && at < req.after);
+        if done {
+            self.hub.release(&req.client, &req.key);
+        }
+        let _ = req.done.send(done);
+    }
+
+    /// A replay missed messages the history no longer holds: close the
+    /// client's stream (it reconnects and re-fetches).
+    fn replay_lost(&self, client: &Client, base: &str) {
+        metrics::counter!(m::HISTORY_GAPS).increment(1);
+        tracing::warn!(
+            topic = base,
+            client = client.id(),
+            "a replay missed messages the history no longer holds"
+        );
+        self.hub.close_lost(client);
     }
 
     /// A gap history cannot fill: count it, log it, and (with `--on-gap

@@ -165,13 +165,18 @@ struct SyncRequest {
     done: oneshot::Sender<Result<(), RelayError>>,
 }
 
-/// A subscription to resume from a cursor; served by the link's
-/// dispatcher, between two live messages.
+/// The end of a resume's replay: the replay pushed its key the topic's
+/// messages up to offset `after`; the link's dispatcher, between two live
+/// messages, releases the key if that is where this node's position is
+/// (`done` gets true), so live delivery continues exactly after it.
 struct ReplayRequest {
     client: Arc<crate::client::Client>,
     key: protocol::SubKey,
-    since: String,
-    done: oneshot::Sender<()>,
+    after: u64,
+    /// Release even if the node's position is below `after` (it never
+    /// reached the cursor: the history moved back).
+    force: bool,
+    done: oneshot::Sender<bool>,
 }
 
 /// One subscriber link (the only one standalone; one per partition on a
@@ -225,6 +230,10 @@ struct Shared {
     confirmed: Mutex<HashSet<Arc<str>>>,
     /// The history position this node last dispatched, per topic.
     positions: Mutex<HashMap<Arc<str>, history::Position>>,
+    /// Replay page reads at once ([`history::REPLAY_READS`]): resumes
+    /// read on the history reads connection, never on the publish or
+    /// subscriber ones, and this many at a time.
+    replay_reads: tokio::sync::Semaphore,
     /// Cluster nodes to ask where a partition lives: the seeds, then every
     /// node the last `CLUSTER SLOTS` named (refreshed every heartbeat,
     /// `probe.rs`; bounded by the cluster's size).
@@ -298,6 +307,7 @@ impl RedisRelay {
             stalled: Default::default(),
             confirmed: Mutex::new(HashSet::new()),
             positions: Mutex::new(HashMap::new()),
+            replay_reads: tokio::sync::Semaphore::new(history::REPLAY_READS),
             known_nodes: Mutex::new(target.addresses()),
             probe_topics: OnceLock::new(),
             membership_orphaned: Mutex::new(None),
@@ -917,35 +927,16 @@ impl Relay for RedisRelay {
         client: Arc<crate::client::Client>,
         key: protocol::SubKey,
         since: String,
-    ) -> BoxFuture<'_, Result<(), RelayError>> {
-        Box::pin(async move {
-            let s = &self.shared;
-            if !s.history_on() {
-                s.hub.release(&client, &key);
-                return Ok(());
-            }
-            let k = s.link_of(protocol::base_topic(&key));
-            let (done, rx) = oneshot::channel();
-            let sent = s.links[k].replays.send(ReplayRequest {
-                client: client.clone(),
-                key: key.clone(),
-                since,
-                done,
-            });
-            let answered = sent.is_ok()
-                && tokio::time::timeout(COMMAND_TIMEOUT * 2, rx)
-                    .await
-                    .is_ok_and(|r| r.is_ok());
-            if answered {
-                Ok(())
-            } else {
-                // Live from now on, whatever happens to the request.
-                s.hub.release(&client, &key);
-                Err(RelayError::Unavailable(
-                    "the topic's history could not be replayed".into(),
-                ))
-            }
-        })
+    ) -> BoxFuture<
+        '_,
+        Result<Result<crate::relay::PendingReplay, crate::error::ApiError>, RelayError>,
+    > {
+        Box::pin(Shared::prepare_replay(
+            self.shared.clone(),
+            client,
+            key,
+            since,
+        ))
     }
 
     fn stamp(&self) -> Option<u64> {

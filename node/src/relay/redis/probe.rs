@@ -248,6 +248,8 @@ impl Shared {
                 vec!["XRANGE".into(), h.clone(), "-".into(), "+".into()],
                 vec!["PEXPIRE".into(), h, "1000".into()],
                 vec!["PEXPIRE".into(), m, "1000".into()],
+                // A resume looks its cursor up in the ids set.
+                vec!["ZSCORE".into(), key("i"), "x".into()],
             ]);
         }
         if matches!(self.target, super::topology::Target::Plain(_)) {

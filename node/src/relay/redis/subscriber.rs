@@ -314,7 +314,7 @@ async fn connect(shared: &Arc<Shared>, k: usize) -> Result<Connected, String> {
                             }
                             None => return,
                         },
-                        Some(req) = replays.recv() => s.serve_replay(req).await,
+                        Some(req) = replays.recv() => s.finish_replay(req),
                     }
                 }
             });
@@ -357,7 +357,7 @@ async fn connect(shared: &Arc<Shared>, k: usize) -> Result<Connected, String> {
                             None => return,
                         },
                         Some(req) = replays.recv() => {
-                            s.serve_replay(req).await;
+                            s.finish_replay(req);
                             continue;
                         }
                     };
