@@ -20,7 +20,8 @@ const env = () => ({
   FANOUT_PUBLISH_KEY: KEY,
   FANOUT_TRUSTED_PROXIES: "127.0.0.1",
   FANOUT_HEARTBEAT_INTERVAL: "300ms",
-  FANOUT_FORWARD_TIMEOUT: "2s",
+  // Three heartbeats must exceed it, or the node refuses to start.
+  FANOUT_FORWARD_TIMEOUT: "800ms",
 });
 
 before(async () => {
