@@ -105,7 +105,10 @@ pub struct Server {
 
 impl Server {
     /// Bind the listener and start serving.
+    ///
+    /// Refuses settings that do not go together ([`Config::validate`]).
     pub async fn start(config: Config) -> anyhow::Result<Self> {
+        config.validate().map_err(anyhow::Error::msg)?;
         let listener =
             bind(config.listen).with_context(|| format!("cannot listen on {}", config.listen))?;
         let addr = listener.local_addr()?;
@@ -120,8 +123,10 @@ impl Server {
             max_backlog_bytes: config.max_backlog_bytes,
         });
         // Install the recorder before anything counts: the relay resolves
-        // some counters once, at start.
+        // some counters once, at start. Every series is exported from now
+        // on, at zero, so dashboards and alerts see it before its first event.
         crate::metrics::handle();
+        crate::metrics::register(config.redis_url.as_deref().is_some_and(|u| !u.is_empty()));
         let relay: Arc<dyn Relay> = match &config.redis_url {
             Some(url) if !url.is_empty() => RedisRelay::start(
                 hub.clone(),
@@ -182,6 +187,18 @@ impl Server {
             tracker,
         };
         tracing::info!(nofile, fd_budget, "connection budget");
+        if config.max_connections > fd_budget {
+            tracing::warn!(
+                max_connections = config.max_connections,
+                nofile,
+                fd_budget,
+                "--max-connections exceeds the open-files budget (RLIMIT_NOFILE less {} \
+                 reserved): the node runs out of descriptors at {fd_budget} connections, \
+                 before the stream limit; raise the limit (ulimit -n, systemd LimitNOFILE, \
+                 compose ulimits) or lower FANOUT_MAX_CONNECTIONS",
+                crate::admission::FD_RESERVE,
+            );
+        }
         let task = tokio::spawn(conn::serve(listener, conns, config.drain_timeout));
         tracing::info!(%addr, node = broker.hub().node_tag(), "fanout listening");
         Ok(Self {
