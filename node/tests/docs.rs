@@ -463,3 +463,23 @@ fn a_heartbeat_that_does_not_outlast_the_forward_timeout_three_times_is_refused(
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_max_connections_above_the_open_files_budget_is_warned_about_at_start() {
+    let warned = |logs: String| {
+        logs.lines()
+            .any(|l| l.contains("WARN") && l.contains("exceeds the open-files budget"))
+    };
+    let over = NodeProcess::start_with_nofile(1024, &[]).await;
+    wait_until("the connection budget is logged", || {
+        over.logs().contains("connection budget")
+    })
+    .await;
+    assert!(warned(over.logs()), "{}", over.logs());
+    let within = NodeProcess::start_with_nofile(1024, &[("FANOUT_MAX_CONNECTIONS", "900")]).await;
+    wait_until("the connection budget is logged", || {
+        within.logs().contains("connection budget")
+    })
+    .await;
+    assert!(!warned(within.logs()), "{}", within.logs());
+}
