@@ -65,3 +65,24 @@ test("deploy/k8s manifests validate against the Kubernetes schemas", () => {
     assert.ok(manifests.includes(path.join(dir, m[1])), `${m[1]} exists`);
   }
 });
+
+test("the shipped nginx refuses /metrics through the balancer; each node serves it on its own address", async () => {
+  const { startNode, startNginx } = await import("./lib.mjs");
+  const node = await startNode();
+  const nginx = await startNginx([node.port]);
+  try {
+    const direct = await fetch(`${node.base}/metrics`);
+    assert.equal(direct.status, 200);
+    assert.match(await direct.text(), /fanout_connections_opened_total/);
+    for (const p of ["/metrics", "/metrics?x=1"]) {
+      const res = await fetch(`${nginx.base}${p}`);
+      assert.equal(res.status, 403, `${p} through nginx`);
+      assert.doesNotMatch(await res.text(), /fanout_/);
+    }
+    // Everything else still goes through.
+    assert.equal((await fetch(`${nginx.base}/api/health`)).status, 200);
+  } finally {
+    nginx.stop();
+    await node.stop();
+  }
+});

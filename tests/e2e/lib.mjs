@@ -101,10 +101,12 @@ export async function startRedis() {
 }
 
 /**
- * nginx in front of `ports` with deploy/nginx/fanout.conf (round robin, no
- * stickiness), on a free port, in its own prefix directory.
+ * nginx in front of `ports` with deploy/nginx/fanout.conf, balancing as
+ * deploy/nginx/upstream.compose.conf does (`least_conn`, no stickiness;
+ * `balance: "round_robin"` for nginx's default), on a free port, in its
+ * own prefix directory.
  */
-export async function startNginx(ports) {
+export async function startNginx(ports, { balance = "least_conn" } = {}) {
   const { mkdtempSync, readFileSync, writeFileSync, mkdirSync } = await import("node:fs");
   const os = await import("node:os");
   const listen = await freePort();
@@ -114,7 +116,8 @@ export async function startNginx(ports) {
     /listen 8090;/,
     `listen 127.0.0.1:${listen};`,
   );
-  const upstream = `upstream fanout_nodes {\n${ports
+  const method = balance === "round_robin" ? "" : `    ${balance};\n    zone fanout_nodes 64k;\n`;
+  const upstream = `upstream fanout_nodes {\n${method}${ports
     .map((p) => `    server 127.0.0.1:${p} max_fails=1 fail_timeout=2s;`)
     .join("\n")}\n    keepalive 16;\n}\n`;
   writeFileSync(path.join(dir, "site.conf"), site);
