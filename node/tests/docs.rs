@@ -449,15 +449,29 @@ async fn an_unreachable_redis_is_warned_about_until_it_connects() {
 
 #[test]
 fn a_heartbeat_that_does_not_outlast_the_forward_timeout_three_times_is_refused() {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_fanout"))
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_fanout"))
         .env("FANOUT_LISTEN", "127.0.0.1:0")
         .env("FANOUT_REDIS_URL", "redis://127.0.0.1:1")
         .env("FANOUT_HEARTBEAT_INTERVAL", "1s")
         .env("FANOUT_FORWARD_TIMEOUT", "3s")
-        .output()
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .unwrap();
-    assert_eq!(out.status.code(), Some(2), "exits as on a bad flag");
-    let err = String::from_utf8_lossy(&out.stderr);
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            child.kill().unwrap();
+            panic!("the node started instead of refusing the settings");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert_eq!(status.code(), Some(2), "exits as on a bad flag: {err}");
     assert!(
         err.contains("--heartbeat-interval (1s) times three must exceed --forward-timeout (3s)"),
         "{err}"
