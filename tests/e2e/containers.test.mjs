@@ -237,7 +237,7 @@ test("scaled to 5 replicas with nginx reloaded as the docs say, new clients reac
   // Not a bare `nginx -s reload`: on a fresh machine it failed once with
   // `host not found in upstream "fanout:8090"` while the new replicas'
   // names settled. The shipped script retries until new workers run.
-  compose("exec", "-T", "nginx", "sh", "/etc/nginx/fanout-reload.sh");
+  console.log(`# after scaling up: ${compose("exec", "-T", "nginx", "sh", "/etc/nginx/fanout-reload.sh")}`);
   let nodes = await replicaInfo();
   assert.equal(nodes.length, 5);
   const clients = [];
@@ -252,7 +252,7 @@ test("scaled to 5 replicas with nginx reloaded as the docs say, new clients reac
   compose("up", "-d", "--scale", "fanout=3");
   podman("stop", "-t", "10", "fanout_fanout_4", "fanout_fanout_5");
   podman("rm", "fanout_fanout_4", "fanout_fanout_5");
-  compose("exec", "-T", "nginx", "sh", "/etc/nginx/fanout-reload.sh");
+  console.log(`# after scaling down: ${compose("exec", "-T", "nginx", "sh", "/etc/nginx/fanout-reload.sh")}`);
   nodes = await replicaInfo();
   assert.equal(nodes.length, 3);
   const live = new Set(nodes.map((n) => n.tag));
