@@ -82,10 +82,9 @@ def main():
             fmt = (lambda v: f"{v:,.0f}") if fv >= 100 or sv >= 100 else (lambda v: f"{v:.2f}")
             if higher_better is None:
                 cmp = ""
-            elif higher_better:
-                cmp = ratio(fv, sv) + " more"
             else:
-                cmp = ratio(sv, fv) + " less" if fv <= sv else ratio(fv, sv) + " more"
+                # In the direction it goes: never a ratio below 1.
+                cmp = ratio(fv, sv) + " more" if fv >= sv else ratio(sv, fv) + " less"
             w(f"| {name} | {metric} | {fmt(fv)} | {fmt(sv)} | {cmp} |")
             name = ""
         for r, who in ((f, "Fanout"), (s, "socket.io")):

@@ -2,9 +2,17 @@
 # Fanout's cluster against the cluster a team would pick instead (socket.io 4
 # with @socket.io/redis-adapter), against the kernel's floor, and at low load
 # through the relay, all in one run on this machine. Writes
-# docs/benchmarks-cluster.md and the raw lines to docs/benchmarks-cluster.jsonl.
+# benchmarks-cluster.md and the raw lines (benchmarks-cluster.jsonl,
+# benchmarks-large.jsonl, benchmarks-floor.jsonl) into a fresh
+# /tmp/fanout-compare-sio.* directory, printed at the end; with
+# --update-docs, over the published ones in docs/.
 #
-#   bench/compare-socketio.sh
+#   bench/compare-socketio.sh [--update-docs]
+#   SIZE=2 bench/compare-socketio.sh     # a smoke test (bench/scenarios/lib.sh)
+#
+# Installs: socket.io and its Redis adapter with `npm ci` in
+# bench/peers/socketio (its own node_modules, nothing global). Builds the
+# release binaries of fanout and fanout-bench.
 #
 # Both clusters: 3 servers + 1 Redis pinned to core 0, the load generator on
 # core 1. The largest-scale runs (bench/scenarios/large-scale.sh) spread about
@@ -15,6 +23,17 @@
 # Needs: cargo, node + npm, redis-server, taskset. About 10 minutes on 2 cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+UPDATE_DOCS=
+case "${1:-}" in
+  "") ;;
+  --update-docs) UPDATE_DOCS=1 ;;
+  -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+  *) echo "usage: $0 [--update-docs]" >&2; exit 2 ;;
+esac
+if [ "$UPDATE_DOCS" ] && [ "${SIZE:-100}" != 100 ]; then
+  echo "--update-docs writes the published figures: run it at SIZE=100" >&2
+  exit 2
+fi
 export BENCH_WORK="$(mktemp -d /tmp/fanout-compare-sio.XXXXXX)"
 export RESULTS="$BENCH_WORK/results.jsonl"
 source bench/scenarios/lib.sh
@@ -61,9 +80,9 @@ cluster() {
   stop_all
 }
 
-ONE_ROOM=(--clients 6000 --topics 1 --messages 200 --publishers 4)
-MANY_ROOMS=(--clients 6000 --topics 1000 --messages 20000 --publishers 6)
-LOW_LOAD=(--clients 300 --topics 1 --messages 200 --publishers 1 --rate 20)
+ONE_ROOM=(--clients "$(size 6000)" --topics 1 --messages "$(size 200)" --publishers 4)
+MANY_ROOMS=(--clients "$(size 6000)" --topics "$(size 1000)" --messages "$(size 20000)" --publishers 6)
+LOW_LOAD=(--clients "$(size 300)" --topics 1 --messages "$(size 200)" --publishers 1 --rate 20)
 for system in fanout socketio; do
   cluster "$system" one-room 3 "${ONE_ROOM[@]}"
   cluster "$system" many-rooms 3 "${MANY_ROOMS[@]}"
@@ -79,18 +98,20 @@ stop_all
 
 log "the kernel's floor at 5,000 sockets, then Fanout paced at 5,000 subscribers"
 FLOOR="$BENCH_WORK/floor.jsonl"
-"$BENCH" floor --connections 5000 --bytes 150 --sweeps 20 \
+"$BENCH" floor --connections "$(size 5000)" --bytes 150 --sweeps 20 \
   --writer-cpu "$SERVER_CPU" --reader-cpu "$BENCH_CPU" --json-out "$FLOOR" >/dev/null
-scenario fanout broadcast-5k-paced --clients 5000 --topics 1 --messages 100 --publishers 1 --rate 5
+scenario fanout broadcast-5k-paced --clients "$(size 5000)" --topics 1 --messages "$(size 100)" --publishers 1 --rate 5
 
 log "the largest scale here: ~50,000 connections on 3 nodes + Redis, broadcast as fast as accepted, then paced"
 LABEL=large bench/scenarios/large-scale.sh
 LABEL=large-paced MESSAGES=20 PUBLISHERS=1 RATE=2 bench/scenarios/large-scale.sh
 LARGE="${RESULTS%.jsonl}-large.jsonl"
 
-cp "$RESULTS" docs/benchmarks-cluster.jsonl
-cp "$LARGE" docs/benchmarks-large.jsonl
-cp "$FLOOR" docs/benchmarks-floor.jsonl
-python3 bench/cluster_report.py --results "$RESULTS" --floor "$FLOOR" --large "$LARGE" --out docs/benchmarks-cluster.md \
+OUT="$BENCH_WORK"
+[ -z "$UPDATE_DOCS" ] || OUT=docs
+cp "$RESULTS" "$OUT/benchmarks-cluster.jsonl"
+cp "$LARGE" "$OUT/benchmarks-large.jsonl"
+cp "$FLOOR" "$OUT/benchmarks-floor.jsonl"
+python3 bench/cluster_report.py --results "$RESULTS" --floor "$FLOOR" --large "$LARGE" --out "$OUT/benchmarks-cluster.md" \
   --command "bench/compare-socketio.sh   # socket.io $(cd "$PEER" && node -p 'require("socket.io/package.json").version'), @socket.io/redis-adapter $(cd "$PEER" && node -p 'require("@socket.io/redis-adapter/package.json").version'), Fanout $(git rev-parse --short HEAD)"
-log "wrote docs/benchmarks-cluster.md (work files in $BENCH_WORK)"
+log "wrote $OUT/benchmarks-cluster.md (work files in $BENCH_WORK)"

@@ -4,7 +4,8 @@
 # through another node, publishers spread too). All servers share core 0.
 source "$(dirname "$0")/lib.sh"
 [ "${SKIP_BUILD:-}" ] || build
-ARGS=(--clients 6000 --topics 10 --messages 2000 --publishers 6)
+# SIZE=2 for a smoke test in seconds (see lib.sh).
+ARGS=(--clients "$(size 6000)" --topics "$(size 10)" --messages "$(size 2000)" --publishers 6)
 
 port=$(free_port)
 log "cluster-1-node"

@@ -6,9 +6,12 @@
 # history is full (every topic gets more messages than the history keeps).
 source "$(dirname "$0")/lib.sh"
 [ "${SKIP_BUILD:-}" ] || build
-TOPICS=${TOPICS:-10}
-MESSAGES=${MESSAGES:-30000}
-ARGS=(--clients 300 --topics "$TOPICS" --messages "$MESSAGES" --publishers 6 --payload-bytes 64)
+# Env: TOPICS (10), MESSAGES (30000), CLIENTS (300); SIZE scales the
+# defaults (see lib.sh).
+TOPICS=${TOPICS:-$(size 10)}
+MESSAGES=${MESSAGES:-$(size 30000)}
+CLIENTS=${CLIENTS:-$(size 300)}
+ARGS=(--clients "$CLIENTS" --topics "$TOPICS" --messages "$MESSAGES" --publishers 6 --payload-bytes 64)
 
 run_history() { # run_history LABEL HISTORY_SIZE
   local label=$1 size=$2 rport nodes=() pids=()

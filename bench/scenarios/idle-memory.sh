@@ -4,5 +4,6 @@
 #   TARGET=fanout|pocketbase bench/scenarios/idle-memory.sh
 source "$(dirname "$0")/lib.sh"
 [ "${SKIP_BUILD:-}" ] || build
-scenario "${TARGET:-fanout}" idle-15k --clients 15000 --idle --hold 5s
+# SIZE=2 for a smoke test in seconds (see lib.sh).
+scenario "${TARGET:-fanout}" idle-15k --clients "$(size 15000)" --idle --hold 5s
 [ "${KEEP_RESULTS:-}" ] || cat "$RESULTS"

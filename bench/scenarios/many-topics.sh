@@ -3,5 +3,7 @@
 #   TARGET=fanout|pocketbase bench/scenarios/many-topics.sh
 source "$(dirname "$0")/lib.sh"
 [ "${SKIP_BUILD:-}" ] || build
-scenario "${TARGET:-fanout}" many-topics --clients 10000 --topics 1000 --messages 20000 --publishers 8 --max-duration 240s
+# SIZE=2 for a smoke test in seconds (see lib.sh).
+scenario "${TARGET:-fanout}" many-topics --clients "$(size 10000)" --topics "$(size 1000)" \
+  --messages "$(size 20000)" --publishers 8 --max-duration 240s
 [ "${KEEP_RESULTS:-}" ] || cat "$RESULTS"

@@ -7,9 +7,11 @@
 # over the run). Fanout and Redis share core 0; the generator has core 1.
 source "$(dirname "$0")/lib.sh"
 [ "${SKIP_BUILD:-}" ] || build
-CLIENTS=${CLIENTS:-3000}
-TOPICS=${TOPICS:-300}
-MESSAGES=${MESSAGES:-60000}
+# Env: CLIENTS (3000), TOPICS (300), MESSAGES (60000); SIZE scales the
+# defaults (see lib.sh).
+CLIENTS=${CLIENTS:-$(size 3000)}
+TOPICS=${TOPICS:-$(size 300)}
+MESSAGES=${MESSAGES:-$(size 60000)}
 ARGS=(--clients "$CLIENTS" --topics "$TOPICS" --messages "$MESSAGES" --publishers 6 --payload-bytes 64)
 
 start_cluster() { # sets PRIMARY_PORTS and CLUSTER_URL

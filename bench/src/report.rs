@@ -65,6 +65,17 @@ fn ratio(num: f64, den: f64) -> String {
     }
 }
 
+/// The contender against the baseline, in the direction it really goes:
+/// `up` when the contender's value is the larger ("3.1× higher"), `down`
+/// when it is the smaller ("3.1× lower"), never a ratio below 1.
+fn compare(contender: f64, baseline: f64, up: &str, down: &str) -> String {
+    if contender >= baseline {
+        format!("{} {up}", ratio(contender, baseline))
+    } else {
+        format!("{} {down}", ratio(baseline, contender))
+    }
+}
+
 pub fn report(args: ReportArgs) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(&args.results)
         .with_context(|| format!("reading {}", args.results.display()))?;
@@ -118,7 +129,12 @@ pub fn report(args: ReportArgs) -> anyhow::Result<()> {
                 "deliveries/s",
                 format!("{:.0}", rb.deliveries_per_sec),
                 format!("{:.0}", rc.deliveries_per_sec),
-                ratio(rc.deliveries_per_sec, rb.deliveries_per_sec) + " more",
+                compare(
+                    rc.deliveries_per_sec,
+                    rb.deliveries_per_sec,
+                    "more",
+                    "fewer",
+                ),
             );
             for (name, vb, vc) in [
                 ("latency p50 (ms)", rb.latency_ms.p50, rc.latency_ms.p50),
@@ -129,7 +145,7 @@ pub fn report(args: ReportArgs) -> anyhow::Result<()> {
                     name,
                     format!("{vb:.1}"),
                     format!("{vc:.1}"),
-                    ratio(vb, vc) + " lower",
+                    compare(vc, vb, "higher", "lower"),
                 );
             }
             row(
@@ -148,17 +164,24 @@ pub fn report(args: ReportArgs) -> anyhow::Result<()> {
                 "peak memory (MiB)",
                 format!("{:.0}", rb.rss_kib.peak as f64 / 1024.0),
                 format!("{:.0}", rc.rss_kib.peak as f64 / 1024.0),
-                ratio(rb.rss_kib.peak as f64, rc.rss_kib.peak as f64) + " less",
+                compare(
+                    rc.rss_kib.peak as f64,
+                    rb.rss_kib.peak as f64,
+                    "more",
+                    "less",
+                ),
             );
         } else {
             row(
                 "memory per connection (KiB)",
                 format!("{:.1}", rb.rss_kib.per_connection_bytes as f64 / 1024.0),
                 format!("{:.1}", rc.rss_kib.per_connection_bytes as f64 / 1024.0),
-                ratio(
-                    rb.rss_kib.per_connection_bytes as f64,
+                compare(
                     rc.rss_kib.per_connection_bytes as f64,
-                ) + " less",
+                    rb.rss_kib.per_connection_bytes as f64,
+                    "more",
+                    "less",
+                ),
             );
             row(
                 "resident memory, empty → connected (MiB)",
@@ -179,7 +202,7 @@ pub fn report(args: ReportArgs) -> anyhow::Result<()> {
             "connects/s",
             format!("{:.0}", rb.connect_per_sec),
             format!("{:.0}", rc.connect_per_sec),
-            ratio(rc.connect_per_sec, rb.connect_per_sec) + " more",
+            compare(rc.connect_per_sec, rb.connect_per_sec, "more", "fewer"),
         );
     }
     // Scenarios run for one system only (cluster, slow consumers).
@@ -336,4 +359,17 @@ where
         .position(SeriesLabelPosition::UpperRight)
         .draw()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::compare;
+
+    #[test]
+    fn comparisons_read_in_the_direction_they_go() {
+        // PocketBase 254.8 ms, Fanout 789.5 ms: Fanout's latency is higher.
+        assert_eq!(compare(789.5, 254.8, "higher", "lower"), "3.1× higher");
+        assert_eq!(compare(20.7, 69.1, "higher", "lower"), "3.3× lower");
+        assert_eq!(compare(5.0, 5.0, "more", "fewer"), "1.0× more");
+    }
 }

@@ -1,5 +1,10 @@
 //! All configuration, in one struct: every field is a flag and a `FANOUT_*`
-//! environment variable. The README's table is generated from the same names.
+//! environment variable.
+//!
+//! The README's configuration table repeats each flag's name, variable,
+//! default and the first sentence of its help; `node/tests/docs.rs` fails
+//! when they disagree (it prints the row to paste), so write the first
+//! sentence of each docstring to stand on its own.
 
 use std::{net::SocketAddr, time::Duration};
 
@@ -30,32 +35,37 @@ pub struct Config {
     #[arg(long, env = "FANOUT_LISTEN", default_value = "127.0.0.1:8090")]
     pub listen: SocketAddr,
 
-    /// Key required as `Authorization: Bearer <key>` on POST /api/publish.
-    /// Without one, publishing is accepted from loopback addresses only.
+    /// Key publishers must send as `Authorization: Bearer <key>`. Without
+    /// one, only loopback peers may publish, and a warning is logged at
+    /// start.
     #[arg(long, env = "FANOUT_PUBLISH_KEY", hide_env_values = true)]
     pub publish_key: Option<String>,
 
     /// HS256 secret that verifies realtime auth tokens. Without one, every
-    /// subscriber is a guest.
+    /// subscriber is a guest; an invalid or expired token also counts as a
+    /// guest, as in PocketBase.
     #[arg(long, env = "FANOUT_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
 
-    /// Comma-separated IPs or CIDRs of proxies whose X-Forwarded-For is
-    /// trusted for the client's real IP.
+    /// Comma-separated IPs or CIDRs of the proxies whose `X-Forwarded-For`
+    /// sets a client's real IP.
     #[arg(long, env = "FANOUT_TRUSTED_PROXIES", value_delimiter = ',', value_parser = parse_net)]
     pub trusted_proxies: Vec<IpNet>,
 
-    /// Pushes a fan-out worker makes before yielding to the scheduler, so a
-    /// large broadcast is handed to the writers in chunks.
+    /// Pushes a fan-out worker makes for one topic before it turns to the
+    /// next topic with work (and yields). A flood on one topic therefore
+    /// waits its turn instead of holding back the others; order is kept
+    /// per topic.
     #[arg(long, env = "FANOUT_CHUNK_SIZE", default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..))]
     pub chunk_size: u32,
 
-    /// Fan-out workers pushing to client queues in parallel (each client
-    /// belongs to one); 0 means one per core.
+    /// Fan-out workers, pushing to client queues in parallel; 0 means one
+    /// per core. Each client belongs to one worker, and a broadcast's
+    /// recipients are pushed by all workers at once.
     #[arg(long, env = "FANOUT_FANOUT_WORKERS", default_value_t = 0)]
     pub fanout_workers: usize,
 
-    /// Events a client may have waiting before it is disconnected as slow.
+    /// Events a client may have queued before it is disconnected as slow.
     #[arg(long, env = "FANOUT_CLIENT_QUEUE", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
     pub client_queue: u32,
 
@@ -71,8 +81,9 @@ pub struct Config {
     #[arg(long, env = "FANOUT_MAX_SUBSCRIPTION_BYTES", default_value_t = 256 * 1024)]
     pub max_subscription_bytes: usize,
 
-    /// Deliveries the fan-out may have dispatched but not yet pushed before
-    /// publishers are held back (see --publish-wait).
+    /// Deliveries per topic that the fan-out may have dispatched but not yet
+    /// pushed; beyond it, publishes to that topic wait (see --publish-wait).
+    /// Publishers of other topics are not held back.
     #[arg(
         long,
         env = "FANOUT_MAX_BACKLOG_DELIVERIES",
@@ -80,46 +91,49 @@ pub struct Config {
     )]
     pub max_backlog_deliveries: usize,
 
-    /// Bytes of publications the fan-out may hold before publishers are
-    /// held back; relayed work beyond twice this is shed, and its local
-    /// recipients are disconnected.
+    /// Bytes of publications the fan-out may hold before every publish waits
+    /// (see --publish-wait). Relayed work beyond twice this is shed, and its
+    /// local recipients are disconnected.
     #[arg(long, env = "FANOUT_MAX_BACKLOG_BYTES", default_value_t = 64 * 1024 * 1024)]
     pub max_backlog_bytes: usize,
 
-    /// How long a publish waits for a full fan-out backlog before it is
-    /// refused with 503.
+    /// How long a publish waits for room in a full fan-out backlog before it
+    /// gets 503.
     #[arg(long, env = "FANOUT_PUBLISH_WAIT", default_value = "2s", value_parser = humantime::parse_duration)]
     pub publish_wait: Duration,
 
-    /// Origins allowed to publish from a browser (CORS on /api/publish).
-    /// Empty: no CORS on publish. Comma-separated; `*` allows any origin.
+    /// Origins allowed to publish from a browser (CORS on /api/publish),
+    /// comma-separated; `*` allows any. Without any, /api/publish answers no
+    /// CORS.
     #[arg(long, env = "FANOUT_PUBLISH_CORS_ORIGINS", value_delimiter = ',')]
     pub publish_cors_origins: Vec<String>,
 
-    /// Close a stream after this long without a delivered message
+    /// Closes a stream after this long without a delivered message
     /// (PocketBase: 5m).
     #[arg(long, env = "FANOUT_IDLE_TIMEOUT", default_value = "5m", value_parser = humantime::parse_duration)]
     pub idle_timeout: Duration,
 
-    /// Close a stream after this long in any case (PocketBase: 30m).
+    /// Closes a stream after this long, busy or not (PocketBase: 30m).
     #[arg(long, env = "FANOUT_MAX_LIFETIME", default_value = "30m", value_parser = humantime::parse_duration)]
     pub max_lifetime: Duration,
 
-    /// Most SSE streams this node holds; beyond it new ones get 503.
+    /// Most SSE streams this node holds; new streams beyond it get 503.
+    /// Each stream is an open file: a warning is logged at start when this
+    /// exceeds the open-files limit (`RLIMIT_NOFILE`) less 64 reserved.
     #[arg(long, env = "FANOUT_MAX_CONNECTIONS", default_value_t = 100_000)]
     pub max_connections: usize,
 
     /// Largest request body accepted, in bytes; a larger declared
-    /// `Content-Length` is refused (413) before any of it is read.
+    /// `Content-Length` gets 413 before any of it is read.
     #[arg(long, env = "FANOUT_MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_body_bytes: usize,
 
-    /// How long a client may take to send a request head, and how long a
-    /// kept-alive connection may sit idle between requests.
+    /// How long a request head may take, and how long a kept-alive
+    /// connection may idle between requests (then it is closed unanswered).
     #[arg(long, env = "FANOUT_HEAD_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub head_timeout: Duration,
 
-    /// How long a client may take to send a whole request body (408 after).
+    /// How long a request body may take; then 408.
     #[arg(long, env = "FANOUT_BODY_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub body_timeout: Duration,
 
@@ -131,9 +145,9 @@ pub struct Config {
     pub max_http_connections: u32,
 
     /// Largest `data` of one published message, in bytes of JSON (default
-    /// 256 KiB; larger gets 413). With the largest event framing
-    /// ([`protocol::MAX_EVENT_OVERHEAD`]) it must fit
-    /// `--client-queue-bytes`, or the node refuses to start.
+    /// 256 KiB; larger gets 413). With the largest event framing around it
+    /// (2,558 bytes) it must fit `--client-queue-bytes`, or the node
+    /// refuses to start.
     #[arg(long, env = "FANOUT_MAX_PAYLOAD_BYTES", default_value_t = 256 * 1024)]
     pub max_payload_bytes: usize,
 
@@ -141,8 +155,8 @@ pub struct Config {
     #[arg(long, env = "FANOUT_MAX_BATCH", default_value_t = 1000)]
     pub max_batch: usize,
 
-    /// Close a connection whose peer has not accepted written bytes for this
-    /// long (a stalled reader).
+    /// Closes a connection whose peer has not accepted written bytes for
+    /// this long (a stalled reader).
     #[arg(long, env = "FANOUT_WRITE_TIMEOUT", default_value = "15s", value_parser = humantime::parse_duration)]
     pub write_timeout: Duration,
 
@@ -155,28 +169,32 @@ pub struct Config {
     #[arg(long, env = "FANOUT_CLOSE_SPREAD", default_value = "3s", value_parser = humantime::parse_duration)]
     pub close_spread: Duration,
 
-    /// On SIGINT/SIGTERM, how long to wait for connections to close.
+    /// How long shutdown (SIGINT/SIGTERM) waits for connections to close.
     #[arg(long, env = "FANOUT_DRAIN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
 
-    /// Redis URL: `redis://[user:password@]host:port` for a standalone
-    /// Redis (a cluster node is detected; a database number other than 0
-    /// is refused, see `--redis-prefix`), or
-    /// `redis+cluster://[user:password@]h1:p1,h2:p2` for a Redis Cluster.
-    /// With it, nodes form a cluster that relays every publish through
-    /// Redis; without it, this node is a complete broker on its own.
+    /// Redis that nodes form a cluster through:
+    /// `redis://[user:password@]host:port[/0]`,
+    /// `redis+cluster://[user:password@]h1:p1,h2:p2,…` or
+    /// `redis+sentinel://[user:password@]s1:p1,s2:p2,…/<master>`, each with
+    /// a `rediss` form for TLS. A `redis://` URL that names a Redis Cluster
+    /// node switches to cluster mode; a database number other than 0 is
+    /// refused (pub/sub ignores it: use `--redis-prefix`). Without it, this
+    /// node is a complete broker on its own. An unreachable Redis is logged
+    /// as a warning, repeated with back-off, and /api/health answers 503
+    /// until it connects.
     #[arg(long, env = "FANOUT_REDIS_URL", hide_env_values = true)]
     pub redis_url: Option<String>,
 
-    /// Partitions of the channels on a Redis Cluster: each node keeps one
-    /// subscriber connection per partition. Every node of a deployment must
-    /// use the same number.
+    /// On a Redis Cluster, the partitions channels are grouped into, with
+    /// one subscriber connection each; the same on every node.
     #[arg(long, env = "FANOUT_REDIS_PARTITIONS", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub redis_partitions: u16,
 
-    /// Messages kept per topic in Redis, so a node that missed some (a
-    /// subscriber reconnect, a failover) catches up instead of skipping
-    /// them. 0: plain pub/sub, no offsets, no history.
+    /// Messages kept per topic, for resumes (`since`) and so that a node
+    /// that missed some catches up instead of skipping them; 0 is plain
+    /// pub/sub. With Redis the history is in Redis; a single node keeps it
+    /// in memory.
     #[arg(long, env = "FANOUT_HISTORY_SIZE", default_value_t = 1000)]
     pub history_size: u64,
 
@@ -184,25 +202,30 @@ pub struct Config {
     #[arg(long, env = "FANOUT_HISTORY_TTL", default_value = "5m", value_parser = humantime::parse_duration)]
     pub history_ttl: Duration,
 
-    /// What a node does when a topic's history cannot fill a gap: `close`
-    /// the topic's local streams (clients reconnect and re-fetch), or
-    /// `ignore` it (only counted and logged).
+    /// What a node does when history cannot fill a gap: `close` the topic's
+    /// streams on that node (clients reconnect and re-fetch) or `ignore` it
+    /// (only counted and logged).
     #[arg(long, env = "FANOUT_ON_GAP", value_enum, default_value_t = OnGap::Close)]
     pub on_gap: OnGap,
 
-    /// Prefix of every Redis channel and key Fanout uses.
+    /// Prefix of every Redis channel and key Fanout uses. Nodes with the
+    /// same Redis and prefix form one cluster: give each deployment that
+    /// shares a Redis its own.
     #[arg(long, env = "FANOUT_REDIS_PREFIX", default_value = "fanout:")]
     pub redis_prefix: String,
 
-    /// How long a subscription request forwarded to the node holding the
-    /// client waits for its answer (then 503; the owner drops it unapplied
-    /// once this has passed on Redis's clock).
+    /// How long a subscription request forwarded to the node that holds the
+    /// client waits for that node's answer; then the answer is 503, and the
+    /// owner drops the request unapplied (decided on Redis's clock, so the
+    /// nodes' own clocks need not agree). Must be below three
+    /// --heartbeat-interval.
     #[arg(long, env = "FANOUT_FORWARD_TIMEOUT", default_value = "3s", value_parser = humantime::parse_duration)]
     pub forward_timeout: Duration,
 
-    /// How often a cluster node refreshes its heartbeat in Redis and pings
-    /// its subscriber connection; a node is listed until three intervals
-    /// pass without one.
+    /// Cluster heartbeat and Redis subscriber PING period; a node is dropped
+    /// from the membership after three missed intervals (at once when it
+    /// stops cleanly). Three intervals must exceed --forward-timeout: with
+    /// Redis, the node refuses to start otherwise.
     #[arg(long, env = "FANOUT_HEARTBEAT_INTERVAL", default_value = "2s", value_parser = humantime::parse_duration)]
     pub heartbeat_interval: Duration,
 
@@ -255,7 +278,8 @@ pub struct Config {
     #[arg(long, env = "FANOUT_POCKETBASE_MAX_BRIDGES", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
     pub pocketbase_max_bridges: u32,
 
-    /// Log format.
+    /// Log format: `text` or `json`. The level comes from `RUST_LOG`
+    /// (default `info`).
     #[arg(long, env = "FANOUT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 }
@@ -335,15 +359,29 @@ impl Config {
         Self::parse_from(["fanout"])
     }
 
-    /// Settings that cannot work together; [`crate::Server::start`]
-    /// refuses to start with them.
+    /// Settings that parse one by one but not together;
+    /// [`crate::Server::start`] (and the binary, with exit code 2) refuses
+    /// to start with them, giving this message.
     ///
     /// * `--max-payload-bytes` must fit a client queue: a message of the
     ///   largest payload, framed as an event (at most
     ///   [`protocol::MAX_EVENT_OVERHEAD`] bytes more), must not exceed
     ///   `--client-queue-bytes`. Otherwise a publish could be answered 200
     ///   and then disconnect every subscriber of its topic.
+    /// * With Redis, three `--heartbeat-interval`s must exceed
+    ///   `--forward-timeout`.
+    /// * Companion mode's settings must go together ([`Config::pocketbase`]).
     pub fn validate(&self) -> Result<(), String> {
+        let clustered = self.redis_url.as_deref().is_some_and(|u| !u.is_empty());
+        if clustered && self.heartbeat_interval * 3 <= self.forward_timeout {
+            return Err(format!(
+                "--heartbeat-interval ({}) times three must exceed --forward-timeout ({}): \
+                 raise FANOUT_HEARTBEAT_INTERVAL or lower FANOUT_FORWARD_TIMEOUT",
+                humantime::format_duration(self.heartbeat_interval),
+                humantime::format_duration(self.forward_timeout),
+            ));
+        }
+        self.pocketbase()?;
         let framed = self
             .max_payload_bytes
             .saturating_add(protocol::MAX_EVENT_OVERHEAD);
@@ -404,5 +442,21 @@ mod tests {
         assert_eq!(c.validate(), Ok(()));
         c.max_payload_bytes += 1;
         assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn three_heartbeats_must_exceed_the_forward_timeout_with_redis() {
+        let parse = |args: &[&str]| {
+            Config::try_parse_from(["fanout"].iter().chain(args))
+                .unwrap()
+                .validate()
+        };
+        let redis = ["--redis-url", "redis://127.0.0.1:1"];
+        let err = parse(&[&redis[..], &["--heartbeat-interval", "1s"]].concat()).unwrap_err();
+        assert!(err.contains("--forward-timeout (3s)"), "{err}");
+        assert!(parse(&[&redis[..], &["--heartbeat-interval", "1001ms"]].concat()).is_ok());
+        assert!(parse(&redis).is_ok());
+        // A single node forwards nothing.
+        assert!(parse(&["--heartbeat-interval", "1s"]).is_ok());
     }
 }

@@ -1,13 +1,18 @@
 //! The `fanout` binary: parse the configuration, start a node, and stop it
 //! gracefully on SIGINT or SIGTERM.
 
-use clap::Parser;
+use clap::{CommandFactory, Parser, error::ErrorKind};
 use fanout::{Config, Server, config::LogFormat};
 use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = Config::parse();
+    if let Err(e) = config.validate() {
+        Config::command()
+            .error(ErrorKind::ArgumentConflict, e)
+            .exit();
+    }
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     match config.log_format {
         LogFormat::Text => tracing_subscriber::fmt()

@@ -10,7 +10,7 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 /// SSE streams opened.
 pub const CONNECTIONS_OPENED: &str = "fanout_connections_opened_total";
-/// SSE streams closed, by `reason` (client, idle, max_lifetime, shutdown, slow).
+/// SSE streams closed, by `reason` (see [`CLOSE_REASONS`]).
 pub const CONNECTIONS_CLOSED: &str = "fanout_connections_closed_total";
 /// Clients disconnected because their outbound queue was full.
 pub const SLOW_CLIENT_DISCONNECTS: &str = "fanout_slow_client_disconnects_total";
@@ -111,6 +111,319 @@ pub const CONNECTIONS: &str = "fanout_connections";
 pub const TOPICS: &str = "fanout_topics";
 /// Gauge: subscription keys held by local clients.
 pub const SUBSCRIPTIONS: &str = "fanout_subscriptions";
+
+/// What kind of series a metric is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+/// Where a metric exists: on every node, or only on one with Redis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    Every,
+    Redis,
+}
+
+/// Every metric: name, kind, where it exists, and its `# HELP` text.
+/// [`register`] exports each at start; docs/operations.md lists the same
+/// names (checked by `node/tests/docs.rs`).
+pub const ALL: &[(&str, Kind, Scope, &str)] = &[
+    (CONNECTIONS, Kind::Gauge, Scope::Every, "Open SSE streams."),
+    (
+        TOPICS,
+        Kind::Gauge,
+        Scope::Every,
+        "Distinct topics with at least one local subscriber.",
+    ),
+    (
+        SUBSCRIPTIONS,
+        Kind::Gauge,
+        Scope::Every,
+        "Subscription keys held by local clients.",
+    ),
+    (
+        CONNECTIONS_OPENED,
+        Kind::Counter,
+        Scope::Every,
+        "SSE streams opened.",
+    ),
+    (
+        CONNECTIONS_CLOSED,
+        Kind::Counter,
+        Scope::Every,
+        "SSE streams closed, by reason.",
+    ),
+    (
+        SLOW_CLIENT_DISCONNECTS,
+        Kind::Counter,
+        Scope::Every,
+        "Clients disconnected because their queue was full.",
+    ),
+    (
+        PUBLISHED,
+        Kind::Counter,
+        Scope::Every,
+        "Messages accepted for publishing (HTTP or library).",
+    ),
+    (
+        DISPATCHED,
+        Kind::Counter,
+        Scope::Every,
+        "Messages this node received from its relay and fanned out.",
+    ),
+    (
+        DELIVERED,
+        Kind::Counter,
+        Scope::Every,
+        "Events written to client streams.",
+    ),
+    (
+        FANOUT_SECONDS,
+        Kind::Histogram,
+        Scope::Every,
+        "Time for one fan-out worker to push one message into its clients' queues (seconds).",
+    ),
+    (
+        REJECTED,
+        Kind::Counter,
+        Scope::Every,
+        "Requests answered with an error, by status.",
+    ),
+    (
+        PUBLISH_BACKPRESSURE_REFUSED,
+        Kind::Counter,
+        Scope::Every,
+        "Publishes refused (503) because the fan-out backlog stayed full for the whole publish wait.",
+    ),
+    (
+        BACKLOG_SHED,
+        Kind::Counter,
+        Scope::Every,
+        "Relayed publications shed at twice the backlog byte bound (their local recipients were disconnected).",
+    ),
+    (
+        BACKLOG_DELIVERIES,
+        Kind::Gauge,
+        Scope::Every,
+        "Deliveries dispatched but not yet pushed into client queues.",
+    ),
+    (
+        BACKLOG_BYTES,
+        Kind::Gauge,
+        Scope::Every,
+        "Bytes of publications held by the fan-out.",
+    ),
+    (
+        BODY_TIMEOUTS,
+        Kind::Counter,
+        Scope::Every,
+        "Request bodies that did not arrive within the body timeout (408).",
+    ),
+    (
+        CONNECTIONS_EVICTED,
+        Kind::Counter,
+        Scope::Every,
+        "Non-stream connections closed to make room for a new connection.",
+    ),
+    (
+        CONNECTIONS_REFUSED,
+        Kind::Counter,
+        Scope::Every,
+        "New connections closed at once: no room, and none waiting to evict.",
+    ),
+    (
+        HTTP_CONNECTIONS,
+        Kind::Gauge,
+        Scope::Every,
+        "Open connections that are not SSE streams.",
+    ),
+    (
+        RESUME_REPLAYED,
+        Kind::Counter,
+        Scope::Every,
+        "Messages replayed to resumed subscriptions.",
+    ),
+    (
+        RESUME_UNKNOWN_CURSOR,
+        Kind::Counter,
+        Scope::Every,
+        "Resumed subscriptions whose since cursor was not in the history.",
+    ),
+    (
+        SUBSCRIPTIONS_SUPERSEDED,
+        Kind::Counter,
+        Scope::Every,
+        "Subscription requests answered 204 unapplied because a newer request of the same client was applied first.",
+    ),
+    (
+        POCKETBASE_REVOKED,
+        Kind::Counter,
+        Scope::Every,
+        "Streams made guests because PocketBase no longer accepts the token they were bound through (companion mode).",
+    ),
+    (
+        FORWARDED,
+        Kind::Counter,
+        Scope::Redis,
+        "Subscription requests forwarded to the node holding the client.",
+    ),
+    (
+        FORWARDS_EXPIRED,
+        Kind::Counter,
+        Scope::Redis,
+        "Forwarded subscription requests dropped unapplied because they arrived after their deadline.",
+    ),
+    (
+        RELAY_UP,
+        Kind::Gauge,
+        Scope::Redis,
+        "1 while the Redis relay is healthy.",
+    ),
+    (
+        RELAY_RECONNECTS,
+        Kind::Counter,
+        Scope::Redis,
+        "Times a Redis subscriber connection was lost and re-established.",
+    ),
+    (
+        RELAY_RECOVERY_SECONDS,
+        Kind::Gauge,
+        Scope::Redis,
+        "How long the last Redis outage lasted, until every topic was re-subscribed (seconds).",
+    ),
+    (
+        RELAY_OUTAGE_SECONDS,
+        Kind::Histogram,
+        Scope::Redis,
+        "How long each loss of the Redis subscriber lasted, until every topic was re-subscribed (seconds).",
+    ),
+    (
+        RELAY_BAD_MESSAGES,
+        Kind::Counter,
+        Scope::Redis,
+        "Messages from Redis that could not be decoded.",
+    ),
+    (
+        RELAY_LOST_PUBLISHES,
+        Kind::Counter,
+        Scope::Redis,
+        "Publishes Redis delivered to no subscriber of a topic this node had confirmed (its local subscribers were disconnected).",
+    ),
+    (
+        RELAY_MESSAGES_IN,
+        Kind::Counter,
+        Scope::Redis,
+        "Messages received from Redis, by partition.",
+    ),
+    (
+        RELAY_LINK_RECONNECTS,
+        Kind::Counter,
+        Scope::Redis,
+        "Reconnects of each subscriber link, by partition.",
+    ),
+    (
+        RELAY_RESUBSCRIBE_SECONDS,
+        Kind::Gauge,
+        Scope::Redis,
+        "How long each link last took to connect and re-subscribe everything, by partition (seconds).",
+    ),
+    (
+        HISTORY_DUPLICATES,
+        Kind::Counter,
+        Scope::Redis,
+        "Messages that arrived again (by offset) and were dropped.",
+    ),
+    (
+        HISTORY_CATCH_UPS,
+        Kind::Counter,
+        Scope::Redis,
+        "Jumps in a topic's offsets filled from its history.",
+    ),
+    (
+        HISTORY_GAPS,
+        Kind::Counter,
+        Scope::Redis,
+        "Gaps history could not fill (trimmed, expired, new epoch).",
+    ),
+    (
+        HISTORY_ROLLBACKS,
+        Kind::Counter,
+        Scope::Redis,
+        "Topic histories found rolled back after a failover.",
+    ),
+    (
+        HISTORY_CATCH_UP_SECONDS,
+        Kind::Histogram,
+        Scope::Redis,
+        "Time to catch a link's topics up from history after a reconnect (seconds).",
+    ),
+];
+
+/// Every `reason` of [`CONNECTIONS_CLOSED`].
+pub const CLOSE_REASONS: &[&str] = &[
+    "client",
+    "idle",
+    "max_lifetime",
+    "slow",
+    "overloaded",
+    "gap",
+    "discarded",
+    "shutdown",
+    "write_timeout",
+    "write_failed",
+];
+
+/// Every `status` of [`REJECTED`] that Fanout answers with.
+pub const REJECTED_STATUSES: &[&str] = &[
+    "400", "401", "403", "404", "405", "408", "413", "415", "500", "502", "503",
+];
+
+/// Describe every metric of this node and export it at zero, so that a
+/// series exists (and alerts on it work) before its first event.
+/// Labelled series are created for each known label value; those labelled
+/// by `partition` are created by the relay when it learns the partitions.
+/// `redis`: whether the node relays through Redis (the [`Scope::Redis`]
+/// metrics exist only then). Idempotent.
+pub fn register(redis: bool) {
+    handle();
+    for &(name, kind, scope, help) in ALL {
+        if scope == Scope::Redis && !redis {
+            continue;
+        }
+        match kind {
+            Kind::Counter => metrics::describe_counter!(name, help),
+            Kind::Gauge => metrics::describe_gauge!(name, help),
+            Kind::Histogram => metrics::describe_histogram!(name, help),
+        }
+        if [
+            CONNECTIONS_CLOSED,
+            REJECTED,
+            RELAY_MESSAGES_IN,
+            RELAY_LINK_RECONNECTS,
+            RELAY_RESUBSCRIBE_SECONDS,
+        ]
+        .contains(&name)
+        {
+            continue;
+        }
+        match kind {
+            Kind::Counter => metrics::counter!(name).increment(0),
+            // Registering a gauge exports it at 0; set() would overwrite a
+            // value another in-process node set already.
+            Kind::Gauge => drop(metrics::gauge!(name)),
+            Kind::Histogram => drop(metrics::histogram!(name)),
+        }
+    }
+    for &reason in CLOSE_REASONS {
+        metrics::counter!(CONNECTIONS_CLOSED, "reason" => reason).increment(0);
+    }
+    for &status in REJECTED_STATUSES {
+        metrics::counter!(REJECTED, "status" => status).increment(0);
+    }
+}
 
 /// The events-delivered counter, resolved once: it is bumped on every
 /// write, and the `counter!` macro would look it up each time.

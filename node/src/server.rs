@@ -147,8 +147,10 @@ impl Server {
             close_spread: config.close_spread,
         });
         // Install the recorder before anything counts: the relay resolves
-        // some counters once, at start.
+        // some counters once, at start. Every series is exported from now
+        // on, at zero, so dashboards and alerts see it before its first event.
         crate::metrics::handle();
+        crate::metrics::register(config.redis_url.as_deref().is_some_and(|u| !u.is_empty()));
         let relay: Arc<dyn Relay> = match &config.redis_url {
             Some(url) if !url.is_empty() => RedisRelay::start(
                 hub.clone(),
@@ -221,6 +223,18 @@ impl Server {
             tracing::warn!(
                 ?backlog,
                 "the listen backlog is small for a reconnect storm; raise net.core.somaxconn to {BACKLOG_WANTED} or more"
+            );
+        }
+        if config.max_connections > fd_budget {
+            tracing::warn!(
+                max_connections = config.max_connections,
+                nofile,
+                fd_budget,
+                "--max-connections exceeds the open-files budget (RLIMIT_NOFILE less {} \
+                 reserved): the node runs out of descriptors at {fd_budget} connections, \
+                 before the stream limit; raise the limit (ulimit -n, systemd LimitNOFILE, \
+                 compose ulimits) or lower FANOUT_MAX_CONNECTIONS",
+                crate::admission::FD_RESERVE,
             );
         }
         let task = tokio::spawn(conn::serve(listener, conns, config.drain_timeout));

@@ -1,5 +1,5 @@
 // The whole path users run: the official PocketBase JS SDK (with the
-// `eventsource` polyfill) -> real nginx, round robin, no stickiness -> three
+// `eventsource` polyfill) -> real nginx (deploy/nginx, least_conn), no stickiness -> three
 // fanout nodes -> Redis.
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
@@ -20,7 +20,8 @@ const env = () => ({
   FANOUT_PUBLISH_KEY: KEY,
   FANOUT_TRUSTED_PROXIES: "127.0.0.1",
   FANOUT_HEARTBEAT_INTERVAL: "300ms",
-  FANOUT_FORWARD_TIMEOUT: "2s",
+  // Three heartbeats must exceed it, or the node refuses to start.
+  FANOUT_FORWARD_TIMEOUT: "800ms",
 });
 
 before(async () => {
@@ -64,7 +65,7 @@ test(`[${TOPOLOGY}] 30+ SDK clients through nginx get exactly their messages, in
       });
     clients.push({ pb, got, kind });
   }
-  // Streams are spread over the nodes by round robin.
+  // Streams are spread over the nodes (least_conn: each new one goes to the node with fewest).
   const spread = new Set(clients.map((c) => ownerOf(c.pb)));
   assert.equal(spread.size, 3, "every node holds some streams");
 

@@ -65,3 +65,94 @@ test("deploy/k8s manifests validate against the Kubernetes schemas", () => {
     assert.ok(manifests.includes(path.join(dir, m[1])), `${m[1]} exists`);
   }
 });
+
+test("the shipped nginx refuses /metrics through the balancer; each node serves it on its own address", async () => {
+  const { startNode, startNginx } = await import("./lib.mjs");
+  const node = await startNode();
+  const nginx = await startNginx([node.port]);
+  try {
+    const direct = await fetch(`${node.base}/metrics`);
+    assert.equal(direct.status, 200);
+    assert.match(await direct.text(), /fanout_connections_opened_total/);
+    for (const p of ["/metrics", "/metrics?x=1"]) {
+      const res = await fetch(`${nginx.base}${p}`);
+      assert.equal(res.status, 403, `${p} through nginx`);
+      assert.doesNotMatch(await res.text(), /fanout_/);
+    }
+    // Everything else still goes through.
+    assert.equal((await fetch(`${nginx.base}/api/health`)).status, 200);
+  } finally {
+    nginx.stop();
+    await node.stop();
+  }
+});
+
+test("deploy/nginx/reload.sh reports a reload only once new workers run, and fails when nginx's master cannot resolve the upstream", async () => {
+  const { freePort } = await import("./lib.mjs");
+  const { chmodSync, existsSync } = await import("node:fs");
+  const dir = mkdtempSync(path.join(os.tmpdir(), "fanout-nginx-reload-"));
+  mkdirSync(path.join(dir, "logs"));
+  mkdirSync(path.join(dir, "bin"));
+  const up = path.join(dir, "up.conf");
+  const good = "upstream u { server localhost:9; }\n";
+  writeFileSync(up, good);
+  writeFileSync(
+    path.join(dir, "nginx.conf"),
+    `worker_processes 1;
+pid ${dir}/nginx.pid;
+error_log ${dir}/logs/error.log;
+events {}
+http {
+  client_body_temp_path ${dir}/body; proxy_temp_path ${dir}/proxy;
+  fastcgi_temp_path ${dir}/fastcgi; uwsgi_temp_path ${dir}/uwsgi; scgi_temp_path ${dir}/scgi;
+  include ${up};
+  server { listen 127.0.0.1:${await freePort()}; location / { proxy_pass http://u; } }
+}
+`,
+  );
+  // `nginx` as the script calls it, pointed at this prefix. With `break`
+  // present, a reload signal reaches the master only after the upstream's
+  // name stopped resolving: the signaller succeeds, the master keeps its
+  // old configuration (the race seen with freshly scaled replicas).
+  const wrapper = path.join(dir, "bin/nginx");
+  const nginx = run("sh", ["-c", "command -v nginx"]).trim();
+  writeFileSync(
+    wrapper,
+    `#!/bin/sh
+if [ "$*" = "-s reload" ] && [ -e ${dir}/break ]; then
+  echo "upstream u { server nonexistent.invalid:9; }" > ${up}
+  kill -HUP "$(cat ${dir}/nginx.pid)"
+  exit 0
+fi
+exec ${nginx} -p ${dir} -c ${dir}/nginx.conf "$@"
+`,
+  );
+  chmodSync(wrapper, 0o755);
+  // Daemonized: its stdio must not be a pipe the test waits on.
+  assert.equal(spawnSync("nginx", ["-p", dir, "-c", path.join(dir, "nginx.conf")], { stdio: "ignore" }).status, 0);
+  await waitForFile(path.join(dir, "nginx.pid"), existsSync);
+  const master = readFileSync(path.join(dir, "nginx.pid"), "utf8").trim();
+  const reload = () =>
+    spawnSync("sh", [path.join(root, "deploy/nginx/reload.sh")], {
+      encoding: "utf8",
+      env: { ...process.env, PATH: `${dir}/bin:${process.env.PATH}`, MASTER_PID: master, ATTEMPTS: "2" },
+    });
+  try {
+    for (let i = 0; i < 3; i++) {
+      const ok = reload();
+      assert.equal(ok.status, 0, ok.stderr);
+      assert.match(ok.stdout, /nginx reloaded/);
+    }
+    writeFileSync(path.join(dir, "break"), "");
+    const failed = reload();
+    assert.equal(failed.status, 1, `a reload the master refused is reported: ${failed.stdout}`);
+    assert.match(readFileSync(path.join(dir, "logs/error.log"), "utf8"), /host not found in upstream/);
+  } finally {
+    writeFileSync(up, good);
+    spawnSync("nginx", ["-p", dir, "-c", path.join(dir, "nginx.conf"), "-s", "quit"], { stdio: "ignore" });
+  }
+});
+
+async function waitForFile(file, exists) {
+  for (let i = 0; i < 100 && !exists(file); i++) await new Promise((r) => setTimeout(r, 50));
+}

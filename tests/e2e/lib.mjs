@@ -101,10 +101,15 @@ export async function startRedis() {
 }
 
 /**
- * nginx in front of `ports` with deploy/nginx/fanout.conf (round robin, no
- * stickiness), on a free port, in its own prefix directory.
+ * nginx in front of `ports` with deploy/nginx/fanout.conf, balancing as
+ * deploy/nginx/upstream.compose.conf does (`least_conn`, no stickiness;
+ * `balance: "round_robin"` for nginx's default), on a free port, in its
+ * own prefix directory.
  */
-export async function startNginx(ports, { site: siteFile = "fanout.conf", pocketbase } = {}) {
+export async function startNginx(
+  ports,
+  { site: siteFile = "fanout.conf", pocketbase, balance = "least_conn" } = {},
+) {
   const { mkdtempSync, readFileSync, writeFileSync, mkdirSync } = await import("node:fs");
   const os = await import("node:os");
   const listen = await freePort();
@@ -114,7 +119,8 @@ export async function startNginx(ports, { site: siteFile = "fanout.conf", pocket
     /listen 8090;/,
     `listen 127.0.0.1:${listen};`,
   );
-  let upstream = `upstream fanout_nodes {\n${ports
+  const method = balance === "round_robin" ? "" : `    ${balance};\n    zone fanout_nodes 64k;\n`;
+  let upstream = `upstream fanout_nodes {\n${method}${ports
     .map((p) => `    server 127.0.0.1:${p} max_fails=1 fail_timeout=2s;`)
     .join("\n")}\n    keepalive 16;\n}\n`;
   if (pocketbase) upstream += `upstream pocketbase {\n    server 127.0.0.1:${pocketbase};\n    keepalive 16;\n}\n`;

@@ -14,7 +14,7 @@ fn env<'a>(url: &'a str, extra: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)
     let mut env = vec![
         ("FANOUT_REDIS_URL", url),
         ("FANOUT_HEARTBEAT_INTERVAL", "300ms"),
-        ("FANOUT_FORWARD_TIMEOUT", "1s"),
+        ("FANOUT_FORWARD_TIMEOUT", "800ms"),
         ("FANOUT_JWT_SECRET", SECRET),
     ];
     env.extend_from_slice(extra);

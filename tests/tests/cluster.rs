@@ -23,7 +23,7 @@ async fn cluster(n: usize, extra: &[(&str, &str)]) -> Cluster {
     let mut env = vec![
         ("FANOUT_REDIS_URL", url.as_str()),
         ("FANOUT_HEARTBEAT_INTERVAL", "300ms"),
-        ("FANOUT_FORWARD_TIMEOUT", "2s"),
+        ("FANOUT_FORWARD_TIMEOUT", "800ms"),
         ("FANOUT_JWT_SECRET", SECRET),
         ("FANOUT_TRUSTED_PROXIES", "127.0.0.1"),
     ];

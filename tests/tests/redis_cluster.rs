@@ -27,7 +27,7 @@ fn env(url: &str) -> Vec<(&str, &str)> {
     vec![
         ("FANOUT_REDIS_URL", url),
         ("FANOUT_HEARTBEAT_INTERVAL", "300ms"),
-        ("FANOUT_FORWARD_TIMEOUT", "2s"),
+        ("FANOUT_FORWARD_TIMEOUT", "800ms"),
         ("FANOUT_TRUSTED_PROXIES", "127.0.0.1"),
     ]
 }

@@ -42,6 +42,7 @@ pub(super) async fn run(
     mut controls: Vec<mpsc::UnboundedReceiver<SyncRequest>>,
 ) {
     let mut backoff = Duration::from_millis(100);
+    let mut unreachable = FirstConnectWarning::default();
     let backend = loop {
         if shared.stop.is_cancelled() {
             return;
@@ -50,7 +51,7 @@ pub(super) async fn run(
             Ok(b) => break b,
             Err(e) => {
                 shared.set_link(0, Err(format!("cannot reach Redis: {e}")));
-                tracing::debug!(error = %e, "Redis connect failed");
+                unreachable.failed(None, &e);
                 if !wait_answering(&shared, &mut controls[0], backoff).await {
                     return;
                 }
@@ -71,6 +72,48 @@ pub(super) async fn run(
     tokio::spawn(super::probe::run_probe(shared.clone()));
     for (k, control) in controls.into_iter().enumerate().take(links) {
         tokio::spawn(run_link(shared.clone(), k, control));
+    }
+}
+
+/// Warns that Redis cannot be reached until the first connection succeeds:
+/// at the first failure, then with back-off (every 2 s, doubling up to a
+/// minute), so that a mistyped or unreachable `--redis-url` is never
+/// silent. Later reconnects are logged where the connection is lost.
+struct FirstConnectWarning {
+    next: Instant,
+    every: Duration,
+    failures: u32,
+}
+
+impl Default for FirstConnectWarning {
+    fn default() -> Self {
+        Self {
+            next: Instant::now(),
+            every: Duration::from_secs(2),
+            failures: 0,
+        }
+    }
+}
+
+impl FirstConnectWarning {
+    const MAX_EVERY: Duration = Duration::from_secs(60);
+
+    fn failed(&mut self, link: Option<usize>, error: &str) {
+        self.failures += 1;
+        let now = Instant::now();
+        if now < self.next {
+            tracing::debug!(?link, error, "Redis connect failed");
+            return;
+        }
+        tracing::warn!(
+            ?link,
+            error,
+            attempts = self.failures,
+            "cannot reach Redis (--redis-url / FANOUT_REDIS_URL); retrying. \
+             Until it connects, /api/health answers 503 and publishes fail"
+        );
+        self.next = now + self.every;
+        self.every = (self.every * 2).min(Self::MAX_EVERY);
     }
 }
 
@@ -106,6 +149,10 @@ async fn run_link(
     let mut down_since: Option<Instant> = Some(Instant::now());
     let mut first = true;
     let partition = k.to_string();
+    // Exported at zero from the start (see `metrics::register`).
+    metrics::counter!(m::RELAY_LINK_RECONNECTS, "partition" => partition.clone()).increment(0);
+    drop(metrics::gauge!(m::RELAY_RESUBSCRIBE_SECONDS, "partition" => partition.clone()));
+    let mut unreachable = FirstConnectWarning::default();
     loop {
         if shared.stop.is_cancelled() {
             return;
@@ -180,7 +227,11 @@ async fn run_link(
             }
             Err(e) => {
                 shared.set_link(k, Err(format!("cannot reach Redis: {e}")));
-                tracing::debug!(link = k, error = %e, ?backoff, "Redis connect failed");
+                if first {
+                    unreachable.failed(Some(k), &e);
+                } else {
+                    tracing::debug!(link = k, error = %e, ?backoff, "Redis connect failed");
+                }
                 if !wait_answering(&shared, &mut control, backoff).await {
                     return;
                 }
