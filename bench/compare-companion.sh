@@ -15,8 +15,8 @@
 #                  (list rule owner = @request.auth.id), USER_MESSAGES records,
 #                  record j owned by user j % USERS
 #   per-user-paced the same at USER_RATE records/s
-# Settings (env): CLIENTS=10000 MESSAGES=300 RATE=2 PACED_MESSAGES=40
-#   USERS=1000 USER_MESSAGES=200 USER_RATE=5 PUBLISHERS=4 NODES=1
+# Settings (env): CLIENTS=10000 MESSAGES=100 RATE=1 PACED_MESSAGES=20
+#   USERS=1000 USER_MESSAGES=100 USER_RATE=5 PUBLISHERS=4 NODES=1
 #   SCENARIOS="public-max public-paced per-user-max per-user-paced"
 #   OUT=<file for the raw JSON result lines> (default: in the work directory)
 #
@@ -32,9 +32,9 @@ source bench/scenarios/lib.sh
 [ "${SKIP_BUILD:-}" ] || build
 PB=$(pocketbase_bin)
 
-CLIENTS=${CLIENTS:-10000} MESSAGES=${MESSAGES:-300} RATE=${RATE:-2}
-PACED_MESSAGES=${PACED_MESSAGES:-40}
-USERS=${USERS:-1000} USER_MESSAGES=${USER_MESSAGES:-200} USER_RATE=${USER_RATE:-5}
+CLIENTS=${CLIENTS:-10000} MESSAGES=${MESSAGES:-100} RATE=${RATE:-1}
+PACED_MESSAGES=${PACED_MESSAGES:-20}
+USERS=${USERS:-1000} USER_MESSAGES=${USER_MESSAGES:-100} USER_RATE=${USER_RATE:-5}
 PUBLISHERS=${PUBLISHERS:-4} NODES=${NODES:-1}
 SCENARIOS=${SCENARIOS:-public-max public-paced per-user-max per-user-paced}
 SECRET="bench-secret-$$-$RANDOM"
@@ -92,6 +92,7 @@ one() {
   stop_all
 }
 
+LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
 for scenario in $SCENARIOS; do
   for target in pocketbase companion; do
     one "$target" "$scenario"
@@ -102,7 +103,7 @@ COMMAND="bench/compare-companion.sh"
 for v in CLIENTS MESSAGES RATE PACED_MESSAGES USERS USER_MESSAGES USER_RATE PUBLISHERS NODES; do
   COMMAND="$v=${!v} $COMMAND"
 done
-HEADER="\`$COMMAND\`: PocketBase $("$PB" --version | awk '{print $NF}'), Fanout $(git rev-parse --short HEAD), $(nproc) cores"
+HEADER="\`$COMMAND\`: PocketBase $("$PB" --version | awk '{print $NF}'), Fanout $(git rev-parse --short HEAD), $(nproc) cores, load average $LOAD_BEFORE before the run and $(cut -d' ' -f1-3 /proc/loadavg) after (other work shared the machine)"
 python3 bench/companion_report.py "$RESULTS" "$HEADER" > "$BENCH_WORK/companion.md"
 cat "$BENCH_WORK/companion.md"
 log "raw results: $RESULTS; table: $BENCH_WORK/companion.md"
