@@ -109,7 +109,8 @@ cat "$BENCH_WORK/companion.md"
 log "raw results: $RESULTS; table: $BENCH_WORK/companion.md"
 if [ "${UPDATE_DOCS:-}" = 1 ]; then
   python3 bench/companion_report.py --update-docs "$BENCH_WORK/companion.md" docs/pocketbase.md docs/benchmarks.md
-  log "updated the companion tables in docs/pocketbase.md and docs/benchmarks.md"
+  cp "$RESULTS" docs/companion-benchmark.jsonl
+  log "updated the companion tables in docs/pocketbase.md and docs/benchmarks.md, and docs/companion-benchmark.jsonl"
 else
   log "docs/ not changed (UPDATE_DOCS=1 or --update-docs writes the table there)"
 fi
