@@ -437,12 +437,12 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<Report> {
             // verifications in flight).
             let retry_until = Instant::now() + Duration::from_secs(60);
             loop {
-                let mut req = http
-                    .post(format!("http://{sub_node}/api/realtime"))
-                    .json(&serde_json::json!({
-                        "clientId": client_id,
-                        "subscriptions": [key],
-                    }));
+                let mut req =
+                    http.post(format!("http://{sub_node}/api/realtime"))
+                        .json(&serde_json::json!({
+                            "clientId": client_id,
+                            "subscriptions": [key],
+                        }));
                 if let Some((_, token)) = users.get(topic) {
                     req = req.header("authorization", token);
                 }
@@ -454,7 +454,10 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<Report> {
                 if status != reqwest::StatusCode::SERVICE_UNAVAILABLE
                     || Instant::now() > retry_until
                 {
-                    bail!("subscribe: {status} {}", res.text().await.unwrap_or_default());
+                    bail!(
+                        "subscribe: {status} {}",
+                        res.text().await.unwrap_or_default()
+                    );
                 }
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
@@ -495,7 +498,10 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<Report> {
     .await;
     let connected_rss = rss_kib(&args.pids);
     let pb_pid: Vec<u32> = args.pocketbase_pid.into_iter().collect();
-    let pb_connected = (rss_kib(&pb_pid), pb_pid.first().map_or(0, |&p| open_sockets(p)));
+    let pb_connected = (
+        rss_kib(&pb_pid),
+        pb_pid.first().map_or(0, |&p| open_sockets(p)),
+    );
     if let Some(path) = &args.ready_file {
         std::fs::write(path, format!("{connected}\n"))?;
     }
@@ -540,7 +546,8 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<Report> {
     )?));
     let sampler = {
         let (pids, peak) = (args.pids.clone(), peak.clone());
-        let (pb_pid, pb_rss, pb_sockets) = (pb_pid.clone(), pb_rss_peak.clone(), pb_sockets_peak.clone());
+        let (pb_pid, pb_rss, pb_sockets) =
+            (pb_pid.clone(), pb_rss_peak.clone(), pb_sockets_peak.clone());
         tokio::spawn(async move {
             loop {
                 peak.fetch_max(rss_kib(&pids), Ordering::Relaxed);
@@ -554,7 +561,11 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<Report> {
     };
     let publish_errors = Arc::new(AtomicU64::new(0));
     let pad = "x".repeat(args.payload_bytes);
-    let cpu_before = (servers_cpu(&args.pids), cpu_secs("self"), servers_cpu(&pb_pid));
+    let cpu_before = (
+        servers_cpu(&args.pids),
+        cpu_secs("self"),
+        servers_cpu(&pb_pid),
+    );
     let publish_started = Instant::now();
     let publish_started_us = unix_us();
     let mut publishers = tokio::task::JoinSet::new();
