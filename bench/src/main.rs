@@ -28,7 +28,7 @@ struct Cli {
 enum Command {
     /// Run one scenario and print its result (a human summary on stderr,
     /// one JSON line on stdout).
-    Run(run::RunArgs),
+    Run(Box<run::RunArgs>),
     /// Write the side-by-side markdown table and PNG chart.
     Report(report::ReportArgs),
     /// Time the kernel's floor: one thread writing one frame to each of N
@@ -47,7 +47,7 @@ fn main() -> anyhow::Result<()> {
                 .enable_all()
                 .build()?;
             let json_out = args.json_out.clone();
-            let report = rt.block_on(run::run(args))?;
+            let report = rt.block_on(run::run(*args))?;
             eprint!("{}", run::summary(&report));
             emit(&report, json_out)?;
             // Open streams and tasks are dropped with the runtime.

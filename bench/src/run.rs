@@ -94,6 +94,29 @@ pub struct RunArgs {
     /// Create this file once every client is connected and subscribed.
     #[arg(long)]
     pub ready_file: Option<std::path::PathBuf>,
+    /// PocketBase record events instead of `POST /api/publish`: every
+    /// client subscribes to `<collection>/*`, and publishers create records
+    /// (number fields s, t, p, k; text x) with `POST
+    /// /api/collections/<collection>/records` on `--pocketbase-url`, whose
+    /// create rule must let them (`""`). Default: off.
+    #[arg(long)]
+    pub pocketbase_collection: Option<String>,
+    /// PocketBase's address (host:port) for creating records. Default: the
+    /// first of `--nodes` (PocketBase alone).
+    #[arg(long)]
+    pub pocketbase_url: Option<SocketAddr>,
+    /// Per-user feed: a file of `<user id> <token>` lines. Client i
+    /// subscribes with user i % users's token (`Authorization` header) and
+    /// "topic" k is user k: message j is a record owned by user j % users
+    /// (`owner` field), so `--topics` is set to the number of users and the
+    /// collection's list rule must be `owner = @request.auth.id`.
+    #[arg(long)]
+    pub pocketbase_tokens: Option<std::path::PathBuf>,
+    /// PocketBase's pid: its CPU seconds over the publish phase, its
+    /// resident memory and its open sockets are reported apart from
+    /// `--pids`.
+    #[arg(long)]
+    pub pocketbase_pid: Option<u32>,
 }
 
 /// Microseconds since the Unix epoch: publish and delivery times are
@@ -160,6 +183,42 @@ pub struct Report {
     pub publish_start_unix_us: u64,
     #[serde(default)]
     pub last_delivery_unix_us: u64,
+    /// Latency of each record-creating request (`--pocketbase-collection`),
+    /// in ms: PocketBase runs its realtime broadcast on the write path.
+    #[serde(default)]
+    pub create_ms: Latency,
+    /// PocketBase's own figures (`--pocketbase-pid`).
+    #[serde(default)]
+    pub pocketbase: PocketBaseStats,
+}
+
+/// PocketBase's process, measured from /proc.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, Default)]
+pub struct PocketBaseStats {
+    /// user + system CPU seconds from the first create to the last delivery.
+    pub cpu_secs: f64,
+    /// `cpu_secs` per record created, in milliseconds.
+    pub cpu_ms_per_record: f64,
+    /// Resident memory with every client connected, and the highest seen
+    /// while publishing, in KiB.
+    pub rss_kib_connected: u64,
+    pub rss_kib_peak: u64,
+    /// Open sockets (TCP connections plus its listener) with every client
+    /// connected, and the most seen while publishing.
+    pub sockets_connected: u64,
+    pub sockets_peak: u64,
+}
+
+/// How many of a process's file descriptors are sockets.
+fn open_sockets(pid: u32) -> u64 {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |dir| {
+        dir.filter_map(Result::ok)
+            .filter(|e| {
+                std::fs::read_link(e.path())
+                    .is_ok_and(|l| l.to_string_lossy().starts_with("socket:"))
+            })
+            .count() as u64
+    })
 }
 
 #[derive(Debug, Clone, Serialize, serde::Deserialize, Default)]
@@ -282,7 +341,22 @@ fn topic_name(k: usize) -> String {
     format!("bench{k}")
 }
 
-pub async fn run(args: RunArgs) -> anyhow::Result<Report> {
+pub async fn run(mut args: RunArgs) -> anyhow::Result<Report> {
+    let users: Arc<Vec<(String, String)>> = Arc::new(match &args.pocketbase_tokens {
+        Some(path) => std::fs::read_to_string(path)
+            .with_context(|| format!("reading {}", path.display()))?
+            .lines()
+            .filter_map(|l| l.split_once(' '))
+            .map(|(id, token)| (id.to_owned(), token.trim().to_owned()))
+            .collect(),
+        None => Vec::new(),
+    });
+    if args.pocketbase_tokens.is_some() {
+        if args.pocketbase_collection.is_none() {
+            bail!("--pocketbase-tokens needs --pocketbase-collection");
+        }
+        args.topics = users.len();
+    }
     if args.nodes.is_empty() || args.topics == 0 || args.publishers == 0 {
         bail!("need at least one node, topic and publisher");
     }
@@ -296,6 +370,22 @@ pub async fn run(args: RunArgs) -> anyhow::Result<Report> {
                 .build()
         })
         .collect::<Result<_, _>>()?;
+    // Against PocketBase, few idle subscription connections stay open, so
+    // that its open sockets are its SSE streams, not this generator's
+    // keep-alive pool.
+    let subscribe_for: Vec<reqwest::Client> = if args.pocketbase_collection.is_some() {
+        sources
+            .iter()
+            .map(|ip| {
+                reqwest::Client::builder()
+                    .local_address(*ip)
+                    .pool_max_idle_per_host(1)
+                    .build()
+            })
+            .collect::<Result<_, _>>()?
+    } else {
+        http_for.clone()
+    };
     let baseline = rss_kib(&args.pids);
     let stats = Arc::new(Stats::new());
     let slow_every = if args.slow_percent > 0.0 {
@@ -317,7 +407,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<Report> {
         let node = args.nodes[i % args.nodes.len()];
         let sub_node = args.nodes[(i + 1) % args.nodes.len()];
         let src_idx = i % sources.len();
-        let http = http_for[src_idx].clone();
+        let http = subscribe_for[src_idx].clone();
         let topic = i % args.topics;
         let slow = slow_every > 0 && i % slow_every == 0;
         let (ready, id) = tokio::sync::oneshot::channel();
@@ -334,20 +424,42 @@ pub async fn run(args: RunArgs) -> anyhow::Result<Report> {
             reader(stats.clone(), topic, args.publishers),
         );
         let bar = connect_bar.clone();
+        let key = match &args.pocketbase_collection {
+            Some(c) => format!("{c}/*"),
+            None => topic_name(topic),
+        };
+        let users = users.clone();
         connecting.spawn(async move {
             let _permit = permit;
             let client_id = id.await.context("client task ended")??;
-            let res = http
-                .post(format!("http://{sub_node}/api/realtime"))
-                .json(&serde_json::json!({
-                    "clientId": client_id,
-                    "subscriptions": [topic_name(topic)],
-                }))
-                .send()
-                .await
-                .context("subscribe")?;
-            if !res.status().is_success() {
-                bail!("subscribe: {}", res.status());
+            // 503 means "try again, nothing changed" (Fanout's companion
+            // mode answers it when a client address has too many token
+            // verifications in flight).
+            let retry_until = Instant::now() + Duration::from_secs(60);
+            loop {
+                let mut req =
+                    http.post(format!("http://{sub_node}/api/realtime"))
+                        .json(&serde_json::json!({
+                            "clientId": client_id,
+                            "subscriptions": [key],
+                        }));
+                if let Some((_, token)) = users.get(topic) {
+                    req = req.header("authorization", token);
+                }
+                let res = req.send().await.context("subscribe")?;
+                let status = res.status();
+                if status.is_success() {
+                    break;
+                }
+                if status != reqwest::StatusCode::SERVICE_UNAVAILABLE
+                    || Instant::now() > retry_until
+                {
+                    bail!(
+                        "subscribe: {status} {}",
+                        res.text().await.unwrap_or_default()
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
             }
             bar.inc(1);
             anyhow::Ok((topic, slow))
@@ -385,6 +497,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<Report> {
     })
     .await;
     let connected_rss = rss_kib(&args.pids);
+    let pb_pid: Vec<u32> = args.pocketbase_pid.into_iter().collect();
+    let pb_connected = (
+        rss_kib(&pb_pid),
+        pb_pid.first().map_or(0, |&p| open_sockets(p)),
+    );
     if let Some(path) = &args.ready_file {
         std::fs::write(path, format!("{connected}\n"))?;
     }
@@ -420,23 +537,49 @@ pub async fn run(args: RunArgs) -> anyhow::Result<Report> {
         .sum();
     let deliver_bar = bar(args.quiet, expected, "deliver");
     let peak = Arc::new(AtomicU64::new(connected_rss));
+    let pb_rss_peak = Arc::new(AtomicU64::new(pb_connected.0));
+    let pb_sockets_peak = Arc::new(AtomicU64::new(pb_connected.1));
+    let create_hist = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(
+        1,
+        600_000_000,
+        3,
+    )?));
     let sampler = {
         let (pids, peak) = (args.pids.clone(), peak.clone());
+        let (pb_pid, pb_rss, pb_sockets) =
+            (pb_pid.clone(), pb_rss_peak.clone(), pb_sockets_peak.clone());
         tokio::spawn(async move {
             loop {
                 peak.fetch_max(rss_kib(&pids), Ordering::Relaxed);
+                if let Some(&p) = pb_pid.first() {
+                    pb_rss.fetch_max(rss_kib(&[p]), Ordering::Relaxed);
+                    pb_sockets.fetch_max(open_sockets(p), Ordering::Relaxed);
+                }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         })
     };
     let publish_errors = Arc::new(AtomicU64::new(0));
     let pad = "x".repeat(args.payload_bytes);
-    let cpu_before = (servers_cpu(&args.pids), cpu_secs("self"));
+    let cpu_before = (
+        servers_cpu(&args.pids),
+        cpu_secs("self"),
+        servers_cpu(&pb_pid),
+    );
     let publish_started = Instant::now();
     let publish_started_us = unix_us();
     let mut publishers = tokio::task::JoinSet::new();
     for p in (0..args.publishers).filter(|_| !args.listen_only) {
         let node = args.nodes[p % args.nodes.len()];
+        let url = match &args.pocketbase_collection {
+            Some(c) => format!(
+                "http://{}/api/collections/{c}/records",
+                args.pocketbase_url.unwrap_or(args.nodes[0])
+            ),
+            None => format!("http://{node}/api/publish"),
+        };
+        let pocketbase = args.pocketbase_collection.is_some();
+        let (users, create_hist) = (users.clone(), create_hist.clone());
         let http = http_for[0].clone();
         let key = args.publish_key.clone();
         let errors = publish_errors.clone();
@@ -459,19 +602,33 @@ pub async fn run(args: RunArgs) -> anyhow::Result<Report> {
                 let s = seq[k];
                 seq[k] += 1;
                 let t_us = unix_us();
-                let body = format!(
-                    r#"{{"topic":"{}","data":{{"s":{s},"t":{t_us},"p":{p},"k":{k},"x":"{pad}"}}}}"#,
-                    topic_name(k)
-                );
+                let body = if pocketbase {
+                    let owner = users
+                        .get(k)
+                        .map(|(id, _)| format!(r#","owner":"{id}""#))
+                        .unwrap_or_default();
+                    format!(r#"{{"s":{s},"t":{t_us},"p":{p},"k":{k},"x":"{pad}"{owner}}}"#)
+                } else {
+                    format!(
+                        r#"{{"topic":"{}","data":{{"s":{s},"t":{t_us},"p":{p},"k":{k},"x":"{pad}"}}}}"#,
+                        topic_name(k)
+                    )
+                };
                 let mut req = http
-                    .post(format!("http://{node}/api/publish"))
+                    .post(&url)
                     .header("content-type", "application/json")
                     .body(body);
                 if let Some(key) = &key {
                     req = req.bearer_auth(key);
                 }
+                let sent = Instant::now();
                 match req.send().await {
-                    Ok(r) if r.status().is_success() => {}
+                    Ok(r) if r.status().is_success() => {
+                        // The whole answer, as a client waits for it.
+                        let _ = r.bytes().await;
+                        let us = sent.elapsed().as_micros() as u64;
+                        let _ = create_hist.lock().record(us.max(1));
+                    }
                     _ => {
                         errors.fetch_add(1, Ordering::Relaxed);
                     }
@@ -544,6 +701,29 @@ pub async fn run(args: RunArgs) -> anyhow::Result<Report> {
         server: servers_cpu(&args.pids) - cpu_before.0,
         bench: cpu_secs("self") - cpu_before.1,
     };
+    {
+        let h = create_hist.lock();
+        let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+        report.create_ms = Latency {
+            p50: ms(0.5),
+            p90: ms(0.9),
+            p99: ms(0.99),
+            p999: ms(0.999),
+            max: h.max() as f64 / 1000.0,
+        };
+    }
+    if !pb_pid.is_empty() {
+        let cpu = servers_cpu(&pb_pid) - cpu_before.2;
+        let created = (args.messages as u64).saturating_sub(report.publish_errors);
+        report.pocketbase = PocketBaseStats {
+            cpu_secs: cpu,
+            cpu_ms_per_record: cpu * 1000.0 / created.max(1) as f64,
+            rss_kib_connected: pb_connected.0,
+            rss_kib_peak: pb_rss_peak.load(Ordering::Relaxed),
+            sockets_connected: pb_connected.1,
+            sockets_peak: pb_sockets_peak.load(Ordering::Relaxed),
+        };
+    }
     Ok(report)
 }
 
@@ -573,12 +753,20 @@ async fn server_counters(
 }
 
 /// The per-client delivery check: order per publisher, topic, latency.
+///
+/// Per publisher it keeps the lowest sequence number not yet received and
+/// the numbers received beyond it, so an event that arrives after a later
+/// one (PocketBase does not order one client's events) is counted once, as
+/// out of order, and only a number never received counts as missing.
 fn reader(
     stats: Arc<Stats>,
     topic: usize,
     publishers: usize,
 ) -> impl FnMut(&[u8]) + Send + 'static {
     let mut next = vec![0u64; publishers];
+    let mut ahead = vec![std::collections::BTreeSet::<u64>::new(); publishers];
+    // One past the highest sequence number received, per publisher.
+    let mut high = vec![0u64; publishers];
     let shard = topic % stats.shards.len();
     move |data| {
         let now = unix_us();
@@ -594,18 +782,29 @@ fn reader(
             stats.misrouted.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        let Some(n) = next.get_mut(p as usize) else {
+        let p = p as usize;
+        let (Some(n), Some(ahead), Some(high)) =
+            (next.get_mut(p), ahead.get_mut(p), high.get_mut(p))
+        else {
             stats.misrouted.fetch_add(1, Ordering::Relaxed);
             return;
         };
-        if s < *n {
+        if s < *n || ahead.contains(&s) {
             stats.duplicated.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        if s > *n {
+        if s < *high {
             stats.out_of_order.fetch_add(1, Ordering::Relaxed);
         }
-        *n = s + 1;
+        *high = (*high).max(s + 1);
+        if s > *n {
+            ahead.insert(s);
+        } else {
+            *n = s + 1;
+            while ahead.remove(n) {
+                *n += 1;
+            }
+        }
         stats.received.fetch_add(1, Ordering::Relaxed);
         stats.last_us.fetch_max(now, Ordering::Relaxed);
         let _ = stats.shards[shard]
@@ -652,6 +851,24 @@ pub fn summary(r: &Report) -> String {
             r.cpu_secs.server,
             r.cpu_secs.bench
         );
+        if r.create_ms.max > 0.0 {
+            s += &format!(
+                "  create request ms: p50 {:.2}  p99 {:.2}  max {:.2}\n",
+                r.create_ms.p50, r.create_ms.p99, r.create_ms.max
+            );
+        }
+        if r.pocketbase.rss_kib_connected > 0 {
+            let pb = &r.pocketbase;
+            s += &format!(
+                "  pocketbase: cpu {:.2}s ({:.3} ms/record), rss {} KiB connected, {} KiB peak, sockets {} connected, {} peak\n",
+                pb.cpu_secs,
+                pb.cpu_ms_per_record,
+                pb.rss_kib_connected,
+                pb.rss_kib_peak,
+                pb.sockets_connected,
+                pb.sockets_peak
+            );
+        }
     }
     s
 }
