@@ -8,7 +8,26 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use fanout_testkit::*;
 use serde_json::{Value, json};
 
-const HEARTBEAT: Duration = Duration::from_millis(300);
+/// The heartbeat interval, unless a forward timeout needs a longer one
+/// (three intervals must exceed it, or a node refuses to start).
+const HEARTBEAT: Duration = Duration::from_millis(700);
+
+/// The heartbeat interval for a forward timeout given as `<n>s` or
+/// `<n>ms`: [`HEARTBEAT`], or half the timeout when that is longer.
+fn heartbeat_for(forward_timeout: &str) -> Duration {
+    let ms = match forward_timeout.strip_suffix("ms") {
+        Some(n) => n.parse::<u64>().unwrap(),
+        None => {
+            forward_timeout
+                .strip_suffix('s')
+                .unwrap()
+                .parse::<u64>()
+                .unwrap()
+                * 1000
+        }
+    };
+    HEARTBEAT.max(Duration::from_millis(ms / 2))
+}
 
 fn env(
     url: &str,
@@ -17,7 +36,10 @@ fn env(
 ) -> Vec<(String, String)> {
     let mut env = vec![
         ("FANOUT_REDIS_URL".to_owned(), url.to_owned()),
-        ("FANOUT_HEARTBEAT_INTERVAL".to_owned(), "300ms".to_owned()),
+        (
+            "FANOUT_HEARTBEAT_INTERVAL".to_owned(),
+            format!("{}ms", heartbeat_for(forward_timeout).as_millis()),
+        ),
         (
             "FANOUT_FORWARD_TIMEOUT".to_owned(),
             forward_timeout.to_owned(),

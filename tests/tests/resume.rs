@@ -21,6 +21,8 @@ fn env<'a>(url: &'a str, extra: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)
     let mut env = vec![
         ("FANOUT_REDIS_URL", url),
         ("FANOUT_HEARTBEAT_INTERVAL", "300ms"),
+        // Three heartbeats must exceed it, or the node refuses to start.
+        ("FANOUT_FORWARD_TIMEOUT", "800ms"),
     ];
     env.extend_from_slice(extra);
     env
