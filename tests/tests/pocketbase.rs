@@ -544,3 +544,48 @@ async fn without_companion_mode_the_oauth2_redirect_is_not_served() {
     let (status, body) = node.get_json("/api/oauth2-redirect?state=x&code=y").await;
     assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
 }
+
+#[tokio::test]
+async fn a_verification_whose_request_was_dropped_still_gives_its_slot_back() {
+    let pb = PocketBase::start().await;
+    let (alice, token) = pb.user("alice@fanout.test").await;
+    let slow = TcpProxy::start(pb.port).await;
+    slow.set_delay(Duration::from_millis(400));
+    let url = format!("http://127.0.0.1:{}", slow.port);
+    let node = companion_node(&url, &[("FANOUT_POCKETBASE_VERIFY_PER_IP", "1")]).await;
+    // A request with a token not seen before, given up by its client while
+    // PocketBase is still answering.
+    let first = node.connect().await;
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 600;
+    let forged = fanout_testkit::token(
+        "guess",
+        json!({"id": alice, "collectionId": "_pb_users_auth_", "type": "auth", "exp": exp}),
+    );
+    let gave_up = tokio::time::timeout(
+        Duration::from_millis(100),
+        node.post_subscriptions(
+            json!({"clientId": first.client_id, "subscriptions": ["t"]}),
+            &[("authorization", &forged)],
+        ),
+    )
+    .await;
+    assert!(gave_up.is_err(), "the first request was to be given up");
+    // The address's one verification slot comes back once that call ends.
+    let mut sse = node.connect().await;
+    wait_for("the address's verification slot back", || async {
+        let (status, _) = node
+            .post_subscriptions(
+                json!({"clientId": sse.client_id, "subscriptions": ["t"]}),
+                &[("authorization", &token)],
+            )
+            .await;
+        status == StatusCode::NO_CONTENT
+    })
+    .await;
+    directed_then_marker(&node, "t", &alice, 1).await;
+    assert_eq!(directed(&until_marker(&mut sse, 1).await), 1);
+}

@@ -190,22 +190,37 @@ impl TokenVerifier {
             return Ok(usable(verdict));
         }
         let key: Arc<str> = Arc::from(token);
-        let (call, ours) = {
+        let call = {
             let mut inflight = self.inflight.lock();
             match inflight.get(&key) {
-                Some(call) => (call.clone(), false),
+                Some(call) => call.clone(),
                 None => {
-                    let call = self.clone().call(key.clone(), ip).boxed().shared();
-                    inflight.insert(key.clone(), call.clone());
-                    (call, true)
+                    // A task of its own, so that it finishes (within its
+                    // timeouts) and gives its slots back even when every
+                    // request waiting on it is dropped; it leaves the
+                    // in-flight map when done.
+                    let this = self.clone();
+                    let k = key.clone();
+                    let task = tokio::spawn(async move {
+                        let verdict = this.clone().call(k.clone(), ip).await;
+                        this.inflight.lock().remove(&k);
+                        verdict
+                    });
+                    let call = async move {
+                        task.await.unwrap_or_else(|e| {
+                            Err(VerifyError::Unavailable(format!(
+                                "verification failed: {e}"
+                            )))
+                        })
+                    }
+                    .boxed()
+                    .shared();
+                    inflight.insert(key, call.clone());
+                    call
                 }
             }
         };
-        let verdict = call.await;
-        if ours {
-            self.inflight.lock().remove(&key);
-        }
-        verdict.map(usable)
+        call.await.map(usable)
     }
 
     /// Whether the last call to PocketBase (or the last probe) reached it
