@@ -58,6 +58,8 @@ pub enum MessageError {
     NameNotLineSafe,
     #[error("data must be valid JSON")]
     InvalidJson,
+    #[error("data must not contain CR or LF")]
+    DataNotLineSafe,
 }
 
 impl Message {
@@ -69,6 +71,16 @@ impl Message {
         let raw: &serde_json::value::RawValue =
             serde_json::from_slice(data).map_err(|_| MessageError::InvalidJson)?;
         Self::from_parts(name, &protocol::one_line_json(raw.get()))
+    }
+
+    /// A message whose data is `data` as given, JSON or not: what
+    /// PocketBase's own messages may carry (a hook's
+    /// `SubscriptionMessage` takes any bytes). It must be one line.
+    pub fn raw(name: &str, data: &[u8]) -> Result<Self, MessageError> {
+        if !protocol::is_line_safe(data) {
+            return Err(MessageError::DataNotLineSafe);
+        }
+        Self::from_parts(name, data)
     }
 
     /// A message whose data is `value` serialized as JSON.

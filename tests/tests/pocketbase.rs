@@ -303,6 +303,14 @@ routerAdd("POST", "/api/app/notify", (e) => {
   }
   return e.json(200, {});
 });
+routerAdd("POST", "/api/app/notify-text", (e) => {
+  const message = new SubscriptionMessage({ name: "example", data: "plain words, not JSON" });
+  const clients = $app.subscriptionsBroker().clients();
+  for (let id in clients) {
+    if (clients[id].hasSubscription("example")) { clients[id].send(message); }
+  }
+  return e.json(200, {});
+});
 onRealtimeSubscribeRequest((e) => {
   if (e.subscriptions.indexOf("forbidden") >= 0) {
     throw new ForbiddenError("This app forbids that topic.");
@@ -402,6 +410,16 @@ async fn a_custom_message_sent_by_the_apps_hook_reaches_bridged_subscribers() {
     assert_eq!(
         next_event(&mut sse).await,
         ("example".to_owned(), json!({"hi": 1}))
+    );
+    // A hook may send any bytes, JSON or not: they arrive as sent.
+    let (status, _) = pb
+        .request(reqwest::Method::POST, "/api/app/notify-text", None, None)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let event = sse.next().await;
+    assert_eq!(
+        (event.event.as_str(), event.data.as_str()),
+        ("example", "plain words, not JSON")
     );
 }
 

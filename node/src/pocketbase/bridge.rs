@@ -677,7 +677,7 @@ impl Bridges {
 
 /// Push one PocketBase event to the bucket's members holding its key.
 fn deliver(bucket: &Bucket, key: &str, data: &[u8]) {
-    let Ok(message) = Message::new(key, data) else {
+    let Ok(message) = Message::raw(key, data) else {
         tracing::debug!("PocketBase sent an event Fanout cannot frame; dropped");
         return;
     };
