@@ -71,16 +71,22 @@ pub async fn subscribe_form(
     if body.is_empty() && !chunked {
         return Ok(SubscribeForm::default());
     }
-    let ct = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .trim();
+    let ct = content_type(headers);
     if ct.starts_with("application/json") {
         json_form(&body)
     } else {
         Ok(form_from_values(form_values(ct, query, body).await?))
     }
+}
+
+/// The `Content-Type` as PocketBase matches it: trimmed, case kept (its
+/// prefixes are matched case-sensitively); empty when absent.
+pub fn content_type(headers: &HeaderMap) -> &str {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .trim()
 }
 
 /// The name/value pairs of a form body and the URL query, in Go's order:

@@ -342,11 +342,7 @@ async fn oauth2_body(
     query: Option<&str>,
     body: bytes::Bytes,
 ) -> Vec<(String, String)> {
-    let ct = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .trim();
+    let ct = crate::bind::content_type(headers);
     if ct.starts_with("application/json") {
         let Ok(serde_json::Value::Object(map)) = serde_json::from_slice(&body) else {
             return Vec::new();
