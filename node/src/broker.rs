@@ -140,7 +140,7 @@ impl Broker {
     pub fn disconnect(&self, client_id: &str) {
         self.hub.unregister(client_id);
         if let Some(c) = &self.companion {
-            c.bridges().leave(client_id);
+            c.left(client_id);
         }
     }
 

@@ -113,7 +113,7 @@ before(async () => {
   // The build stages of earlier runs, now untagged: each is a gigabyte.
   spawnSync("podman", ["image", "prune", "-f"], { env });
   // Leftovers of an interrupted run.
-  spawnSync("podman-compose", [...COMPOSE, "down", "-t", "2"], { cwd: root, env });
+  composeDown();
   spawnSync("podman", ["rm", "-f", "fanout-image-check"], { env });
 });
 
@@ -124,10 +124,24 @@ after(() => {
     pb.realtime.unsubscribe().catch(() => {});
     pb.realtime.disconnect?.();
   }
-  spawnSync("podman-compose", [...COMPOSE, "down", "-t", "2"], { cwd: root, env });
+  composeDown();
   spawnSync("podman", ["rm", "-f", "fanout-image-check"], { env });
   kubeCleanup();
 });
+
+/**
+ * Take the compose stack down, with the replicas a scale-up added:
+ * podman-compose 1.6's `down` removes only the declared 3, so an
+ * interrupted scaling test would leave fanout_fanout_4 and _5 running into
+ * the next run.
+ */
+function composeDown() {
+  spawnSync("podman-compose", [...COMPOSE, "down", "-t", "2"], { cwd: root, env });
+  const names = spawnSync("podman", ["ps", "-a", "--format", "{{.Names}}"], { env, encoding: "utf8" })
+    .stdout.split("\n")
+    .filter((n) => n.startsWith("fanout_fanout_"));
+  if (names.length) spawnSync("podman", ["rm", "-f", "-t", "2", ...names], { env });
+}
 
 test("the image from deploy/Dockerfile runs fanout as uid 10001 and its HEALTHCHECK exits 0", async () => {
   podman("run", "-d", "--name", "fanout-image-check", "fanout");

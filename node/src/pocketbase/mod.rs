@@ -151,6 +151,13 @@ impl Companion {
         );
     }
 
+    /// A client left this node (its stream ended): its binding and bridged
+    /// keys go at once.
+    pub fn left(&self, client_id: &str) {
+        self.bound.lock().remove(client_id);
+        self.bridges.leave(client_id);
+    }
+
     /// What `/api/health` reports.
     pub fn health(&self) -> PocketBaseHealth {
         let state = self.verifier.health();
