@@ -30,6 +30,12 @@ async fn main() -> anyhow::Result<()> {
              POST /api/publish is accepted from loopback addresses only"
         );
     }
+    if config.pocketbase_secret.is_some() && config.pocketbase_url.is_none() {
+        tracing::warn!(
+            "--pocketbase-secret (FANOUT_POCKETBASE_SECRET) is set but --pocketbase-url \
+             (FANOUT_POCKETBASE_URL) is not: companion mode is off"
+        );
+    }
     if config.jwt_secret.is_none() && config.pocketbase_url.is_none() {
         tracing::info!("no JWT secret configured: every realtime client is a guest");
     }
