@@ -433,13 +433,9 @@ impl Shared {
             .and_then(|_| self.links[k].primary.lock().clone());
         let values: Vec<Value> = match (
             &mut conn,
-            primary.as_deref().and_then(|a| a.rsplit_once(':')),
+            primary.as_deref().and_then(super::topology::route_to),
         ) {
-            (Commands::Cluster(c), Some((host, port))) => {
-                let route = redis::cluster_routing::SingleNodeRoutingInfo::ByAddress {
-                    host: host.to_owned(),
-                    port: port.parse().unwrap_or_default(),
-                };
+            (Commands::Cluster(c), Some(route)) => {
                 self.command(what, c.route_pipeline(pipe, 0, count, route))
                     .await?
             }

@@ -746,20 +746,14 @@ impl Shared {
                 for &i in &idx {
                     pipe.add_command(command(i));
                 }
-                let values: Result<Vec<redis::Value>, Sent> = match (
-                    &mut conn,
-                    primary.as_deref().and_then(|a| a.rsplit_once(':')),
-                ) {
-                    (Commands::Cluster(c), Some((host, port))) => {
-                        let route = redis::cluster_routing::SingleNodeRoutingInfo::ByAddress {
-                            host: host.to_owned(),
-                            port: port.parse().unwrap_or_default(),
-                        };
-                        self.publish_command(c.route_pipeline(pipe, 0, idx.len(), route))
-                            .await
-                    }
-                    _ => self.publish_command(pipe.query_async(&mut conn)).await,
-                };
+                let values: Result<Vec<redis::Value>, Sent> =
+                    match (&mut conn, primary.as_deref().and_then(topology::route_to)) {
+                        (Commands::Cluster(c), Some(route)) => {
+                            self.publish_command(c.route_pipeline(pipe, 0, idx.len(), route))
+                                .await
+                        }
+                        _ => self.publish_command(pipe.query_async(&mut conn)).await,
+                    };
                 let values = match values {
                     Ok(v) => v,
                     Err(sent) => {

@@ -92,17 +92,12 @@ impl Shared {
         let run = async {
             match (
                 &mut conn,
-                primary.as_deref().and_then(|a| a.rsplit_once(':')),
+                primary.as_deref().and_then(super::topology::route_to),
             ) {
-                (Commands::Cluster(c), Some((host, port))) => {
-                    let route = redis::cluster_routing::SingleNodeRoutingInfo::ByAddress {
-                        host: host.to_owned(),
-                        port: port.parse().unwrap_or_default(),
-                    };
-                    c.route_command(cmd, redis::cluster_routing::RoutingInfo::SingleNode(route))
-                        .await
-                        .map(|_| ())
-                }
+                (Commands::Cluster(c), Some(route)) => c
+                    .route_command(cmd, redis::cluster_routing::RoutingInfo::SingleNode(route))
+                    .await
+                    .map(|_| ()),
                 _ => cmd.query_async::<redis::Value>(&mut conn).await.map(|_| ()),
             }
         };

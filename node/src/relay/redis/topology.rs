@@ -610,6 +610,18 @@ pub(super) fn redact(url: &str) -> String {
     }
 }
 
+/// The routing that sends a command or pipeline to the cluster node at
+/// `address` (`host:port`, as a link's `primary` holds it): publishes,
+/// probes and history reads of a partition go to the primary its link
+/// follows, not wherever the cluster connection's slot map points.
+pub(super) fn route_to(address: &str) -> Option<redis::cluster_routing::SingleNodeRoutingInfo> {
+    let (host, port) = address.rsplit_once(':')?;
+    Some(redis::cluster_routing::SingleNodeRoutingInfo::ByAddress {
+        host: host.to_owned(),
+        port: port.parse().unwrap_or_default(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
