@@ -235,8 +235,8 @@ impl Broker {
     /// A request whose stamp is older than that of a request of the same
     /// client already applied is superseded: it changes nothing and
     /// answers `Ok` (204), since the client's newer set stands. It is
-    /// still refused if it comes from another IP than the stream; the
-    /// auth-change check is not made against a newer request's auth.
+    /// still refused if it comes from another IP than the stream, or with
+    /// an auth other than the one bound now (403).
     pub async fn subscribe_local_until(
         &self,
         req: SubscribeRequest,
@@ -280,10 +280,6 @@ impl Broker {
         // Unstamped (a library call, or a node of an older version
         // forwarded it): received now, as far as this node can tell.
         let stamp = req.stamp.or_else(|| self.relay.stamp());
-        if stamp.is_some_and(|s| s < client.applied_stamp.load(Ordering::Acquire)) {
-            metrics::counter!(m::SUBSCRIPTIONS_SUPERSEDED).increment(1);
-            return Ok(());
-        }
         let applied = || {
             if let Some(s) = stamp {
                 client.applied_stamp.fetch_max(s, Ordering::AcqRel);
@@ -300,6 +296,13 @@ impl Broker {
             return Err(ApiError::forbidden(
                 "The current and the previous request authorization don't match.",
             ));
+        }
+        // Superseded only once its auth passed the check against the auth
+        // bound now: a request of another user is refused (403), never
+        // answered 204 for a set it could not have had.
+        if stamp.is_some_and(|s| s < client.applied_stamp.load(Ordering::Acquire)) {
+            metrics::counter!(m::SUBSCRIPTIONS_SUPERSEDED).increment(1);
+            return Ok(());
         }
         let previous: Vec<String> = client.subscriptions(&[]).into_keys().collect();
         // A set, not the list: a POST may carry 1,000 keys.
